@@ -1,0 +1,58 @@
+"""The multi-rank harness itself: results come back in rank order, errors and hangs fail fast."""
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lessons_pkg.testing import RankError, RankTimeout, run_on_ranks
+
+
+def _all_reduce_rank():
+    t = torch.tensor([float(dist.get_rank())])
+    dist.all_reduce(t)
+    return dist.get_rank(), t.item()
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_results_in_rank_order(world_size):
+    results = run_on_ranks(_all_reduce_rank, world_size)
+    expected_sum = sum(range(world_size))
+    assert results == [(r, float(expected_sum)) for r in range(world_size)]
+
+
+def _rank_one_raises():
+    if dist.get_rank() == 1:
+        raise ValueError("deliberate failure on rank 1")
+    dist.barrier()  # rank 0 would wait here forever without the harness
+
+
+def test_failing_rank_shows_its_traceback():
+    start = time.monotonic()
+    with pytest.raises(RankError) as info:
+        run_on_ranks(_rank_one_raises, 2, timeout=30)
+    assert "rank 1 of 2 failed" in str(info.value)
+    assert "deliberate failure on rank 1" in str(info.value)
+    assert time.monotonic() - start < 25
+
+
+def _rank_one_hangs():
+    if dist.get_rank() == 1:
+        time.sleep(3600)  # a rank that never joins the collective
+    dist.barrier()
+
+
+def test_hung_rank_fails_within_timeout():
+    timeout = 3
+    start = time.monotonic()
+    with pytest.raises(RankError) as info:
+        run_on_ranks(_rank_one_hangs, 2, timeout=timeout)
+    elapsed = time.monotonic() - start
+    # either the harness's deadline or gloo's own collective timeout (set to the same value) ends it
+    assert elapsed < timeout + 10, f"took {elapsed:.1f} s for a {timeout} s timeout"
+    assert isinstance(info.value, RankTimeout) or "rank 0" in str(info.value)
+
+
+def test_world_size_must_be_positive():
+    with pytest.raises(ValueError, match="world_size must be >= 1, got 0"):
+        run_on_ranks(_all_reduce_rank, 0)
