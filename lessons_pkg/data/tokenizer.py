@@ -1,0 +1,102 @@
+"""GPT-2's byte-level BPE tokenizer from ``vocab.json`` + ``merges.txt``, and training one locally.
+
+The two files are the whole tokenizer:
+
+* ``vocab.json`` maps each token (bytes written with GPT-2's printable
+  byte-to-unicode alphabet, so a leading space shows as ``Ġ``) to its id;
+  GPT-2's has 50257 entries, the last being ``<|endoftext|>`` = 50256.
+* ``merges.txt`` (after a ``#version`` line) lists merges ``a b`` in priority
+  order: the text's bytes start as single symbols and the highest-priority
+  adjacent pair present is merged repeatedly.
+
+Text is first split by GPT-2's regular expression (words with their leading
+space, numbers, punctuation runs, whitespace), then each piece is merged on
+its own. :class:`GPT2BPETokenizer` is Megatron's ``--tokenizer-type
+GPT2BPETokenizer`` (``vocab_size``, ``eod``, ``tokenize``, ``detokenize``),
+built on Hugging Face's fast implementation. Note that in ``transformers`` 5,
+``GPT2TokenizerFast(vocab_file=..., merges_file=...)`` silently ignores the
+files and builds an *empty* tokenizer, so we read the files ourselves and pass
+``vocab=``/``merges=``.
+
+Without GPT-2's files (no network), :func:`train_byte_level_bpe` learns a
+byte-level BPE on the corpus with ``tokenizers`` and writes the same two files.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+
+EOD_TOKEN = "<|endoftext|>"
+
+
+def load_vocab_and_merges(vocab_file: str, merge_file: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Read GPT-2's two files; raise naming the file if either is empty or malformed."""
+    with open(vocab_file, encoding="utf-8") as f:
+        vocab = json.load(f)
+    if not isinstance(vocab, dict) or not vocab:
+        raise ValueError(f"{vocab_file}: expected a non-empty JSON object token -> id")
+    merges = []
+    with open(merge_file, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            line = line.rstrip("\n")
+            if not line or (number == 1 and line.startswith("#version")):
+                continue
+            parts = line.split(" ")
+            if len(parts) != 2:
+                raise ValueError(f"{merge_file}:{number}: a merge is two symbols separated by a space, got {line!r}")
+            merges.append((parts[0], parts[1]))
+    return vocab, merges
+
+
+class GPT2BPETokenizer:
+    """Megatron's GPT-2 tokenizer: ``tokenize(text) -> ids``, ``detokenize(ids) -> text``, ``eod``."""
+
+    def __init__(self, vocab_file: str, merge_file: str):
+        from transformers import GPT2TokenizerFast  # imported here: importing lessons_pkg.data stays light
+
+        vocab, merges = load_vocab_and_merges(vocab_file, merge_file)
+        if EOD_TOKEN not in vocab:
+            raise ValueError(f"{vocab_file} has no {EOD_TOKEN} token, which marks document ends (eod)")
+        self.vocab_file, self.merge_file = vocab_file, merge_file
+        self._tokenizer = GPT2TokenizerFast(vocab=vocab, merges=merges)
+        self.encoder = vocab
+        self.eod = vocab[EOD_TOKEN]
+
+    @property
+    def vocab_size(self) -> int:
+        """Entries of ``vocab.json`` (50257 for GPT-2), before Megatron pads it for tensor parallelism."""
+        return len(self.encoder)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False)
+
+    def detokenize(self, token_ids) -> str:
+        return self._tokenizer.decode([int(t) for t in token_ids], clean_up_tokenization_spaces=False)
+
+
+def build_tokenizer(vocab_file: str, merge_file: str, tokenizer_type: str = "GPT2BPETokenizer") -> GPT2BPETokenizer:
+    """The tokenizer ``--tokenizer-type`` names; only GPT2BPETokenizer is provided."""
+    if tokenizer_type != "GPT2BPETokenizer":
+        raise ValueError(f"--tokenizer-type {tokenizer_type!r} is not supported; use GPT2BPETokenizer")
+    return GPT2BPETokenizer(vocab_file, merge_file)
+
+
+def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, output_dir: str,
+                         min_frequency: int = 2) -> tuple[str, str]:
+    """Learn a byte-level BPE of ``vocab_size`` tokens on ``texts``; write GPT-2's two files.
+
+    The vocabulary starts from the 256 single bytes (so any text can be
+    encoded, as with GPT-2) plus ``<|endoftext|>``, then adds merges by
+    frequency. Returns ``(vocab.json path, merges.txt path)``.
+    """
+    from tokenizers import ByteLevelBPETokenizer
+
+    if vocab_size < 257:
+        raise ValueError(f"vocab_size ({vocab_size}) must be at least 257: 256 bytes + {EOD_TOKEN}")
+    tokenizer = ByteLevelBPETokenizer(add_prefix_space=False)
+    tokenizer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=[EOD_TOKEN], show_progress=False)
+    os.makedirs(output_dir, exist_ok=True)
+    tokenizer.save_model(output_dir)  # writes vocab.json and merges.txt
+    return os.path.join(output_dir, "vocab.json"), os.path.join(output_dir, "merges.txt")
