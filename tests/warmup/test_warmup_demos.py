@@ -1,0 +1,50 @@
+"""Chapter 6 warm-up demos: each computes X @ A its own way and checks it against the whole product."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lessons_pkg.launch import torchrun
+
+X = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+A = torch.tensor([[10, 14], [11, 15], [12, 16], [13, 17]])
+
+
+def run_script(repo_root, name):
+    proc = subprocess.run([sys.executable, str(repo_root / "src/ch6" / name)], capture_output=True, text=True,
+                          timeout=120, cwd=repo_root)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.parametrize("name", ["non_parallelism.py", "column_parallelism.py", "row_parallelism.py"])
+def test_single_process_demos_print_the_same_product(repo_root, name):
+    # the expected text is what torch prints for X @ A, computed here, not copied
+    assert run_script(repo_root, name).strip() == str(X @ A)
+
+
+def test_gelu_commutes_with_column_split_only(repo_root):
+    lines = run_script(repo_root, "megatron_mlp_gelu.py").splitlines()
+    assert lines == [
+        "Is GeLU in RowParallelLinear same with non-parallel = False",
+        "Is GeLU in ColumnParallelLinear same with non-parallel = True",
+    ]
+
+
+@pytest.mark.parametrize("script,check", [
+    ("column_parallelism_dist.py", "column-parallel Y equals single-process X @ A: True"),
+    ("row_parallelism_dist.py", "row-parallel Y equals single-process X @ A: True"),
+])
+@pytest.mark.parametrize("nproc", [1, 2, 4])
+def test_distributed_demos_match_single_process(repo_root, script, check, nproc):
+    result = torchrun(str(repo_root / "src/ch6" / script), nproc_per_node=nproc, timeout=120, echo=False)
+    for rank in range(nproc):
+        assert check in result.stdout[rank], f"rank {rank}:\n{result.stdout[rank]}"
+
+
+def test_distributed_demo_refuses_a_world_that_does_not_divide(repo_root):
+    from lessons_pkg.launch import LaunchError
+
+    with pytest.raises(LaunchError, match="A has 4 columns, which do not split over 3 ranks"):
+        torchrun(str(repo_root / "src/ch6/column_parallelism_dist.py"), nproc_per_node=3, timeout=120, echo=False)
