@@ -1,0 +1,157 @@
+"""Run a pipeline schedule: forwards, backwards and the messages between stages.
+
+    losses = forward_backward(modules, "1f1b", microbatches, targets, loss_fn)
+
+Every rank of the pipeline calls this with its own model chunks; the schedule
+(see ``schedules.py``) says in which order this rank runs the forward and
+backward of each (microbatch, chunk). For each action the executor
+
+    F(i, c):  input  = microbatches[i] on virtual stage 0, else receive it from the previous stage
+              output = modules[c](input)
+              last virtual stage: loss_i = loss_fn(output, targets[i]); else send output to the next stage
+    B(i, c):  last virtual stage: backward of loss_i / m
+              else receive d loss / d output from the next stage, backward through this chunk
+              virtual stage > 0: send d loss / d input to the previous stage
+
+The received input is a fresh leaf tensor with ``requires_grad=True``: that
+is where the autograd graph of a stage begins, and its ``.grad`` after the
+backward is exactly what the previous stage needs. Dividing each loss by ``m``
+leaves in every ``.grad`` the gradient of the mean microbatch loss, what one
+big batch would give. Gradients accumulate in ``.grad`` (zero them before).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lessons_pkg.pipeline import p2p
+from lessons_pkg.pipeline.schedules import FORWARD, Schedule, get_schedule
+
+
+def forward_backward(
+    modules: Sequence[nn.Module],
+    schedule: str | Schedule,
+    microbatches: Sequence[torch.Tensor] | None,
+    targets: Sequence[torch.Tensor] | None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    group: dist.ProcessGroup | None = None,
+    num_microbatches: int | None = None,
+    recorder=None,
+) -> list[torch.Tensor] | None:
+    """Forward and backward of all microbatches through the pipeline; return the last stage's losses.
+
+    modules          this rank's model chunks: 1 for 'gpipe' and '1f1b', v for 'interleaved'
+                     (chunk c of pipeline rank r is virtual stage c * p + r)
+    schedule         'gpipe' | '1f1b' | 'interleaved', or a :class:`Schedule`
+    microbatches     inputs, read on the first stage (may be None elsewhere)
+    targets          targets, read on the last stage (may be None elsewhere)
+    loss_fn          ``loss_fn(output, target)`` -> scalar, on the last stage
+    group            the pipeline group (default: ``parallel_state``'s); its rank order is the stage order
+    num_microbatches m; needed only where neither microbatches nor targets are given
+    recorder         optional ``timeline.Recorder`` that timestamps every forward and backward
+
+    Returns the detached loss of every microbatch on the last stage, None on the others.
+    """
+    if group is None:
+        from lessons_pkg import parallel_state
+
+        group = parallel_state.get_pipeline_model_parallel_group()
+    p, rank = dist.get_world_size(group), dist.get_rank(group)
+    ranks = dist.get_process_group_ranks(group)  # global ranks, stage order
+    modules = list(modules)
+    m = _num_microbatches(microbatches, targets, num_microbatches)
+    if isinstance(schedule, str):
+        schedule = get_schedule(schedule, p, m, len(modules) if schedule == "interleaved" else 1)
+    _check(schedule, modules, p, m)
+    last = schedule.num_virtual_stages - 1
+    device = _device_of(modules)
+
+    inputs: dict[tuple[int, int], torch.Tensor] = {}  # (microbatch, chunk) -> input of the chunk
+    outputs: dict[tuple[int, int], torch.Tensor] = {}  # (microbatch, chunk) -> output, or the loss on the last stage
+    losses: list[torch.Tensor | None] = [None] * m
+    channel = p2p.Channel(group, device)
+
+    for action in schedule.actions[rank]:
+        i, c = action.microbatch, action.chunk
+        stage = c * p + rank
+        if action.op == FORWARD:
+            if stage == 0:
+                x = microbatches[i]
+            else:
+                x = channel.recv(ranks[(rank - 1) % p], p2p.message_id("act", i, stage - 1))
+                x.requires_grad_(x.is_floating_point())
+            with _timed(recorder, action, device):
+                y = modules[c](x)
+                if stage == last:
+                    y = loss_fn(y, targets[i])
+                    losses[i] = y.detach()
+            if stage != last:
+                channel.send(y, ranks[(rank + 1) % p], p2p.message_id("act", i, stage))
+            inputs[(i, c)], outputs[(i, c)] = x, y
+        else:
+            x, y = inputs.pop((i, c)), outputs.pop((i, c))
+            if stage == last:
+                grad_y = None
+                y = y / m  # the gradient of the mean of the m microbatch losses
+            else:
+                grad_y = channel.recv(ranks[(rank + 1) % p], p2p.message_id("grad", i, stage + 1))
+            with _timed(recorder, action, device):
+                torch.autograd.backward(y, grad_y)
+            if stage != 0:
+                grad_x = x.grad if x.grad is not None else torch.zeros_like(x)  # input unused by the chunk
+                channel.send(grad_x, ranks[(rank - 1) % p], p2p.message_id("grad", i, stage))
+    channel.wait_all()
+    return losses if rank == p - 1 else None  # the last virtual stage p*v - 1 lives on rank p - 1
+
+
+def _num_microbatches(microbatches, targets, num_microbatches) -> int:
+    for given in (microbatches, targets):
+        if given is not None:
+            if num_microbatches is not None and num_microbatches != len(given):
+                raise ValueError(f"num_microbatches ({num_microbatches}) != number of microbatches given ({len(given)})")
+            return len(given)
+    if num_microbatches is None:
+        raise ValueError("give microbatches, targets or num_microbatches: this rank cannot know m otherwise")
+    return num_microbatches
+
+
+def _check(schedule: Schedule, modules: list, p: int, m: int) -> None:
+    if schedule.num_stages != p:
+        raise ValueError(f"schedule '{schedule.name}' is for {schedule.num_stages} stages but the pipeline group has {p} ranks")
+    if schedule.num_microbatches != m:
+        raise ValueError(f"schedule '{schedule.name}' is for {schedule.num_microbatches} microbatches but {m} were given")
+    if len(modules) != schedule.num_chunks:
+        raise ValueError(
+            f"schedule '{schedule.name}' runs {schedule.num_chunks} model chunk(s) per rank "
+            f"but this rank was given {len(modules)} module(s)"
+        )
+
+
+def _device_of(modules: list) -> torch.device:
+    for module in modules:
+        for param in module.parameters():
+            return param.device
+    return torch.device("cpu")
+
+
+class _timed:
+    """Context manager that reports (action, start, end) to a recorder, if there is one."""
+
+    def __init__(self, recorder, action, device: torch.device):
+        self.recorder, self.action, self.cuda = recorder, action, device.type == "cuda"
+
+    def __enter__(self):
+        if self.recorder is not None:
+            if self.cuda:
+                torch.cuda.synchronize()  # time the kernels, not their launch
+            self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.recorder is not None:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.recorder.record(self.action, self.start, time.perf_counter())
