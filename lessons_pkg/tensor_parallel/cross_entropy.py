@@ -1,0 +1,109 @@
+"""Cross entropy over vocab-parallel logits, without ever gathering the ``[b, s, V]`` logits.
+
+Rank r holds logits ``[b, s, V/tp]`` for the ids ``[r V/tp, (r+1) V/tp)``.
+The per-token loss ``log(sum_v exp(z_v)) - z_target`` needs three numbers that
+span the whole vocabulary, each obtained with one all-reduce of a ``[b, s]``
+tensor (instead of an all-gather of ``[b, s, V]``):
+
+1. the maximum logit (all-reduce MAX), subtracted for numerical stability;
+2. the target's logit, found on exactly one rank (all-reduce SUM of zeros elsewhere);
+3. the sum of exponentials (all-reduce SUM).
+
+Label smoothing ``eps`` (as in :func:`torch.nn.functional.cross_entropy`)
+mixes in the mean of ``-log p`` over the whole vocabulary, which needs a fourth
+all-reduce (the sum of the logits). The gradient with respect to the logits is
+``softmax - (1 - eps) onehot(target) - eps / V``, computed from the softmax
+kept from the forward pass.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from lessons_pkg.tensor_parallel.utils import vocab_range
+
+
+def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(x, op=op, group=group)
+    return x
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, label_smoothing, group):
+        # logits [b, s, V/tp] (this rank's vocabulary slice), target [b, s] (global ids)
+        rank = dist.get_rank(group) if dist.is_initialized() else 0
+        world = dist.get_world_size(group) if dist.is_initialized() else 1
+        partition = logits.size(-1)
+        vocab_size = partition * world
+
+        # (1) the global maximum, subtracted out of place: the caller's logits stay untouched
+        logits_max = logits.max(dim=-1).values                                   # [b, s]
+        _all_reduce(logits_max, dist.ReduceOp.MAX, group)
+        shifted = logits - logits_max.unsqueeze(-1)                              # [b, s, V/tp]
+
+        # (2) the target's logit: looked up on the rank owning the id, zero on the others
+        start, end = vocab_range(partition, rank)
+        outside = (target < start) | (target >= end)                            # [b, s]
+        local_target = (target - start).masked_fill(outside, 0)
+        predicted = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)  # [b, s]
+        predicted = predicted.masked_fill(outside, 0.0)
+        _all_reduce(predicted, dist.ReduceOp.SUM, group)
+
+        # (3) the sum of exponentials over the whole vocabulary
+        exp_logits = shifted.exp()                                               # [b, s, V/tp]
+        sum_exp = exp_logits.sum(dim=-1)                                         # [b, s]
+        _all_reduce(sum_exp, dist.ReduceOp.SUM, group)
+
+        loss = sum_exp.log() - predicted                                         # [b, s]: -log p(target)
+        if label_smoothing > 0:
+            # mean over all V of -log p_v = log(sum_exp) - mean_v(shifted_v)
+            sum_shifted = shifted.sum(dim=-1)                                    # [b, s]
+            _all_reduce(sum_shifted, dist.ReduceOp.SUM, group)
+            mean_neg_log_p = sum_exp.log() - sum_shifted / vocab_size
+            loss = (1.0 - label_smoothing) * loss + label_smoothing * mean_neg_log_p
+
+        softmax = exp_logits.div_(sum_exp.unsqueeze(-1))                         # reuse the buffer
+        ctx.save_for_backward(softmax, local_target, outside)
+        ctx.label_smoothing, ctx.vocab_size = label_smoothing, vocab_size
+        ctx.backward_done = False
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        # grad_loss [b, s]; d loss / d z_v = softmax_v - (1 - eps) [v == target] - eps / V
+        if ctx.backward_done:
+            raise RuntimeError("vocab_parallel_cross_entropy reuses its saved softmax as the gradient: "
+                               "its backward can run only once (do not use retain_graph=True through it)")
+        ctx.backward_done = True
+        softmax, local_target, outside = ctx.saved_tensors
+        grad = softmax                                                           # in place: saves [b, s, V/tp]
+        hit = (1.0 - ctx.label_smoothing) * (~outside).to(grad.dtype)            # 0 where the target is elsewhere
+        grad.scatter_add_(-1, local_target.unsqueeze(-1), -hit.unsqueeze(-1))
+        if ctx.label_smoothing > 0:
+            grad.sub_(ctx.label_smoothing / ctx.vocab_size)
+        grad.mul_(grad_loss.unsqueeze(-1))
+        return grad, None, None, None
+
+
+def vocab_parallel_cross_entropy(vocab_parallel_logits: torch.Tensor, target: torch.Tensor,
+                                 label_smoothing: float = 0.0, tp_group: dist.ProcessGroup | None = None
+                                 ) -> torch.Tensor:
+    """Per-token loss ``[b, s]`` from this rank's logits ``[b, s, V/tp]`` and global target ids ``[b, s]``.
+
+    Equal to ``F.cross_entropy(all_gathered_logits, target, reduction="none",
+    label_smoothing=label_smoothing)`` without gathering. ``tp_group=None``
+    uses the tensor-parallel group of :mod:`lessons_pkg.parallel_state` (or a
+    single process). The caller's logits are not modified.
+    """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if vocab_parallel_logits.shape[:-1] != target.shape:
+        raise ValueError(f"logits {tuple(vocab_parallel_logits.shape)} and target {tuple(target.shape)} "
+                         "must agree on every dimension but the last")
+    if tp_group is None:
+        from lessons_pkg.tensor_parallel.layers import resolve_tp_group
+
+        tp_group = resolve_tp_group(None)[0]
+    return _VocabParallelCrossEntropy.apply(vocab_parallel_logits, target, label_smoothing, tp_group)

@@ -1,0 +1,164 @@
+"""ParallelGPT: a GPT-2 whose every layer is tensor-parallel, buildable as one pipeline stage.
+
+::
+
+    input_ids [b, s] --VocabParallelEmbedding + position embedding--> [b, s, h]   (pre_process)
+        --> layers layer_offset .. layer_offset + num_layers - 1                   (every stage)
+        --> final LayerNorm --> x @ E_r^T = logits [b, s, V/tp]                     (post_process)
+        --> vocab_parallel_cross_entropy(logits, labels) = loss [b, s]              (if labels)
+
+The LM head is TIED to the word embedding E (``[V, h]``, rows split across
+ranks): rank r's logits are those of its own vocabulary slice, exactly the
+layout vocab-parallel cross entropy expects, so the logits are never gathered.
+The hidden state enters the head through ``f`` (its gradient is summed over
+ranks), the one collective of the head.
+
+Pipeline stages: the first stage (``pre_process``) holds the embeddings and
+takes ``input_ids``; the others take hidden states ``[b, s, h]``. The last
+stage (``post_process``) holds the final LayerNorm and the head. A last stage
+that is not also the first keeps its own copy of the word-embedding weight for
+the head (as Megatron does); :meth:`ParallelGPT.shared_embedding_weight`
+returns the weight whose gradient the trainer must all-reduce over
+``parallel_state.get_embedding_group()`` so both copies stay equal.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lessons_pkg.tensor_parallel.config import GPTConfig, init_method_normal
+from lessons_pkg.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from lessons_pkg.tensor_parallel.layers import VocabParallelEmbedding, _mark_partitioned, resolve_tp_group
+from lessons_pkg.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+from lessons_pkg.tensor_parallel.transformer import LayerNorm, ParallelTransformerLayer
+
+__all__ = ["GPTConfig", "ParallelGPT", "GPTEmbedding"]
+
+
+class GPTEmbedding(nn.Module):
+    """Vocab-parallel word embedding + replicated learned position embedding + dropout."""
+
+    def __init__(self, config: GPTConfig, padded_vocab_size: int, tp_group: dist.ProcessGroup | None):
+        super().__init__()
+        init = init_method_normal(config.init_method_std)
+        self.word_embeddings = VocabParallelEmbedding(padded_vocab_size, config.hidden_size, init, tp_group)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        init(self.position_embeddings.weight)
+        self.dropout = config.hidden_dropout
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)  # [b, s] -> [b, s, h]
+        return F.dropout(x, self.dropout, self.training)
+
+
+class ParallelGPT(nn.Module):
+    """GPT-2 with Megatron tensor parallelism; the whole model or one pipeline stage of it.
+
+    ``layer_offset`` / ``num_layers`` say which global layers this stage holds
+    (default: all of ``config.num_layers``). ``forward(inputs, position_ids=None,
+    labels=None)`` takes ``input_ids [b, s]`` on a ``pre_process`` stage and
+    hidden states ``[b, s, h]`` otherwise; it returns hidden states ``[b, s, h]``
+    unless ``post_process``, then vocab-parallel logits ``[b, s, padded_V/tp]``,
+    or the per-token loss ``[b, s]`` when ``labels`` (already shifted, global
+    ids) are given.
+    """
+
+    def __init__(self, config: GPTConfig, tp_group: dist.ProcessGroup | None = None, pre_process: bool = True,
+                 post_process: bool = True, layer_offset: int = 0, num_layers: int | None = None):
+        super().__init__()
+        self.config = config
+        self.tp_group, self.tp_size, self.tp_rank = resolve_tp_group(tp_group)
+        self.pre_process, self.post_process = pre_process, post_process
+        self.layer_offset = layer_offset
+        self.num_layers = config.num_layers - layer_offset if num_layers is None else num_layers
+        if layer_offset < 0 or self.num_layers < 0 or layer_offset + self.num_layers > config.num_layers:
+            raise ValueError(f"layers [{layer_offset}, {layer_offset + self.num_layers}) are not within the "
+                             f"model's num_layers ({config.num_layers})")
+        self.padded_vocab_size = config.padded_vocab_size(self.tp_size)
+
+        if pre_process:
+            self.embedding = GPTEmbedding(config, self.padded_vocab_size, self.tp_group)
+        self.layers = nn.ModuleList(ParallelTransformerLayer(config, self.tp_group) for _ in range(self.num_layers))
+        if post_process:
+            self.final_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon, config.use_fused_kernels)
+            if not pre_process:
+                # this stage's own copy of the tied word embedding, kept equal to the first stage's by the trainer
+                self.word_embeddings_weight = nn.Parameter(
+                    torch.empty(self.padded_vocab_size // self.tp_size, config.hidden_size))
+                nn.init.zeros_(self.word_embeddings_weight)  # load_master_state_dict (or a broadcast) fills it
+                _mark_partitioned(self.word_embeddings_weight, 0)
+
+    def shared_embedding_weight(self) -> nn.Parameter:
+        """The word-embedding weight used by this stage's embedding and/or LM head (this rank's rows)."""
+        if self.pre_process:
+            return self.embedding.word_embeddings.weight
+        if self.post_process:
+            return self.word_embeddings_weight
+        raise RuntimeError("this pipeline stage holds neither the embedding nor the LM head")
+
+    def _layer(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.config.recompute_activations and torch.is_grad_enabled():
+            return checkpoint(layer, x, use_reentrant=False)  # keep the input, recompute the rest in backward
+        return layer(x)
+
+    def forward(self, inputs: torch.Tensor, position_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.pre_process:
+            if inputs.is_floating_point():
+                raise TypeError(f"the first stage takes input_ids [b, s] (integers), got {inputs.dtype} "
+                                f"{tuple(inputs.shape)}")
+            if position_ids is None:
+                position_ids = torch.arange(inputs.size(1), device=inputs.device).unsqueeze(0)  # [1, s]
+            x = self.embedding(inputs, position_ids)                   # [b, s] -> [b, s, h]
+        else:
+            if inputs.dim() != 3:
+                raise ValueError(f"a non-first stage takes hidden states [b, s, h], got {tuple(inputs.shape)}")
+            x = inputs
+        for layer in self.layers:
+            x = self._layer(layer, x)                                  # [b, s, h]
+        if not self.post_process:
+            return x
+        x = self.final_layernorm(x)
+        x = copy_to_tensor_model_parallel_region(x, self.tp_group)   # f: sum the head's input gradient
+        logits = F.linear(x, self.shared_embedding_weight())          # [b, s, h] -> [b, s, V/tp]
+        if labels is None:
+            return logits
+        return vocab_parallel_cross_entropy(logits.float(), labels, tp_group=self.tp_group)  # [b, s]
+
+    # -- master weights ------------------------------------------------------
+    def global_layer_name(self, local_name: str) -> str:
+        """``layers.0.mlp...`` of this stage -> ``layers.{layer_offset}.mlp...``; head copy -> embedding name."""
+        if local_name.startswith("layers."):
+            _, index, rest = local_name.split(".", 2)
+            return f"layers.{int(index) + self.layer_offset}.{rest}"
+        if local_name == "word_embeddings_weight":
+            return "embedding.word_embeddings.weight"
+        return local_name
+
+    def load_master_state_dict(self, full_state_dict: dict[str, torch.Tensor]) -> None:
+        """Load this rank's shard of this stage's layers from full-size (TP=1, unpadded vocab) weights."""
+        from lessons_pkg.tensor_parallel.checkpointing import shard_of
+
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                key = self.global_layer_name(name)
+                if key not in full_state_dict:
+                    raise KeyError(f"{key!r} (parameter {name!r} of this stage) is missing from the master state dict")
+                param.copy_(shard_of(param, full_state_dict[key], self.tp_rank, self.tp_size))
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """This stage's full-size weights (gathered over the tensor-parallel group, vocab padding removed).
+
+        A collective: every rank of the tensor-parallel group must call it.
+        """
+        from lessons_pkg.tensor_parallel.checkpointing import gather_full
+
+        full = {self.global_layer_name(name): gather_full(param, self.tp_group)
+                for name, param in self.named_parameters()}
+        word = "embedding.word_embeddings.weight"
+        if word in full:
+            full[word] = full[word][: self.config.vocab_size].clone()  # drop the dummy tokens' rows
+        return full

@@ -1,0 +1,152 @@
+"""The tensor-parallel transformer layer: ParallelMLP, ParallelAttention, ParallelTransformerLayer.
+
+Each sub-block is "column-parallel, local work, row-parallel" (Megatron-LM):
+the column-parallel layer's ``f`` and the row-parallel layer's ``g`` are the
+only communication, so one layer costs 2 all-reduces forward (the ``g`` of
+attention and of the MLP) and 2 backward (their ``f``). Everything between
+them (GeLU, the attention of this rank's heads) is local.
+
+Activations are ``[batch, seq, hidden]``. LayerNorms, biases of the row-
+parallel layers and the residual stream are replicated on every rank.
+Dropout on replicated tensors draws the same mask on every rank as long as
+the ranks were seeded alike (they consume the random generator identically);
+attention dropout therefore uses correlated masks across ranks (Megatron uses
+a per-rank generator there): still a valid dropout, documented here.
+
+``config.use_fused_kernels`` swaps in ``lessons_pkg.kernels`` (imported only
+then): bias+GeLU, the scaled causal softmax and LayerNorm. The plain PyTorch
+code beside each call is the reference and the default.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from lessons_pkg.tensor_parallel.config import GPTConfig, init_method_normal, scaled_init_method_normal
+from lessons_pkg.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, resolve_tp_group
+from lessons_pkg.tensor_parallel.utils import divide
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """GeLU(x + bias) with the tanh approximation (GPT-2's ``gelu_new``, Megatron's ``bias_gelu``)."""
+    if fused:
+        from lessons_pkg import kernels
+
+        return kernels.bias_gelu(x, bias)
+    return F.gelu(x + bias, approximate="tanh")
+
+
+def scaled_causal_softmax(scores: torch.Tensor, scale: float, fused: bool = False) -> torch.Tensor:
+    """softmax(scale * scores) with future positions masked; ``scores`` ``[b*heads, sq, sk]``."""
+    if fused:
+        from lessons_pkg import kernels
+
+        return kernels.scaled_upper_triang_masked_softmax(scores, scale)
+    sq, sk = scores.shape[-2:]
+    future = torch.ones(sq, sk, dtype=torch.bool, device=scores.device).triu(1)
+    return torch.softmax((scores * scale).masked_fill(future, float("-inf")), dim=-1)
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` that can call the fused kernel; replicated on every tensor-parallel rank."""
+
+    def __init__(self, hidden_size: int, eps: float, fused: bool = False):
+        super().__init__(hidden_size, eps=eps)
+        self.fused = fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from lessons_pkg import kernels
+
+            return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
+class ParallelMLP(nn.Module):
+    """h -> 4h (column-parallel) -> GeLU -> 4h -> h (row-parallel), no gather or scatter between.
+
+    GeLU is not additive, so the 4h activations must be split by columns (each
+    rank owns whole output features and applies GeLU to them locally); the
+    row-parallel layer then consumes exactly that split. Returns
+    ``(output, output_bias)``: the bias is added by the caller, fused with
+    dropout and the residual.
+    """
+
+    def __init__(self, config: GPTConfig, tp_group: dist.ProcessGroup | None = None):
+        super().__init__()
+        self.fused = config.use_fused_kernels
+        self.dense_h_to_4h = ColumnParallelLinear(
+            config.hidden_size, config.ffn_hidden_size, gather_output=False, skip_bias_add=True,
+            init_method=init_method_normal(config.init_method_std), tp_group=tp_group)
+        self.dense_4h_to_h = RowParallelLinear(
+            config.ffn_hidden_size, config.hidden_size, input_is_parallel=True, skip_bias_add=True,
+            init_method=scaled_init_method_normal(config.init_method_std, config.num_layers), tp_group=tp_group)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        intermediate, bias = self.dense_h_to_4h(x)                 # [b, s, h] -> [b, s, 4h/tp]
+        intermediate = bias_gelu(intermediate, bias, self.fused)  # local: whole columns on this rank
+        return self.dense_4h_to_h(intermediate)                   # [b, s, 4h/tp] -> [b, s, h] (all-reduce)
+
+
+class ParallelAttention(nn.Module):
+    """Causal self-attention with the heads split across ranks.
+
+    The fused QKV projection is column-parallel. Its full weight ``[3h, h]``
+    stores the rows head by head, ``[head 0: q k v | head 1: q k v | ...]``
+    (Megatron's layout), so rank r's contiguous rows are the q, k and v of its
+    ``heads / tp`` heads. Attention per head needs nothing from other heads;
+    the output projection is row-parallel and sums the ranks' contributions.
+    Returns ``(output, output_bias)``.
+    """
+
+    def __init__(self, config: GPTConfig, tp_group: dist.ProcessGroup | None = None):
+        super().__init__()
+        tp_group, tp_size, _ = resolve_tp_group(tp_group)
+        self.fused = config.use_fused_kernels
+        self.head_dim = config.head_dim
+        self.num_heads_per_partition = divide(config.num_attention_heads, tp_size, what="num_attention_heads")
+        self.attention_dropout = config.attention_dropout
+        self.query_key_value = ColumnParallelLinear(
+            config.hidden_size, 3 * config.hidden_size, gather_output=False,
+            init_method=init_method_normal(config.init_method_std), tp_group=tp_group)
+        self.dense = RowParallelLinear(
+            config.hidden_size, config.hidden_size, input_is_parallel=True, skip_bias_add=True,
+            init_method=scaled_init_method_normal(config.init_method_std, config.num_layers), tp_group=tp_group)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, s, _ = x.shape
+        nh, hd = self.num_heads_per_partition, self.head_dim
+        qkv, _ = self.query_key_value(x)                            # [b, s, h] -> [b, s, 3h/tp]
+        qkv = qkv.view(b, s, nh, 3, hd)                             # this rank's heads, each [q k v]
+        q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # 3 x [b, nh, s, hd]
+
+        scores = torch.matmul(q, k.transpose(-1, -2))               # [b, nh, s, s]
+        probs = scaled_causal_softmax(scores.view(b * nh, s, s), hd ** -0.5, self.fused).view(b, nh, s, s)
+        probs = F.dropout(probs, self.attention_dropout, self.training)
+        context = torch.matmul(probs, v)                            # [b, nh, s, hd]
+        context = context.transpose(1, 2).reshape(b, s, nh * hd)    # [b, s, h/tp]
+        return self.dense(context)                                  # [b, s, h/tp] -> [b, s, h] (all-reduce)
+
+
+class ParallelTransformerLayer(nn.Module):
+    """Pre-LN GPT block: ``x + Attn(LN(x))``, then ``x + MLP(LN(x))``, each with dropout."""
+
+    def __init__(self, config: GPTConfig, tp_group: dist.ProcessGroup | None = None):
+        super().__init__()
+        fused, eps = config.use_fused_kernels, config.layernorm_epsilon
+        self.hidden_dropout = config.hidden_dropout
+        self.input_layernorm = LayerNorm(config.hidden_size, eps, fused)
+        self.self_attention = ParallelAttention(config, tp_group)
+        self.post_attention_layernorm = LayerNorm(config.hidden_size, eps, fused)
+        self.mlp = ParallelMLP(config, tp_group)
+
+    def _bias_dropout_add(self, x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return residual + F.dropout(x + bias, self.hidden_dropout, self.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attn, attn_bias = self.self_attention(self.input_layernorm(x))  # [b, s, h]
+        x = self._bias_dropout_add(attn, attn_bias, x)
+        mlp, mlp_bias = self.mlp(self.post_attention_layernorm(x))      # [b, s, h]
+        return self._bias_dropout_add(mlp, mlp_bias, x)

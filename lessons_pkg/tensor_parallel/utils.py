@@ -1,0 +1,42 @@
+"""Small helpers of tensor parallelism: exact division, splitting a tensor, vocabulary ranges and padding."""
+from __future__ import annotations
+
+import torch
+
+
+def divide(numerator: int, denominator: int, what: str = "size", by: str = "tensor_model_parallel_size") -> int:
+    """``numerator // denominator``, or a ``ValueError`` naming both when it does not divide."""
+    if numerator % denominator != 0:
+        raise ValueError(f"{what} ({numerator}) is not divisible by {by} ({denominator})")
+    return numerator // denominator
+
+
+def split_tensor_along_last_dim(tensor: torch.Tensor, num_partitions: int) -> tuple[torch.Tensor, ...]:
+    """Split ``[..., n]`` into ``num_partitions`` views ``[..., n / num_partitions]``."""
+    last = divide(tensor.size(-1), num_partitions, what="last dimension", by="the number of partitions")
+    return torch.split(tensor, last, dim=-1)
+
+
+def vocab_range(partition_vocab_size: int, rank: int) -> tuple[int, int]:
+    """The ids ``[start, end)`` owned by ``rank`` when each rank holds ``partition_vocab_size`` of them."""
+    start = rank * partition_vocab_size
+    return start, start + partition_vocab_size
+
+
+def vocab_size_with_padding(
+    vocab_size: int, tensor_model_parallel_size: int = 1, make_vocab_size_divisible_by: int = 128
+) -> tuple[int, int]:
+    """Pad the vocabulary as Megatron-LM does; return ``(padded_size, number_of_dummy_tokens)``.
+
+    The padded size is the next multiple of ``make_vocab_size_divisible_by x tp``,
+    so every rank holds the same number of rows and that number is a multiple of
+    ``make_vocab_size_divisible_by`` (a friendly size for matrix-multiply kernels).
+    GPT-2's 50257 becomes 50304 at TP=1, 50432 at TP=2, 50688 at TP=4.
+    """
+    for name, value in (("vocab_size", vocab_size), ("tensor_model_parallel_size", tensor_model_parallel_size),
+                        ("make_vocab_size_divisible_by", make_vocab_size_divisible_by)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
+    padded = -(-vocab_size // multiple) * multiple  # ceil to a multiple
+    return padded, padded - vocab_size
