@@ -1,0 +1,244 @@
+"""Command-line arguments of ``pretrain_gpt.py``, with Megatron-LM's names and meanings.
+
+``parse_args(argv)`` reads them; ``validate_args(args, world_size, device)``
+checks that they fit together and derives the sizes Megatron derives::
+
+    data_parallel_size  = world_size / (tensor_model_parallel_size * pipeline_model_parallel_size)
+    num_micro_batches   = global_batch_size / (micro_batch_size * data_parallel_size)
+
+Every inconsistency is reported at once, each naming its values, before a
+single process group or weight exists. ``format_args(args)`` prints the
+argument table Megatron prints at start-up.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+# a few options are ours (not Megatron-LM's); they are marked "(course)" in --help
+_SCHEDULES = ("1f1b", "gpipe", "interleaved")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Pretrain a GPT with tensor, pipeline and data parallelism (Megatron-LM style).",
+        allow_abbrev=False,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, required=True)
+    g.add_argument("--hidden-size", type=int, required=True)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default: 4 x hidden-size")
+    g.add_argument("--num-attention-heads", type=int, required=True)
+    g.add_argument("--seq-length", type=int, required=True)
+    g.add_argument("--max-position-embeddings", type=int, default=None, help="default: seq-length")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the vocabulary to a multiple of this x tensor-model-parallel-size")
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--recompute-activations", action="store_true",
+                   help="recompute each transformer layer's activations in the backward pass")
+    g.add_argument("--use-fused-kernels", action="store_true",
+                   help="use the compiled fused kernels (bias+GeLU, scaled masked softmax, LayerNorm)")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="layers per model chunk for the interleaved schedule")
+    g.add_argument("--pipeline-schedule", choices=_SCHEDULES, default=None,
+                   help="(course) pipeline schedule; default 1f1b, or interleaved when "
+                        "--num-layers-per-virtual-pipeline-stage is given")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard the optimizer state over data-parallel ranks (ZeRO-1)")
+    g.add_argument("--distributed-backend", choices=("gloo", "nccl"), default=None,
+                   help="default: nccl with one GPU per rank, else gloo")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, required=True)
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="default: micro-batch-size x data-parallel size (no gradient accumulation)")
+    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--fp16", action="store_true", help="float16 mixed precision with dynamic loss scaling (GPU)")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (GPU)")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
+    g.add_argument("--loss-scale-window", type=int, default=1000)
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="stop (after saving, if --save) when the iteration is a multiple of this")
+
+    g = p.add_argument_group("optimizer and learning rate")
+    g.add_argument("--lr", type=float, required=True)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine"), default="linear")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: train-iters")
+    g.add_argument("--lr-warmup-fraction", type=float, default=None,
+                   help="warm-up length as a fraction of lr-decay-iters")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", type=str, default=None, help="prefix of the .bin/.idx files")
+    g.add_argument("--split", type=str, default="969, 30, 1", help="train, valid, test proportions")
+    g.add_argument("--vocab-file", type=str, default=None)
+    g.add_argument("--merge-file", type=str, default=None)
+    g.add_argument("--tokenizer-type", choices=("GPT2BPETokenizer", "NullTokenizer"), default="GPT2BPETokenizer")
+    g.add_argument("--vocab-size", type=int, default=None, help="vocabulary size of NullTokenizer / --mock-data")
+    g.add_argument("--mock-data", action="store_true", help="random token ids instead of --data-path")
+
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", type=str, default=None, help="folder to save checkpoints to")
+    g.add_argument("--load", type=str, default=None, help="folder to resume from (if it holds a checkpoint)")
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--no-load-optim", action="store_true", help="do not load the optimizer state")
+    g.add_argument("--no-load-rng", action="store_true", help="do not load the random-number-generator states")
+
+    g = p.add_argument_group("logging and evaluation")
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=100)
+    g.add_argument("--tensorboard-dir", type=str, default=None)
+    g.add_argument("--log-json", type=str, default=None,
+                   help="(course) also write every iteration's numbers, one JSON object a line")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="(course) peak dense TFLOP/s of one device, to report model FLOPs utilisation")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.ffn_hidden_size is None and args.hidden_size is not None:
+        args.ffn_hidden_size = 4 * args.hidden_size
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if args.pipeline_schedule is None:
+        args.pipeline_schedule = "interleaved" if args.num_layers_per_virtual_pipeline_stage else "1f1b"
+    return args
+
+
+def validate_args(args: argparse.Namespace, world_size: int, device: torch.device | str = "cpu") -> argparse.Namespace:
+    """Check every constraint, derive the parallel sizes, or raise one ``ValueError`` listing all problems."""
+    errors: list[str] = []
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+
+    def positive(name: str) -> bool:
+        value = getattr(args, name)
+        if value is None or value < 1:
+            errors.append(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+            return False
+        return True
+
+    sizes_ok = all([positive(n) for n in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                                          "num_layers", "hidden_size", "num_attention_heads", "seq_length",
+                                          "micro_batch_size", "train_iters", "ffn_hidden_size",
+                                          "max_position_embeddings", "make_vocab_size_divisible_by")])
+    if not sizes_ok:
+        raise ValueError("inconsistent arguments:\n  " + "\n  ".join(errors))
+
+    dp = None
+    if world_size % (tp * pp):
+        errors.append(f"world size ({world_size}) is not divisible by tensor-model-parallel-size ({tp}) "
+                      f"x pipeline-model-parallel-size ({pp}) = {tp * pp}")
+    else:
+        dp = world_size // (tp * pp)
+    if args.num_attention_heads % tp:
+        errors.append(f"num-attention-heads ({args.num_attention_heads}) is not divisible by "
+                      f"tensor-model-parallel-size ({tp})")
+    if args.hidden_size % args.num_attention_heads:
+        errors.append(f"hidden-size ({args.hidden_size}) is not divisible by "
+                      f"num-attention-heads ({args.num_attention_heads})")
+    if args.ffn_hidden_size % tp:
+        errors.append(f"ffn-hidden-size ({args.ffn_hidden_size}) is not divisible by tensor-model-parallel-size ({tp})")
+    if args.num_layers % pp:
+        errors.append(f"num-layers ({args.num_layers}) is not divisible by pipeline-model-parallel-size ({pp})")
+    args.virtual_pipeline_model_parallel_size = 1
+    if args.pipeline_schedule == "interleaved":
+        per_chunk = args.num_layers_per_virtual_pipeline_stage
+        if per_chunk is None or per_chunk < 1:
+            errors.append("--pipeline-schedule interleaved needs --num-layers-per-virtual-pipeline-stage")
+        elif pp < 2:
+            errors.append(f"the interleaved schedule needs pipeline-model-parallel-size > 1, got {pp}")
+        elif args.num_layers % pp == 0 and (args.num_layers // pp) % per_chunk:
+            errors.append(f"layers per pipeline stage ({args.num_layers // pp}) is not divisible by "
+                          f"num-layers-per-virtual-pipeline-stage ({per_chunk})")
+        else:
+            args.virtual_pipeline_model_parallel_size = args.num_layers // pp // per_chunk
+    elif args.num_layers_per_virtual_pipeline_stage is not None:
+        errors.append(f"--num-layers-per-virtual-pipeline-stage needs --pipeline-schedule interleaved, "
+                      f"got {args.pipeline_schedule}")
+    if args.seq_length > args.max_position_embeddings:
+        errors.append(f"seq-length ({args.seq_length}) is larger than "
+                      f"max-position-embeddings ({args.max_position_embeddings})")
+
+    if dp is not None:
+        if args.global_batch_size is None:
+            args.global_batch_size = args.micro_batch_size * dp
+        if args.global_batch_size < 1 or args.global_batch_size % (args.micro_batch_size * dp):
+            errors.append(f"global-batch-size ({args.global_batch_size}) is not divisible by micro-batch-size "
+                          f"({args.micro_batch_size}) x data-parallel size ({dp}) = {args.micro_batch_size * dp}")
+        else:
+            args.num_micro_batches = args.global_batch_size // (args.micro_batch_size * dp)
+            if args.pipeline_schedule == "interleaved" and args.num_micro_batches % pp:
+                errors.append(f"the interleaved schedule needs the number of micro-batches "
+                              f"({args.num_micro_batches}) to be a multiple of pipeline-model-parallel-size ({pp})")
+    args.data_parallel_size = dp
+
+    if args.fp16 and args.bf16:
+        errors.append("--fp16 and --bf16 cannot both be set")
+    if (args.fp16 or args.bf16) and torch.device(device).type != "cuda":
+        errors.append(f"--{'fp16' if args.fp16 else 'bf16'} needs CUDA GPUs (mixed precision runs on tensor "
+                      f"cores); this job computes on {torch.device(device).type}: drop the flag to train in float32")
+    for name in ("attention_dropout", "hidden_dropout"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            errors.append(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+    if not 0.0 <= args.min_lr <= args.lr:
+        errors.append(f"min-lr ({args.min_lr}) must be between 0 and lr ({args.lr})")
+    if args.lr_warmup_fraction is not None:
+        if args.lr_warmup_iters:
+            errors.append(f"use either lr-warmup-fraction ({args.lr_warmup_fraction}) or "
+                          f"lr-warmup-iters ({args.lr_warmup_iters}), not both")
+        if not 0.0 <= args.lr_warmup_fraction <= 1.0:
+            errors.append(f"lr-warmup-fraction ({args.lr_warmup_fraction}) must be in [0, 1]")
+    if args.lr_decay_iters < 1:
+        errors.append(f"lr-decay-iters ({args.lr_decay_iters}) must be >= 1")
+    if args.save_interval is not None and args.save_interval < 1:
+        errors.append(f"save-interval ({args.save_interval}) must be >= 1")
+    if args.save_interval is not None and args.save is None:
+        errors.append(f"save-interval ({args.save_interval}) is set but --save (the folder) is not")
+    for name in ("log_interval", "eval_interval"):
+        if getattr(args, name) < 1:
+            errors.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.eval_iters < 0:
+        errors.append(f"--eval-iters must be >= 0, got {args.eval_iters}")
+
+    if args.mock_data:
+        if args.vocab_size is None:
+            errors.append("--mock-data needs --vocab-size")
+    elif args.data_path is None:
+        errors.append("--data-path is required (or --mock-data --vocab-size N)")
+    elif args.tokenizer_type == "GPT2BPETokenizer" and (args.vocab_file is None or args.merge_file is None):
+        errors.append(f"GPT2BPETokenizer needs --vocab-file ({args.vocab_file}) and --merge-file ({args.merge_file})")
+    elif args.tokenizer_type == "NullTokenizer" and args.vocab_size is None:
+        errors.append("NullTokenizer needs --vocab-size")
+
+    if errors:
+        raise ValueError("inconsistent arguments:\n  " + "\n  ".join(errors))
+    args.world_size = world_size
+    return args
+
+
+def format_args(args: argparse.Namespace) -> str:
+    """Megatron's start-up table: one ``name ..... value`` line per argument, sorted."""
+    lines = ["------------------------ arguments ------------------------"]
+    for name in sorted(vars(args)):
+        dots = "." * (48 - len(name))
+        lines.append(f"  {name} {dots} {getattr(args, name)}")
+    lines.append("-------------------- end of arguments ---------------------")
+    return "\n".join(lines)

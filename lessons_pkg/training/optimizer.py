@@ -1,0 +1,111 @@
+"""AdamW with Megatron's weight-decay rules, data-parallel gradient averaging and global-norm clipping.
+
+``get_optimizer(named_params, args, groups)`` returns
+
+* :class:`Optimizer` (default): every data-parallel rank keeps the full Adam
+  state; gradients are all-reduced (averaged) over the data-parallel group;
+* :class:`~lessons_pkg.training.distributed_optimizer.DistributedOptimizer`
+  (``--use-distributed-optimizer``, ZeRO-1): each data-parallel rank keeps and
+  updates 1/DP of it.
+
+Both expose ``step() -> grad norm (None if the step was skipped)``,
+``zero_grad()``, ``param_groups`` (for the learning-rate scheduler) and
+``state_dict()``/``load_state_dict()``.
+
+Weight decay (decoupled, AdamW, as Megatron's Adam with ``adam_w_mode``) applies
+to weight matrices only: biases and 1-D parameters (LayerNorm) get none.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from lessons_pkg.training import grads as G
+from lessons_pkg.training.loss_scaler import DynamicLossScaler
+
+
+@dataclass
+class Groups:
+    """The process groups an optimizer needs, read once from ``parallel_state`` by the caller."""
+
+    tp_group: dist.ProcessGroup | None
+    pp_group: dist.ProcessGroup | None
+    dp_group: dist.ProcessGroup | None
+    tp_rank: int = 0
+
+
+def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """Megatron's rule: no decay for biases and 1-D parameters (LayerNorm weight and bias)."""
+    return name.endswith(".bias") or param.ndim == 1
+
+
+def split_by_weight_decay(named_params) -> tuple[list, list]:
+    """``(decay, no_decay)`` parameter lists, each in model order; a parameter shared by name appears once."""
+    decay, no_decay, seen = [], [], set()
+    for name, p in named_params:
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if no_weight_decay(name, p) else decay).append(p)
+    return decay, no_decay
+
+
+def adam_kwargs(args) -> dict:
+    return dict(lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, foreach=True)
+
+
+class Optimizer:
+    """AdamW on the full (local shard of the) model; gradients all-reduced over data-parallel ranks."""
+
+    def __init__(self, named_params, args, groups: Groups, loss_scaler: DynamicLossScaler | None = None):
+        decay, no_decay = split_by_weight_decay(named_params)
+        self.params = decay + no_decay
+        self.groups, self.clip_grad, self.loss_scaler = groups, args.clip_grad, loss_scaler
+        self.adam = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            **adam_kwargs(args))
+
+    @property
+    def param_groups(self):
+        return self.adam.param_groups
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> float | None:
+        G.allreduce_data_parallel_grads(self.params, self.groups.dp_group)  # sum / DP
+        grads = [p.grad for p in self.params]
+        if self.loss_scaler is not None:
+            found_inf = self.loss_scaler.unscale_and_check(grads)
+            self.loss_scaler.update(found_inf)
+            if found_inf:
+                return None
+        norm = G.global_grad_norm(self.params, self.groups.tp_rank, self.groups.tp_group, self.groups.pp_group)
+        G.clip_grads(grads, norm, self.clip_grad)
+        self.adam.step()
+        return norm
+
+    def state_dict(self) -> dict:
+        state = {"adam": self.adam.state_dict()}
+        if self.loss_scaler is not None:
+            state["loss_scaler"] = self.loss_scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.adam.load_state_dict(state["adam"])
+        if self.loss_scaler is not None and "loss_scaler" in state:
+            self.loss_scaler.load_state_dict(state["loss_scaler"])
+
+
+def get_optimizer(named_params, args, groups: Groups):
+    """The optimizer ``args`` ask for (see the module docstring)."""
+    scaler = DynamicLossScaler(args.initial_loss_scale, args.loss_scale_window) if args.fp16 else None
+    if args.use_distributed_optimizer:
+        from lessons_pkg.training.distributed_optimizer import DistributedOptimizer
+
+        return DistributedOptimizer(named_params, args, groups, loss_scaler=scaler)
+    return Optimizer(named_params, args, groups, loss_scaler=scaler)
