@@ -1,0 +1,79 @@
+"""End to end: corpus -> tokenizer -> preprocess_data.py (2 workers == 1 worker) -> GPT dataset."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lessons_pkg.data import MMapIndexedDataset, build_train_valid_test_datasets
+from lessons_pkg.data.tokenizer import build_tokenizer
+
+SCRIPTS = "src/ch6"
+
+
+def run(repo_root, script, *args, timeout=120):
+    result = subprocess.run([sys.executable, f"{SCRIPTS}/{script}", *map(str, args)], cwd=repo_root,
+                            capture_output=True, text=True, timeout=timeout,
+                            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    from pathlib import Path
+
+    repo_root = Path(__file__).resolve().parents[2]
+    tmp = tmp_path_factory.mktemp("pipeline")
+    corpus = tmp / "corpus.jsonl"
+    out = run(repo_root, "megatron_datasets.py", "--output", corpus, "--num-samples", 150, "--min-length", 300,
+              "--show", 1)
+    assert "HF_HUB_OFFLINE is set" in out and "wrote 150 documents" in out
+    run(repo_root, "train_tokenizer.py", "--input", corpus, "--output-dir", tmp, "--tokenizer", "auto",
+        "--gpt2-dir", tmp / "no-gpt2-here", "--vocab-size", 300)
+    outputs = {}
+    for workers in (1, 2):
+        log = run(repo_root, "preprocess_data.py", "--input", corpus, "--output-prefix", tmp / f"w{workers}",
+                  "--vocab-file", tmp / "vocab.json", "--merge-file", tmp / "merges.txt",
+                  "--tokenizer-type", "GPT2BPETokenizer", "--json-keys", "text", "--append-eod",
+                  "--workers", workers, "--log-interval", 50)
+        assert "Processed 150 documents" in log and "docs/s" in log and "MB/s" in log
+        outputs[workers] = tmp / f"w{workers}_text_document"
+    return tmp, corpus, outputs
+
+
+def test_corpus_is_deterministic_jsonl_of_long_documents(pipeline, repo_root):
+    tmp, corpus, _ = pipeline
+    lines = corpus.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 150 and all(len(json.loads(line)["text"]) >= 300 for line in lines)
+    run(repo_root, "megatron_datasets.py", "--output", tmp / "again.jsonl", "--num-samples", 150,
+        "--min-length", 300, "--show", 0)
+    assert (tmp / "again.jsonl").read_bytes() == corpus.read_bytes()
+
+
+def test_two_workers_write_the_same_bytes_as_one(pipeline):
+    _, _, outputs = pipeline
+    for suffix in (".bin", ".idx"):
+        assert (outputs[2].parent / (outputs[2].name + suffix)).read_bytes() == \
+            (outputs[1].parent / (outputs[1].name + suffix)).read_bytes()
+
+
+def test_binarized_documents_decode_to_the_corpus_plus_eod(pipeline):
+    tmp, corpus, outputs = pipeline
+    tokenizer = build_tokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"))
+    dataset = MMapIndexedDataset(str(outputs[2]))
+    texts = [json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").splitlines()]
+    assert dataset.dtype == np.uint16 and len(dataset) == len(texts)
+    for tokens, text in zip(dataset[0:len(dataset)], texts):
+        assert tokens[-1] == tokenizer.eod  # --append-eod
+        assert tokens[:-1].tolist() == tokenizer.tokenize(text)
+        assert tokenizer.detokenize(tokens[:-1]) == text
+
+
+def test_gpt_dataset_reads_the_preprocessed_data(pipeline):
+    _, _, outputs = pipeline
+    train, valid, test = build_train_valid_test_datasets(str(outputs[2]), "949,50,1", [64, 8, 8], 32, 1234,
+                                                         verbose=False)
+    assert len(train) >= 64 and valid is not None
+    assert all(train[i]["text"].shape == (33,) for i in range(64))
