@@ -42,6 +42,11 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CSRC = REPO_ROOT / "csrc"
 NAMESPACE = "lessons_kernels"  # torch.ops.lessons_kernels.*
+OPERATORS = (  # declared in csrc/ops.cpp
+    "bias_gelu_forward", "bias_gelu_backward",
+    "scaled_masked_softmax_forward", "scaled_upper_triang_masked_softmax_forward", "scaled_softmax_backward",
+    "layer_norm_forward", "layer_norm_backward",
+)
 
 
 class KernelBuildError(RuntimeError):
@@ -72,11 +77,11 @@ def cpu_flags(capability: str | None = None) -> list[str]:
         "DEFAULT": [],
     }[capability]
     defines = [f"-DCPU_CAPABILITY={capability}"] + ([f"-DCPU_CAPABILITY_{capability}"] if isa else [])
-    return ["-O3", "-std=c++17", "-fopenmp", *isa, *defines]
+    return ["-O3", "-fopenmp", *isa, *defines]
 
 
 def cuda_flags() -> list[str]:
-    return ["-O3", "-std=c++17", "--use_fast_math"]
+    return ["-O3", "--use_fast_math"]
 
 
 def sources(with_cuda: bool) -> list[Path]:
@@ -254,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = load(verbose=args.verbose)
         print(f"fused kernels loaded: {path}")
-        print(f"operators: {', '.join(sorted(op for op in dir(getattr(torch.ops, NAMESPACE)) if not op.startswith('_')))}")
+        namespace = getattr(torch.ops, NAMESPACE)
+        print(f"operators: {', '.join(f'{NAMESPACE}.{op}' for op in OPERATORS if hasattr(namespace, op))}")
         if args.cuda_check:
             for obj in compile_cuda_objects():
                 print(f"CUDA source compiles: {obj.name}")

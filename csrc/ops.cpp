@@ -1,0 +1,22 @@
+// The operator schemas: torch.ops.lessons_kernels.<name>. Each op has a CPU
+// kernel (csrc/<op>.cpp) and, when compiled for CUDA, a CUDA one (csrc/cuda/<op>.cu);
+// the dispatcher picks by the device of the inputs. Autograd: lessons_pkg/kernels/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(lessons_kernels, m) {
+  // y = gelu_tanh(x + bias); backward returns (grad_x, grad_bias).
+  m.def("bias_gelu_forward(Tensor x, Tensor bias) -> Tensor");
+  m.def("bias_gelu_backward(Tensor grad_y, Tensor x, Tensor bias) -> (Tensor, Tensor)");
+
+  // p = softmax(scale * x + mask) per row of x [n, sq, sk]; mask [mb, msq, sk]
+  // (bool: true ignores a key; floating: added), slice n / heads of it used by x[n].
+  m.def("scaled_masked_softmax_forward(Tensor x, Tensor? mask, int heads, float scale) -> Tensor");
+  // Causal: x [n, sq, sq], key j > query i ignored.
+  m.def("scaled_upper_triang_masked_softmax_forward(Tensor x, float scale) -> Tensor");
+  // grad_x = scale * p * (grad_p - sum(grad_p * p)), for both softmaxes.
+  m.def("scaled_softmax_backward(Tensor grad_p, Tensor probs, float scale) -> Tensor");
+
+  // LayerNorm over the last dim; forward returns (y, mean, rstd), backward (grad_x, grad_weight, grad_bias).
+  m.def("layer_norm_forward(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("layer_norm_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor weight) -> (Tensor, Tensor, Tensor)");
+}
