@@ -42,6 +42,13 @@ course-ch6-tensor-parallel: setup
 course-ch6-kernels: setup
 
 course-ch6-data: setup
+	@echo "== Chapter 6, part 3: corpus -> tokenizer -> data/my-gpt2_text_document.bin/.idx =="
+	$(PY) src/ch6/megatron_datasets.py --output data/megatron_datasets.jsonl --show 3 --show-chars 300
+	$(PY) src/ch6/train_tokenizer.py --input data/megatron_datasets.jsonl --output-dir data \
+		--tokenizer train --vocab-size 2048
+	$(PY) src/ch6/preprocess_data.py --input data/megatron_datasets.jsonl --output-prefix data/my-gpt2 \
+		--vocab-file data/vocab.json --merge-file data/merges.txt --tokenizer-type GPT2BPETokenizer \
+		--json-keys text --append-eod --workers 2 --log-interval 250
 
 course-ch6-pretrain: setup
 

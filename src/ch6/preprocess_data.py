@@ -27,7 +27,9 @@ import time
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # parallelism comes from the worker processes
 
-from lessons_pkg.data.indexed_dataset import IndexedDatasetBuilder, best_fitting_dtype  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lessons_pkg.data.indexed_dataset import IndexedDatasetBuilder, MMapIndexedDataset, best_fitting_dtype  # noqa: E402
 from lessons_pkg.data.tokenizer import build_tokenizer  # noqa: E402
 
 
@@ -124,10 +126,33 @@ def get_args(argv=None):
     return args
 
 
+def verify(args, counts: dict[str, int]) -> bool:
+    """Read the pair back with Megatron's mmap reader: document count, and the first document decodes to its text."""
+    tokenizer = build_tokenizer(args.vocab_file, args.merge_file, args.tokenizer_type)
+    with open(args.input, encoding="utf-8") as f:
+        first = json.loads(f.readline())
+    ok = True
+    for key in args.json_keys:
+        dataset = MMapIndexedDataset(output_prefix(args, key))
+        tokens = dataset[0] if len(dataset) else np.zeros(0, dtype=np.int64)
+        if args.append_eod and len(tokens):
+            tokens = tokens[:-1]
+        same_count = len(dataset) == counts[key]
+        # (an empty first line would be skipped; then the check compares with the wrong document)
+        same_text = tokenizer.detokenize(tokens) == first[key]
+        print(f"read back {output_prefix(args, key)}: {len(dataset)} documents == {counts[key]} written: "
+              f"{same_count}; first document decodes to its input text: {same_text}")
+        ok = ok and same_count and same_text
+    return ok
+
+
 def main(argv=None) -> None:
-    counts = preprocess(get_args(argv))
+    args = get_args(argv)
+    counts = preprocess(args)
     if not any(counts.values()):
         sys.exit("no document had any token: nothing was written")
+    if not verify(args, counts):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
