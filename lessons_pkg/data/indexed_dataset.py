@@ -72,9 +72,10 @@ def index_file_path(prefix: str) -> str:
 class IndexedDatasetBuilder:
     """Write a ``.bin``/``.idx`` pair one document at a time.
 
-    Tokens go to ``<prefix>.bin`` as they arrive; the index (sizes, pointers,
+    Tokens go to a temporary ``.bin`` as they arrive; the index (sizes, pointers,
     document indices; layout in the module docstring) is written by
-    :meth:`finalize`. Use as a context manager or call :meth:`finalize` yourself.
+    :meth:`finalize`, which then renames both into place. Use as a context
+    manager or call :meth:`finalize` yourself.
 
         with IndexedDatasetBuilder("data/my-gpt2_text_document", np.uint16) as builder:
             builder.add_document([464, 3290, 50256])
@@ -86,7 +87,10 @@ class IndexedDatasetBuilder:
                              f"{sorted(str(np.dtype(t)) for t in DTYPE_CODES.values())}")
         self.prefix = prefix
         self.dtype = np.dtype(dtype)
-        self._data_file = open(data_file_path(prefix), "wb")
+        # Written under temporary names and renamed by finalize(): a crashed run leaves no
+        # half-written pair, and readers of an older pair never see a partial file.
+        self._tmp_suffix = f".tmp-{os.getpid()}"
+        self._data_file = open(data_file_path(prefix) + self._tmp_suffix, "wb")
         self._sizes: list[int] = []
         self._document_indices: list[int] = [0]
 
@@ -110,7 +114,9 @@ class IndexedDatasetBuilder:
         if self._data_file.closed:
             return
         self._data_file.close()
-        write_index(index_file_path(self.prefix), self.dtype, self._sizes, self._document_indices)
+        write_index(index_file_path(self.prefix) + self._tmp_suffix, self.dtype, self._sizes, self._document_indices)
+        os.replace(data_file_path(self.prefix) + self._tmp_suffix, data_file_path(self.prefix))
+        os.replace(index_file_path(self.prefix) + self._tmp_suffix, index_file_path(self.prefix))
 
     def __enter__(self) -> "IndexedDatasetBuilder":
         return self
@@ -118,8 +124,9 @@ class IndexedDatasetBuilder:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.finalize()
-        else:  # leave no half-written pair that looks valid
+        else:  # leave no half-written pair behind
             self._data_file.close()
+            os.remove(data_file_path(self.prefix) + self._tmp_suffix)
 
 
 def write_index(idx_path: str, dtype, sizes, document_indices) -> None:
