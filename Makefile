@@ -55,6 +55,11 @@ course-ch6-pretrain: setup
 course-ch5: setup
 
 course-ch5-schedules: setup
+	@echo "== Chapter 5, part 2: pipeline schedules from scratch (writes outputs/ch5/*.png) =="
+	$(LAUNCH) --nproc 2 src/ch5/schedules_verify.py
+	$(LAUNCH) --nproc 4 src/ch5/schedules_verify.py
+	$(LAUNCH) --nproc 4 src/ch5/pipeline_timeline.py
+	$(LAUNCH) --nproc 4 src/ch5/pipeline_memory.py
 
 # ---- make test: unit and multi-rank tests, then every notebook under nbval ---
 test: setup

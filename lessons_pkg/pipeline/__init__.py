@@ -8,7 +8,7 @@ Modules (each one idea, read in this order):
     timeline    recording when each forward/backward ran, and drawing it
     memory      measuring the activations saved for backward
 """
-from lessons_pkg.pipeline.executor import forward_backward
+from lessons_pkg.pipeline.executor import forward_backward, serial_forward_backward
 from lessons_pkg.pipeline.schedules import Schedule, get_schedule, gpipe, interleaved_one_f_one_b, one_f_one_b
 
-__all__ = ["forward_backward", "Schedule", "get_schedule", "gpipe", "one_f_one_b", "interleaved_one_f_one_b"]
+__all__ = ["forward_backward", "serial_forward_backward", "Schedule", "get_schedule", "gpipe", "one_f_one_b", "interleaved_one_f_one_b"]

@@ -155,3 +155,22 @@ class _timed:
             if self.cuda:
                 torch.cuda.synchronize()
             self.recorder.record(self.action, self.start, time.perf_counter())
+
+
+def serial_forward_backward(
+    layers: Sequence[nn.Module],
+    microbatches: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> list[torch.Tensor]:
+    """The reference: the whole model in one process, backward of the mean microbatch loss.
+
+    What :func:`forward_backward` must reproduce, loss for loss and gradient for gradient.
+    """
+    losses = []
+    for x, t in zip(microbatches, targets):
+        for layer in layers:
+            x = layer(x)
+        losses.append(loss_fn(x, t))
+    torch.stack(losses).mean().backward()
+    return [loss.detach() for loss in losses]

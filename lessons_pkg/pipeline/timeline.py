@@ -55,16 +55,18 @@ class Recorder:
         return [[Event(*e) for e in rank_events] for rank_events in everyone]
 
 
-def events_from_grid(grid, forward_time: float = 1.0, backward_time: float = 1.0) -> list[list[Event]]:
-    """The events of a ``schedules.simulate`` grid, in time units: the theory to put beside a measurement."""
+def events_from_grid(grid, step_time: float = 1.0) -> list[list[Event]]:
+    """The events of a ``schedules.simulate`` grid (one clock step = ``step_time``): the theory beside a measurement."""
     events = []
     for row in grid:
-        mine, prev = [], None
+        mine = []
         for t, a in enumerate(row):
-            if a is not None and a is not prev:
-                duration = forward_time if a.op == "F" else backward_time
-                mine.append(Event(a.op, a.microbatch, a.chunk, float(t), float(t) + duration))
-            prev = a
+            if a is None:
+                continue
+            if t > 0 and row[t - 1] is a:  # an action lasting several steps: extend its event
+                mine[-1] = mine[-1]._replace(end=(t + 1) * step_time)
+            else:
+                mine.append(Event(a.op, a.microbatch, a.chunk, t * step_time, (t + 1) * step_time))
         events.append(mine)
     return events
 
