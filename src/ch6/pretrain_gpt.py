@@ -49,9 +49,14 @@ class MockGPTDataset:
 def vocab_size_of(args) -> int:
     if args.mock_data or args.tokenizer_type == "NullTokenizer":
         return args.vocab_size
-    from lessons_pkg.data.tokenizer import build_tokenizer
+    # GPT2BPETokenizer's vocab_size is the number of entries of vocab.json; the data are already
+    # tokenized (.bin/.idx), so reading the two files is all training needs (no transformers import)
+    from lessons_pkg.data.tokenizer import EOD_TOKEN, load_vocab_and_merges
 
-    return build_tokenizer(args.vocab_file, args.merge_file, args.tokenizer_type).vocab_size
+    vocab, _ = load_vocab_and_merges(args.vocab_file, args.merge_file)
+    if EOD_TOKEN not in vocab:
+        raise ValueError(f"{args.vocab_file} has no {EOD_TOKEN} token")
+    return len(vocab)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,213 @@
+"""pretrain_gpt.py launched for real: layouts agree with one process, checkpoints resume exactly.
+
+Launches (shared through module fixtures, to keep the suite fast):
+    serial   1 rank,  TP=PP=DP=1                          6 iterations
+    tp2pp2   4 ranks, TP=2 x PP=2, saves at 3 and 6         (uninterrupted reference of the resume test)
+    dp2      8 ranks, TP=2 x PP=2 x DP=2, --use-distributed-optimizer
+    killed   4 ranks, SIGKILLed right after its save at iteration 3
+    crashed  4 ranks, resumed from 3, crashes in the middle of its save at 6
+    resumed  4 ranks, resumed again (from 3: the crashed save never became `latest`)
+"""
+from __future__ import annotations
+
+import json
+import os
+import pydoc_data.topics
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from lessons_pkg.data import IndexedDatasetBuilder
+from lessons_pkg.data.tokenizer import build_tokenizer, train_byte_level_bpe
+from lessons_pkg.launch import torchrun
+from lessons_pkg.training.checkpointing import CRASH_ENV, read_tracker
+from lessons_pkg.training.train import KILL_ENV
+
+SCRIPT = "src/ch6/pretrain_gpt.py"
+ITERS = 6
+# Float32 tolerance: the layouts compute the same sums in a different order (TP splits matmuls and
+# the softmax denominator over ranks, DP averages across ranks), which moves losses of ~6 by a few
+# ulps (1 ulp = 4.8e-7 at 6) per iteration; 2e-5 leaves room for that drift over 6 steps.
+LOSS_TOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A real (small) corpus: Python's reference-manual topics, a 300-token byte-level BPE, .bin/.idx."""
+    root = tmp_path_factory.mktemp("pretrain-data")
+    texts = [t for t in pydoc_data.topics.topics.values() if len(t) > 500][:120]
+    vocab, merges = train_byte_level_bpe(texts, 300, str(root))
+    tok = build_tokenizer(vocab, merges)
+    assert tok.vocab_size == 300
+    prefix = str(root / "topics_text_document")
+    with IndexedDatasetBuilder(prefix) as builder:
+        for text in texts:
+            builder.add_document(tok.tokenize(text) + [tok.eod])
+    return {"prefix": prefix, "vocab": vocab, "merges": merges, "root": root}
+
+
+def common_args(data, log_json, *extra):
+    return [
+        "--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+        "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", str(ITERS),
+        "--lr", "5e-3", "--min-lr", "5e-4", "--lr-decay-style", "cosine", "--lr-warmup-fraction", "0.2",
+        "--weight-decay", "0.1", "--clip-grad", "1.0", "--attention-dropout", "0", "--hidden-dropout", "0",
+        "--data-path", data["prefix"], "--vocab-file", data["vocab"], "--merge-file", data["merges"],
+        "--split", "90,8,2", "--log-interval", "1", "--eval-interval", "3", "--eval-iters", "1",
+        "--seed", "1234", "--log-json", str(log_json), *extra,
+    ]
+
+
+def launch(nproc, data, log_json, *extra, env=None, check=True, timeout=240):
+    # the same padded vocabulary in every layout: 300 -> 320 (64 x 5) at TP=1 and (32 x 2) x 5 at TP=2,
+    # since the dummy tokens' logits enter the softmax (as in Megatron)
+    tp = 2 if "--tensor-model-parallel-size" in extra else 1
+    divisible = ["--make-vocab-size-divisible-by", str(64 // tp)]
+    return torchrun(SCRIPT, *common_args(data, log_json, *divisible, *extra), nproc_per_node=nproc,
+                    timeout=timeout, env=env, check=check, echo=False)
+
+
+def records(path, kind="train"):
+    return {r["iteration"]: r for r in map(json.loads, open(path)) if r["kind"] == kind}
+
+
+def losses(path, kind="train"):
+    return {i: r["lm_loss"] for i, r in records(path, kind).items()}
+
+
+TP2PP2 = ("--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2")
+
+
+@pytest.fixture(scope="module")
+def serial(data):
+    log = data["root"] / "serial.jsonl"
+    result = launch(1, data, log)
+    return log, result
+
+
+@pytest.fixture(scope="module")
+def tp2pp2(data):
+    log, save = data["root"] / "tp2pp2.jsonl", data["root"] / "ckpt-tp2pp2"
+    result = launch(4, data, log, *TP2PP2, "--save", str(save), "--save-interval", "3")
+    return log, save, result
+
+
+def assert_same_curve(log, reference):
+    got, ref = losses(log), losses(reference)
+    assert sorted(got) == list(range(1, ITERS + 1)) == sorted(ref)
+    for i in ref:
+        assert abs(got[i] - ref[i]) <= LOSS_TOL, f"iteration {i}: {got[i]} vs single process {ref[i]}"
+    for i, r in records(reference).items():  # the global gradient norm too: each element counted once
+        assert abs(records(log)[i]["grad_norm"] - r["grad_norm"]) <= 1e-5 * max(1.0, r["grad_norm"])
+    for kind in ("valid", "test"):
+        for i, value in losses(reference, kind).items():
+            assert abs(losses(log, kind)[i] - value) <= LOSS_TOL
+
+
+def test_serial_run_logs_like_megatron(serial):
+    log, result = serial
+    out = result.output
+    assert " > padded vocab (size: 300) with 20 dummy tokens (new size: 320)" in out
+    assert " > number of parameters on (tensor, pipeline) model parallel rank (0, 0): " in out
+    assert "------------------------ arguments ------------------------" in out
+    assert f" iteration        {ITERS}/       {ITERS} | consumed samples:           48 |" in out
+    assert "| lm loss: " in out and "| grad norm: " in out and "| tokens per second: " in out
+    assert " validation loss at iteration 3 | lm loss value: " in out
+    assert " test loss at the end of training for test data | lm loss value: " in out
+    train = losses(log)
+    assert train[ITERS] < train[1], "the loss should go down in 6 iterations"
+
+
+def test_tp2_pp2_matches_single_process(serial, tp2pp2):
+    assert_same_curve(tp2pp2[0], serial[0])
+    out = tp2pp2[2].output
+    for tp, pp in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        assert f"model parallel rank ({tp}, {pp}): " in out
+
+
+def test_tp2_pp2_dp2_distributed_optimizer_matches_single_process(data, serial):
+    log = data["root"] / "dp2.jsonl"
+    result = launch(8, data, log, *TP2PP2, "--use-distributed-optimizer")
+    assert "data-parallel size: 2, tensor-model-parallel size: 2, pipeline-model-parallel size: 2" in result.output
+    assert_same_curve(log, serial[0])
+
+
+def test_checkpoint_layout(tp2pp2):
+    _, save, _ = tp2pp2
+    assert read_tracker(str(save)) == ITERS
+    for it in (3, ITERS):
+        for name in ("mp_rank_00_000", "mp_rank_01_000", "mp_rank_00_001", "mp_rank_01_001"):
+            assert (save / f"iter_{it:07d}" / name / "model_optim_rng.pt").is_file()
+    assert not list(save.rglob("*.tmp"))
+
+
+def test_killed_run_resumes_exactly_and_a_crashed_save_is_ignored(data, tp2pp2):
+    ref_log = tp2pp2[0]
+    save = data["root"] / "ckpt-resume"
+    args = (*TP2PP2, "--save", str(save), "--load", str(save), "--save-interval", "3")
+
+    # 1. killed (SIGKILL, no clean-up) right after the save at iteration 3 completed
+    killed = launch(4, data, data["root"] / "killed.jsonl", *args, env={KILL_ENV: "3"}, check=False)
+    assert killed.returncode != 0
+    assert read_tracker(str(save)) == 3
+    assert sorted(losses(data["root"] / "killed.jsonl")) == [1, 2, 3]
+
+    # 2. resumed from 3; crashes in the middle of the save at 6 (the upper ranks raise before writing)
+    crashed_log = data["root"] / "crashed.jsonl"
+    crashed = launch(4, data, crashed_log, *args, env={CRASH_ENV: str(ITERS)}, check=False)
+    assert crashed.returncode != 0 and "simulated crash" in "".join(crashed.stderr)
+    assert " > loaded checkpoint from" in crashed.output and "at iteration 3" in crashed.output
+    assert read_tracker(str(save)) == 3, "`latest` must not point at the partial checkpoint"
+    partial = save / f"iter_{ITERS:07d}"
+    assert (partial / "mp_rank_00_000" / "model_optim_rng.pt").is_file()     # rank 0 had written ...
+    assert not (partial / "mp_rank_00_001" / "model_optim_rng.pt").exists()  # ... rank 2 had not
+
+    # 3. resumed again: from the last complete checkpoint (3), finishes and saves 6
+    resumed_log = data["root"] / "resumed.jsonl"
+    resumed = launch(4, data, resumed_log, *args)
+    assert "at iteration 3" in resumed.output and read_tracker(str(save)) == ITERS
+
+    # same layout, same operations: the resumed losses equal the uninterrupted run's bit for bit
+    reference = losses(ref_log)
+    for log in (crashed_log, resumed_log):
+        assert losses(log) == {i: reference[i] for i in range(4, ITERS + 1)}
+    assert losses(data["root"] / "killed.jsonl") == {i: reference[i] for i in (1, 2, 3)}
+
+
+def run_script(data, *extra, world_size=1, timeout=120):
+    """``python pretrain_gpt.py`` as rank 0 of a job of ``world_size`` (for runs that stop before training)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE=str(world_size), RANK="0", LOCAL_RANK="0",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    return subprocess.run([sys.executable, SCRIPT, *common_args(data, data["root"] / "stopped.jsonl", *extra)],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_loading_another_layout_names_both(data, tp2pp2):
+    _, save, _ = tp2pp2
+    result = run_script(data, "--make-vocab-size-divisible-by", "64", "--load", str(save))
+    assert result.returncode != 0
+    assert ("saved with tensor-model-parallel-size 2 and pipeline-model-parallel-size 2, but this run uses "
+            "tensor-model-parallel-size 1 and pipeline-model-parallel-size 1") in result.stderr
+    assert "iteration        1/" not in result.stdout
+
+
+def test_inconsistent_arguments_stop_before_training(data):
+    # validation reads WORLD_SIZE and runs before any process group exists, so rank 0 alone shows it
+    result = run_script(data, "--tensor-model-parallel-size", "2", "--num-attention-heads", "3",
+                        "--num-layers", "3", "--pipeline-model-parallel-size", "2", world_size=2)
+    assert result.returncode == 2
+    for message in ("num-attention-heads (3) is not divisible by tensor-model-parallel-size (2)",
+                    "hidden-size (32) is not divisible by num-attention-heads (3)",
+                    "num-layers (3) is not divisible by pipeline-model-parallel-size (2)",
+                    "world size (2) is not divisible by tensor-model-parallel-size (2) x "
+                    "pipeline-model-parallel-size (2) = 4"):
+        assert message in result.stderr
+    assert result.stdout == ""  # nothing started: no argument table, no model, no training

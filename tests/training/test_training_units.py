@@ -1,0 +1,122 @@
+"""Unit tests of the training pieces that need no processes: arguments, LR schedule, weight decay, layout."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lessons_pkg.training.arguments import format_args, parse_args, validate_args
+from lessons_pkg.training.checkpointing import get_rng_state, mp_rank_dirname, set_rng_state
+from lessons_pkg.training.grads import clip_coefficient, counts_in_norm
+from lessons_pkg.training.lr_scheduler import OptimizerParamScheduler, learning_rate
+from lessons_pkg.training.optimizer import split_by_weight_decay
+from lessons_pkg.training.train import chunk_layout, microbatch_sample_ids
+
+BASE = ("--num-layers 4 --hidden-size 32 --num-attention-heads 4 --seq-length 16 --micro-batch-size 2 "
+        "--global-batch-size 8 --train-iters 10 --lr 1e-3 --mock-data --vocab-size 100").split()
+
+
+def args_with(*extra: str):
+    return parse_args(BASE + list(extra))
+
+
+def test_valid_arguments_derive_megatron_sizes():
+    args = validate_args(args_with("--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"), 8)
+    assert (args.data_parallel_size, args.num_micro_batches) == (2, 2)  # 8 = 2 (micro) x 2 (DP) x 2
+    table = format_args(args)
+    assert "  tensor_model_parallel_size ...................... 2" in table
+
+
+@pytest.mark.parametrize("extra, world, message", [
+    (("--num-attention-heads", "6", "--hidden-size", "36", "--tensor-model-parallel-size", "4"), 4,
+     "num-attention-heads (6) is not divisible by tensor-model-parallel-size (4)"),
+    (("--pipeline-model-parallel-size", "3"), 3, "num-layers (4) is not divisible by pipeline-model-parallel-size (3)"),
+    (("--global-batch-size", "6",), 2, "global-batch-size (6) is not divisible by micro-batch-size (2) x "
+                                       "data-parallel size (2) = 4"),
+    (("--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"), 6,
+     "world size (6) is not divisible by tensor-model-parallel-size (2) x pipeline-model-parallel-size (2) = 4"),
+    (("--hidden-size", "30",), 1, "hidden-size (30) is not divisible by num-attention-heads (4)"),
+    (("--seq-length", "64", "--max-position-embeddings", "32"), 1,
+     "seq-length (64) is larger than max-position-embeddings (32)"),
+    (("--bf16",), 1, "--bf16 needs CUDA GPUs"),
+    (("--save-interval", "5"), 1, "save-interval (5) is set but --save"),
+])
+def test_inconsistent_arguments_are_named(extra, world, message):
+    with pytest.raises(ValueError) as err:
+        validate_args(args_with(*extra), world, "cpu")
+    assert message in str(err.value)
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ValueError) as err:
+        validate_args(args_with("--tensor-model-parallel-size", "3", "--pipeline-model-parallel-size", "3"), 9)
+    text = str(err.value)
+    assert "num-attention-heads (4) is not divisible by tensor-model-parallel-size (3)" in text
+    assert "num-layers (4) is not divisible by pipeline-model-parallel-size (3)" in text
+
+
+def test_cosine_schedule_matches_formula():
+    # warm-up 10 of 100 steps, then cosine from lr to min_lr; evaluated against the closed form
+    lr, min_lr = 1.0e-3, 1.0e-5
+    assert learning_rate(0, lr, min_lr, 10, 100, "cosine") == 0.0
+    assert learning_rate(5, lr, min_lr, 10, 100, "cosine") == pytest.approx(lr / 2)
+    assert learning_rate(10, lr, min_lr, 10, 100, "cosine") == pytest.approx(lr)
+    ratio = (55 - 10) / 90
+    assert learning_rate(55, lr, min_lr, 10, 100, "cosine") == pytest.approx(
+        min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (lr - min_lr))
+    assert learning_rate(100, lr, min_lr, 10, 100, "cosine") == pytest.approx(min_lr)
+    assert learning_rate(150, lr, min_lr, 10, 100, "cosine") == min_lr
+
+
+def test_scheduler_sets_lr_and_resumes():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    args = args_with("--lr-decay-style", "cosine", "--lr-warmup-fraction", "0.2", "--min-lr", "1e-4")
+    sched = OptimizerParamScheduler.from_args(opt, args)
+    for _ in range(5):
+        sched.step()
+    resumed = OptimizerParamScheduler.from_args(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), args)
+    resumed.load_state_dict(sched.state_dict())
+    assert resumed.optimizer.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == sched.get_lr()
+    assert sched.warmup_steps == 2  # 0.2 x lr-decay-iters (= train-iters, 10)
+
+
+def test_weight_decay_rules():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = split_by_weight_decay(model.named_parameters())
+    assert decay == [model[0].weight]
+    assert no_decay == [model[0].bias, model[1].weight, model[1].bias]
+
+
+def test_norm_counts_each_element_once():
+    shard = torch.nn.Parameter(torch.zeros(2))
+    shard.tensor_model_parallel = True
+    replicated, copy = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    copy.tensor_model_parallel, copy.shared = True, True
+    assert counts_in_norm(shard, 1) and counts_in_norm(replicated, 0)
+    assert not counts_in_norm(replicated, 1) and not counts_in_norm(copy, 0)
+    assert clip_coefficient(4.0, 1.0) == pytest.approx(1.0 / (4.0 + 1e-6)) and clip_coefficient(0.5, 1.0) == 1.0
+
+
+def test_layouts_and_data_order():
+    assert mp_rank_dirname(1, 0, 1) == "mp_rank_01" and mp_rank_dirname(1, 3, 4) == "mp_rank_01_003"
+    # 8 layers, 2 stages, 2 chunks: rank 0 holds virtual stages 0 and 2
+    assert [(c["layer_offset"], c["pre_process"], c["post_process"]) for c in chunk_layout(8, 2, 0, 2)] == \
+        [(0, True, False), (4, False, False)]
+    assert chunk_layout(8, 2, 1, 2)[1] == dict(layer_offset=6, num_layers=2, pre_process=False, post_process=True)
+    # whatever the data-parallel size, one iteration reads the same global batch of samples
+    for dp in (1, 2, 4):
+        ids = sorted(i for d in range(dp) for mb in microbatch_sample_ids(16, 2, dp, d, 4 // dp) for i in mb)
+        assert ids == list(range(16, 24))
+
+
+def test_rng_state_roundtrip_is_weights_only_loadable(tmp_path):
+    import random
+
+    import numpy as np
+
+    state = get_rng_state()
+    torch.save(state, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
