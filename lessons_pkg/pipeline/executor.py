@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lessons_pkg.pipeline import p2p
-from lessons_pkg.pipeline.schedules import FORWARD, Schedule, get_schedule
+from lessons_pkg.pipeline.schedules import BACKWARD, FORWARD, Schedule, get_schedule
 
 
 def forward_backward(
@@ -41,6 +41,7 @@ def forward_backward(
     group: dist.ProcessGroup | None = None,
     num_microbatches: int | None = None,
     recorder=None,
+    forward_only: bool = False,
 ) -> list[torch.Tensor] | None:
     """Forward and backward of all microbatches through the pipeline; return the last stage's losses.
 
@@ -53,6 +54,7 @@ def forward_backward(
     group            the pipeline group (default: ``parallel_state``'s); its rank order is the stage order
     num_microbatches m; needed only where neither microbatches nor targets are given
     recorder         optional ``timeline.Recorder`` that timestamps every forward and backward
+    forward_only     run only the forwards, without autograd (evaluation): the losses, no gradients
 
     Returns the detached loss of every microbatch on the last stage, None on the others.
     """
@@ -69,43 +71,58 @@ def forward_backward(
     _check(schedule, modules, p, m)
     last = schedule.num_virtual_stages - 1
     device = _device_of(modules)
+    run = _Run(modules, microbatches, targets, loss_fn, m, last, p2p.Channel(group, device), ranks, rank, recorder)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not forward_only):
+        for action in schedule.actions[rank]:
+            if action.op == FORWARD:
+                run.forward(action.microbatch, action.chunk, keep_for_backward=not forward_only)
+            elif not forward_only:
+                run.backward(action.microbatch, action.chunk)
+    run.channel.wait_all()
+    return run.losses if rank == p - 1 else None  # the last virtual stage p*v - 1 lives on rank p - 1
 
-    inputs: dict[tuple[int, int], torch.Tensor] = {}  # (microbatch, chunk) -> input of the chunk
-    outputs: dict[tuple[int, int], torch.Tensor] = {}  # (microbatch, chunk) -> output, or the loss on the last stage
-    losses: list[torch.Tensor | None] = [None] * m
-    channel = p2p.Channel(group, device)
 
-    for action in schedule.actions[rank]:
-        i, c = action.microbatch, action.chunk
-        stage = c * p + rank
-        if action.op == FORWARD:
-            if stage == 0:
-                x = microbatches[i]
-            else:
-                x = channel.recv(ranks[(rank - 1) % p], p2p.message_id("act", i, stage - 1))
-                x.requires_grad_(x.is_floating_point())
-            with _timed(recorder, action, device):
-                y = modules[c](x)
-                if stage == last:
-                    y = loss_fn(y, targets[i])
-                    losses[i] = y.detach()
-            if stage != last:
-                channel.send(y, ranks[(rank + 1) % p], p2p.message_id("act", i, stage))
-            inputs[(i, c)], outputs[(i, c)] = x, y
+class _Run:
+    """The state of one call: what each forward keeps for its backward, the losses, the channel."""
+
+    def __init__(self, modules, microbatches, targets, loss_fn, m, last, channel, ranks, rank, recorder):
+        self.modules, self.microbatches, self.targets, self.loss_fn = modules, microbatches, targets, loss_fn
+        self.m, self.last, self.channel, self.recorder = m, last, channel, recorder
+        self.p, self.rank = len(ranks), rank
+        self.prev, self.next = ranks[(rank - 1) % self.p], ranks[(rank + 1) % self.p]  # global ranks
+        self.saved: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (microbatch, chunk) -> (input, output or loss)
+        self.losses: list[torch.Tensor | None] = [None] * m
+
+    def forward(self, i: int, c: int, keep_for_backward: bool) -> None:
+        stage = c * self.p + self.rank
+        if stage == 0:
+            x = self.microbatches[i]
         else:
-            x, y = inputs.pop((i, c)), outputs.pop((i, c))
-            if stage == last:
-                grad_y = None
-                y = y / m  # the gradient of the mean of the m microbatch losses
-            else:
-                grad_y = channel.recv(ranks[(rank + 1) % p], p2p.message_id("grad", i, stage + 1))
-            with _timed(recorder, action, device):
-                torch.autograd.backward(y, grad_y)
-            if stage != 0:
-                grad_x = x.grad if x.grad is not None else torch.zeros_like(x)  # input unused by the chunk
-                channel.send(grad_x, ranks[(rank - 1) % p], p2p.message_id("grad", i, stage))
-    channel.wait_all()
-    return losses if rank == p - 1 else None  # the last virtual stage p*v - 1 lives on rank p - 1
+            x = self.channel.recv(self.prev, p2p.message_id("act", i, stage - 1))
+            x.requires_grad_(keep_for_backward and x.is_floating_point())  # the graph of this chunk starts here
+        with _timed(self.recorder, FORWARD, i, c, x.device):
+            y = self.modules[c](x)
+            if stage == self.last:
+                y = self.loss_fn(y, self.targets[i])
+                self.losses[i] = y.detach()
+        if stage != self.last:
+            self.channel.send(y, self.next, p2p.message_id("act", i, stage))
+        if keep_for_backward:
+            self.saved[(i, c)] = (x, y)
+
+    def backward(self, i: int, c: int) -> None:
+        stage = c * self.p + self.rank
+        x, y = self.saved.pop((i, c))
+        if stage == self.last:
+            grad_y = None
+            y = y / self.m  # the gradient of the mean of the m microbatch losses
+        else:
+            grad_y = self.channel.recv(self.next, p2p.message_id("grad", i, stage + 1))
+        with _timed(self.recorder, BACKWARD, i, c, y.device):
+            torch.autograd.backward(y, grad_y)
+        if stage != 0:
+            grad_x = x.grad if x.grad is not None else torch.zeros_like(x)  # an input the chunk did not use
+            self.channel.send(grad_x, self.prev, p2p.message_id("grad", i, stage))
 
 
 def _num_microbatches(microbatches, targets, num_microbatches) -> int:
@@ -139,10 +156,10 @@ def _device_of(modules: list) -> torch.device:
 
 
 class _timed:
-    """Context manager that reports (action, start, end) to a recorder, if there is one."""
+    """Context manager that reports (op, microbatch, chunk, start, end) to a recorder, if there is one."""
 
-    def __init__(self, recorder, action, device: torch.device):
-        self.recorder, self.action, self.cuda = recorder, action, device.type == "cuda"
+    def __init__(self, recorder, op: str, microbatch: int, chunk: int, device: torch.device):
+        self.recorder, self.what, self.cuda = recorder, (op, microbatch, chunk), device.type == "cuda"
 
     def __enter__(self):
         if self.recorder is not None:
@@ -154,7 +171,7 @@ class _timed:
         if self.recorder is not None:
             if self.cuda:
                 torch.cuda.synchronize()
-            self.recorder.record(self.action, self.start, time.perf_counter())
+            self.recorder.record(*self.what, self.start, time.perf_counter())
 
 
 def serial_forward_backward(

@@ -43,8 +43,9 @@ class Recorder:
             dist.barrier(group=group)  # all ranks leave the barrier within ~0.1 ms: a shared t = 0
         self.t0 = time.perf_counter()
 
-    def record(self, action, start: float, end: float) -> None:
-        self.events.append(Event(action.op, action.microbatch, action.chunk, start - self.t0, end - self.t0))
+    def record(self, op: str, microbatch: int, chunk: int, start: float, end: float) -> None:
+        """Note that ``op`` of (microbatch, chunk) ran from ``start`` to ``end`` (``time.perf_counter`` values)."""
+        self.events.append(Event(op, microbatch, chunk, start - self.t0, end - self.t0))
 
     def gather(self) -> list[list[Event]]:
         """``events[r]``: the events of pipeline rank r (a collective: every rank of the group calls it)."""

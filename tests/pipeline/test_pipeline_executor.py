@@ -94,6 +94,14 @@ def _check_one(schedule, p, m, v, layers, group, seed, vocab=None, loss_fn=_mse)
     if rank == 0 and vocab is None:
         for x, rx in zip(xs, ref_xs):
             torch.testing.assert_close(x.grad, rx.grad, atol=ATOL, rtol=RTOL, msg=f"{case} input grad")
+
+    # forward only (evaluation): the same losses, and no gradient touched
+    grads = [q.grad.clone() for chunk in chunks for q in chunk.parameters()]
+    eval_losses = forward_backward(chunks, schedule, xs if rank == 0 else None, ts if rank == p - 1 else None,
+                                   loss_fn, group=group, num_microbatches=m, forward_only=True)
+    if rank == p - 1:
+        torch.testing.assert_close(torch.stack(eval_losses), torch.stack(ref_losses).detach(), atol=ATOL, rtol=RTOL, msg=case)
+    assert all(torch.equal(g, q.grad) for g, q in zip(grads, (q for chunk in chunks for q in chunk.parameters())))
     return case
 
 
