@@ -1,0 +1,90 @@
+"""pretrain_gpt.py launched like on a cluster: two torchrun "nodes" on this machine, and a Slurm batch job."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+SCRIPT = os.path.join(ROOT, "src", "ch6", "pretrain_gpt.py")
+# a tiny TP=2 run on random tokens (the data pipeline is tested elsewhere): 2 iterations
+TINY = ["--tensor-model-parallel-size", "2", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+        "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "2",
+        "--lr", "1e-3", "--mock-data", "--vocab-size", "128", "--make-vocab-size-divisible-by", "32",
+        "--log-interval", "1", "--eval-iters", "0"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_torchrun_nodes_with_c10d_rendezvous(tmp_path):
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    procs = []
+    for node in range(2):  # what each of 2 nodes runs: torchrun --nnodes 2 --node_rank i ...
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--node_rank", str(node), "--rdzv_id", "lessons-test", "--rdzv_backend", "c10d",
+               "--rdzv_endpoint", f"127.0.0.1:{port}", SCRIPT, *TINY]
+        log = open(tmp_path / f"node{node}.log", "w")
+        procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True), log))
+    try:
+        for proc, _ in procs:
+            proc.wait(timeout=120)
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+            log.close()
+    outputs = [(tmp_path / f"node{n}.log").read_text() for n in range(2)]
+    assert [p.returncode for p, _ in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    text = "".join(outputs)
+    assert "using world size: 2, data-parallel size: 1, tensor-model-parallel size: 2" in text
+    assert " iteration        2/       2 |" in text and "| lm loss: " in text
+
+
+def _start_slurm() -> None:
+    if shutil.which("apt-get") is None and shutil.which("slurmctld") is None:
+        pytest.skip("Slurm is not installed and apt-get is missing: cannot install it here")
+    if os.geteuid() != 0:
+        pytest.skip("scripts/start_slurm.sh needs root to install and start Slurm")
+    started = time.monotonic()
+    result = subprocess.run(["bash", os.path.join(ROOT, "scripts", "start_slurm.sh")], capture_output=True,
+                            text=True, timeout=600)
+    if result.returncode == 2:
+        pytest.skip(f"Slurm cannot be installed here: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    print(f"start_slurm.sh took {time.monotonic() - started:.1f} s")
+
+
+def test_sbatch_job_trains(tmp_path):
+    _start_slurm()
+    out = tmp_path / "job.out"
+    env = dict(os.environ, NPROC_PER_NODE="2", MASTER_PORT=str(free_port()), PYTHON=sys.executable,
+               OMP_NUM_THREADS="1")
+    result = subprocess.run(["sbatch", "--parsable", "--output", str(out), "--time", "00:05:00",
+                             os.path.join(ROOT, "src", "ch6", "slurm", "pretrain_gpt.sbatch"), *TINY],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.strip().split(";")[0]
+    state, deadline = "", time.monotonic() + 240
+    while time.monotonic() < deadline:  # poll twice a second (sbatch --wait sleeps up to 10 s between looks)
+        state = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+        if any(f"JobState={s}" in state for s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")):
+            break
+        time.sleep(0.5)
+    else:
+        subprocess.run(["scancel", job_id])
+        pytest.fail(f"Slurm job {job_id} did not finish within 240 s:\n{state}")
+    log = out.read_text() if out.exists() else ""
+    assert "JobState=COMPLETED" in state and "ExitCode=0:0" in state, f"{state}\n{log[-3000:]}"
+    assert f"job {job_id}: 1 node(s) x 2 ranks" in log
+    assert " iteration        2/       2 |" in log and "| lm loss: " in log
