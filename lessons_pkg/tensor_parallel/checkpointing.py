@@ -86,3 +86,17 @@ def gather_full(param: torch.Tensor, tp_group: dist.ProcessGroup | None) -> torc
     parts = [torch.empty_like(p) for _ in range(world)]
     dist.all_gather(parts, p.contiguous(), group=tp_group)
     return torch.cat(parts, dim=param.partition_dim)  # tp x [n, ...] -> [tp * n, ...] (dim 0 shown)
+
+
+def pad_word_embeddings(full: dict[str, torch.Tensor], padded_vocab_size: int) -> dict[str, torch.Tensor]:
+    """A copy of ``full`` whose word embedding has zero rows appended up to ``padded_vocab_size``.
+
+    With it, a single-process model of vocabulary ``padded_vocab_size`` (e.g. a
+    GPT2LMHeadModel) computes exactly what the tensor-parallel model computes,
+    dummy tokens included.
+    """
+    key = "embedding.word_embeddings.weight"
+    word = full[key]
+    if padded_vocab_size < word.size(0):
+        raise ValueError(f"padded_vocab_size ({padded_vocab_size}) is smaller than the vocabulary ({word.size(0)})")
+    return dict(full, **{key: torch.cat([word, word.new_zeros(padded_vocab_size - word.size(0), word.size(1))])})
