@@ -38,6 +38,19 @@ course-ch6-warmup: setup
 	$(LAUNCH) --nproc 4 src/ch6/row_parallelism_dist.py
 
 course-ch6-tensor-parallel: setup
+	@echo "== Chapter 6: Megatron tensor parallelism (every demo checks itself against one process) =="
+	$(LAUNCH) --nproc 2 src/ch6/parallel_mlp.py
+	$(LAUNCH) --nproc 4 src/ch6/parallel_mlp.py
+	$(LAUNCH) --nproc 2 src/ch6/parallel_attention.py
+	$(LAUNCH) --nproc 4 src/ch6/parallel_attention.py
+	$(LAUNCH) --nproc 2 src/ch6/vocab_parallel_embedding.py
+	$(LAUNCH) --nproc 4 src/ch6/vocab_parallel_embedding.py
+	$(LAUNCH) --nproc 2 src/ch6/vocab_parallel_cross_entropy.py
+	$(LAUNCH) --nproc 4 src/ch6/vocab_parallel_cross_entropy.py
+	$(LAUNCH) --nproc 2 src/ch6/parallel_gpt.py
+	$(LAUNCH) --nproc 4 src/ch6/parallel_gpt.py
+	$(LAUNCH) --nproc 2 src/ch6/parallelformers_inference.py
+	$(LAUNCH) --nproc 4 src/ch6/parallelformers_inference.py
 
 course-ch6-kernels: setup
 
