@@ -39,12 +39,14 @@ def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
     for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         if os.environ.get(variable, "").lower() in _TRUE:
             return False, f"{variable} is set"
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection((host, port), timeout=timeout).close()
         return True, ""
     except OSError as error:
-        return False, f"{host}:443 unreachable ({error})"
+        return False, f"{host}:{port} unreachable ({error})"
 
 
 def wikitext_texts() -> Iterator[str]:

@@ -129,17 +129,16 @@ def get_args(argv=None):
 def verify(args, counts: dict[str, int]) -> bool:
     """Read the pair back with Megatron's mmap reader: document count, and the first document decodes to its text."""
     tokenizer = build_tokenizer(args.vocab_file, args.merge_file, args.tokenizer_type)
-    with open(args.input, encoding="utf-8") as f:
-        first = json.loads(f.readline())
     ok = True
     for key in args.json_keys:
+        with open(args.input, encoding="utf-8") as f:  # the first document that was not skipped as empty
+            first = next((text for text in (json.loads(line)[key] for line in f) if text), "")
         dataset = MMapIndexedDataset(output_prefix(args, key))
         tokens = dataset[0] if len(dataset) else np.zeros(0, dtype=np.int64)
         if args.append_eod and len(tokens):
             tokens = tokens[:-1]
         same_count = len(dataset) == counts[key]
-        # (an empty first line would be skipped; then the check compares with the wrong document)
-        same_text = tokenizer.detokenize(tokens) == first[key]
+        same_text = tokenizer.detokenize(tokens) == first
         print(f"read back {output_prefix(args, key)}: {len(dataset)} documents == {counts[key]} written: "
               f"{same_count}; first document decodes to its input text: {same_text}")
         ok = ok and same_count and same_text

@@ -1,0 +1,48 @@
+"""The corpus script: offline detection that never hangs, the fallback corpus, and its text cleaning."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "src" / "ch6"))
+import megatron_datasets  # noqa: E402
+
+
+@pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
+def test_offline_variables_skip_the_hub(monkeypatch, variable):
+    monkeypatch.setenv(variable, "1")
+    assert megatron_datasets.hub_reachable() == (False, f"{variable} is set")
+
+
+def test_unreachable_endpoint_is_detected_without_waiting(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens there
+    reachable, reason = megatron_datasets.hub_reachable(timeout=3.0)
+    assert not reachable and "127.0.0.1:9 unreachable" in reason
+
+
+def test_paragraph_cleaning_keeps_prose_and_drops_code():
+    docstring = (
+        "Return the number of items.\nIt counts them one by one.\n\n"
+        "    def indented(code):\n        pass\n\n"
+        ">>> len([1, 2])\n2\n\n"
+        "A second paragraph of words."
+    )
+    assert list(megatron_datasets._paragraphs(docstring)) == [
+        "Return the number of items. It counts them one by one.", "A second paragraph of words."]
+    documents = list(megatron_datasets._documents(docstring, min_length=60))
+    assert documents == ["Return the number of items. It counts them one by one.\nA second paragraph of words."]
+
+
+def test_failed_wikitext_download_falls_back_to_offline_text(tmp_path):
+    # datasets reads HF_DATASETS_OFFLINE when imported, so this runs in a fresh process.
+    result = subprocess.run(
+        [sys.executable, "src/ch6/megatron_datasets.py", "--source", "wikitext", "--output", str(tmp_path / "c.jsonl"),
+         "--num-samples", "5", "--show", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**__import__("os").environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "loading WikiText-103 failed" in result.stdout and "wrote 5 documents" in result.stdout
