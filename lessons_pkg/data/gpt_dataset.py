@@ -151,9 +151,10 @@ def build_indices(documents: np.ndarray, sizes: np.ndarray, num_samples: int, se
     """``(doc_idx, sample_idx, shuffle_idx)`` for the given split, as Megatron builds them.
 
     When the last epoch is needed for fewer than 80% of its samples, Megatron
-    shuffles it separately from the earlier epochs and keeps its samples at the
-    end of the shuffle index, so the partial epoch does not sample some
-    documents twice as often as others in the part of the run that is used.
+    shuffles it separately from the earlier epochs and puts its samples after
+    theirs in the shuffle index. Training, which reads the shuffle index from
+    the start, then consumes every sample of the full epochs (each document
+    equally often) and only the few it needs from the last one.
     """
     tokens_per_epoch = int(np.asarray(sizes, dtype=np.int64)[documents].sum())
     num_epochs = num_epochs_needed(tokens_per_epoch, seq_length, num_samples)
