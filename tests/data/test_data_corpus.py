@@ -1,4 +1,5 @@
 """The corpus script: offline detection that never hangs, the fallback corpus, and its text cleaning."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,6 @@ def test_failed_wikitext_download_falls_back_to_offline_text(tmp_path):
         [sys.executable, "src/ch6/megatron_datasets.py", "--source", "wikitext", "--output", str(tmp_path / "c.jsonl"),
          "--num-samples", "5", "--show", "0"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env={**__import__("os").environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+        env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
     assert "loading WikiText-103 failed" in result.stdout and "wrote 5 documents" in result.stdout

@@ -1,7 +1,9 @@
 """End to end: corpus -> tokenizer -> preprocess_data.py (2 workers == 1 worker) -> GPT dataset."""
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,32 +11,30 @@ import pytest
 from lessons_pkg.data import MMapIndexedDataset, build_train_valid_test_datasets
 from lessons_pkg.data.tokenizer import build_tokenizer
 
-SCRIPTS = "src/ch6"
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(repo_root, script, *args, timeout=120):
-    result = subprocess.run([sys.executable, f"{SCRIPTS}/{script}", *map(str, args)], cwd=repo_root,
+def run(script, *args, timeout=120):
+    """Run a src/ch6 script offline, as a learner would; fail with its output if it fails."""
+    result = subprocess.run([sys.executable, f"src/ch6/{script}", *map(str, args)], cwd=ROOT,
                             capture_output=True, text=True, timeout=timeout,
-                            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    from pathlib import Path
-
-    repo_root = Path(__file__).resolve().parents[2]
     tmp = tmp_path_factory.mktemp("pipeline")
     corpus = tmp / "corpus.jsonl"
-    out = run(repo_root, "megatron_datasets.py", "--output", corpus, "--num-samples", 150, "--min-length", 300,
+    out = run("megatron_datasets.py", "--output", corpus, "--num-samples", 150, "--min-length", 300,
               "--show", 1)
     assert "HF_HUB_OFFLINE is set" in out and "wrote 150 documents" in out
-    run(repo_root, "train_tokenizer.py", "--input", corpus, "--output-dir", tmp, "--tokenizer", "auto",
+    run("train_tokenizer.py", "--input", corpus, "--output-dir", tmp, "--tokenizer", "auto",
         "--gpt2-dir", tmp / "no-gpt2-here", "--vocab-size", 300)
     outputs = {}
     for workers in (1, 2):
-        log = run(repo_root, "preprocess_data.py", "--input", corpus, "--output-prefix", tmp / f"w{workers}",
+        log = run("preprocess_data.py", "--input", corpus, "--output-prefix", tmp / f"w{workers}",
                   "--vocab-file", tmp / "vocab.json", "--merge-file", tmp / "merges.txt",
                   "--tokenizer-type", "GPT2BPETokenizer", "--json-keys", "text", "--append-eod",
                   "--workers", workers, "--log-interval", 50)
@@ -43,11 +43,11 @@ def pipeline(tmp_path_factory):
     return tmp, corpus, outputs
 
 
-def test_corpus_is_deterministic_jsonl_of_long_documents(pipeline, repo_root):
+def test_corpus_is_deterministic_jsonl_of_long_documents(pipeline):
     tmp, corpus, _ = pipeline
     lines = corpus.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 150 and all(len(json.loads(line)["text"]) >= 300 for line in lines)
-    run(repo_root, "megatron_datasets.py", "--output", tmp / "again.jsonl", "--num-samples", 150,
+    run("megatron_datasets.py", "--output", tmp / "again.jsonl", "--num-samples", 150,
         "--min-length", 300, "--show", 0)
     assert (tmp / "again.jsonl").read_bytes() == corpus.read_bytes()
 
