@@ -64,6 +64,19 @@ course-ch6-data: setup
 		--json-keys text --append-eod --workers 2 --log-interval 250
 
 course-ch6-pretrain: setup
+	@echo "== Chapter 6, part 4: pretrain a GPT with TP=2 x PP=2 on 4 CPU processes, checkpoint, plot =="
+	test -f data/my-gpt2_text_document.idx || $(MAKE) course-ch6-data
+	rm -rf outputs/ch6/pretrain && mkdir -p outputs/ch6/pretrain
+	$(LAUNCH) --nproc 4 --timeout 900 src/ch6/pretrain_gpt.py \
+		--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 \
+		--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 64 \
+		--micro-batch-size 2 --global-batch-size 8 --train-iters 50 \
+		--lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-fraction 0.1 --weight-decay 0.01 --clip-grad 1.0 \
+		--data-path data/my-gpt2_text_document --vocab-file data/vocab.json --merge-file data/merges.txt \
+		--split 949,50,1 --log-interval 10 --eval-interval 25 --eval-iters 2 --save-interval 25 \
+		--save outputs/ch6/pretrain/checkpoints --log-json outputs/ch6/pretrain/log.jsonl \
+		--tensorboard-dir outputs/ch6/pretrain/tensorboard
+	$(PY) -m lessons_pkg.training.plot outputs/ch6/pretrain/log.jsonl outputs/ch6/pretrain_loss.png
 
 course-ch5: setup
 
