@@ -1,0 +1,117 @@
+"""Run a script under the ``deepspeed`` launcher with a timeout (what the notebook, tests and ``make course`` use).
+
+    out = deepspeed_launch("src/ch5/pipe_dream.py", "--steps", "20", num_gpus=2, timeout=300)
+
+runs ``deepspeed --num_gpus 2 --master_port <free port> src/ch5/pipe_dream.py --steps 20``
+in its own process group. Without CUDA it sets ``DS_ACCELERATOR=cpu``: the
+launcher then starts ``num_gpus`` CPU processes and DeepSpeed talks gloo
+between them. Every rank's stdout arrives on the launcher's stdout (in the
+demos only rank 0 prints). If the job fails, :class:`DeepSpeedLaunchError`
+carries the tail of its output; if it runs past ``timeout``, the whole process
+group is killed first.
+
+The first DeepSpeed run on a CPU machine compiles DeepSpeed's shared-memory
+communication op (a minute or two; cached in ``~/.cache/torch_extensions``).
+
+Command line::
+
+    python src/ch5/deepspeed_launch.py --num_gpus 2 --timeout 600 src/ch5/pipe_dream.py [args...]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import torch
+
+# the launcher's own log lines: "[2026-01-01 12:00:00,000] [INFO] [launch.py:...] ..."
+_LAUNCHER_LOG = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\] \[(INFO|WARNING)\] \[(runner|launch)\.py")
+
+
+class DeepSpeedLaunchError(RuntimeError):
+    """The job failed or timed out; the message holds the tail of its output."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _deepspeed_command() -> str:
+    beside_python = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    found = beside_python if os.path.exists(beside_python) else shutil.which("deepspeed")
+    if not found:
+        raise FileNotFoundError("the `deepspeed` launcher is not installed (pip install deepspeed)")
+    return found
+
+
+def deepspeed_launch(script: str, *args: str, num_gpus: int = 2, timeout: float = 600,
+                     echo: bool = True) -> str:
+    """Run ``deepspeed --num_gpus num_gpus script args`` and return its stdout (launcher log lines removed)."""
+    if num_gpus < 1:
+        raise ValueError(f"num_gpus must be >= 1, got {num_gpus}")
+    if not os.path.exists(script):
+        raise FileNotFoundError(f"no such script: {script}")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    cmd = [_deepspeed_command(), "--num_gpus", str(num_gpus), "--master_port", str(_free_port()), script, *map(str, args)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        stdout, stderr = proc.communicate()
+        raise DeepSpeedLaunchError(f"{' '.join(cmd)} ran past its timeout of {timeout:g} s and was killed\n"
+                                   + _tail(stdout, stderr)) from None
+    output = "".join(line for line in stdout.splitlines(keepends=True) if not _LAUNCHER_LOG.match(line))
+    if echo:
+        print(output, end="", flush=True)
+    if proc.returncode != 0:
+        raise DeepSpeedLaunchError(f"{' '.join(cmd)} failed with exit code {proc.returncode}\n" + _tail(stdout, stderr))
+    return output
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=5)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _tail(stdout: str, stderr: str, lines: int = 40) -> str:
+    return ("--- stdout (last lines) ---\n" + "\n".join(stdout.strip().splitlines()[-lines:])
+            + "\n--- stderr (last lines) ---\n" + "\n".join(stderr.strip().splitlines()[-lines:]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num_gpus", type=int, default=2, help="processes (pipeline stages) to start")
+    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("script")
+    parser.add_argument("args", nargs=argparse.REMAINDER)
+    ns = parser.parse_args(argv)
+    try:
+        deepspeed_launch(ns.script, *ns.args, num_gpus=ns.num_gpus, timeout=ns.timeout)
+    except DeepSpeedLaunchError as e:
+        print(e, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

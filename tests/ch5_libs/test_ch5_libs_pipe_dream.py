@@ -1,0 +1,46 @@
+"""DeepSpeed PipelineModule demo (src/ch5/pipe_dream.py) under the real `deepspeed` launcher, on CPU ranks."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "src" / "ch5"))
+from deepspeed_launch import DeepSpeedLaunchError, deepspeed_launch  # noqa: E402
+from gpt2_sequential import tiny_config  # noqa: E402
+from pipe_dream import hf_name, pipeline_layers  # noqa: E402
+
+
+def test_every_layer_parameter_maps_to_a_distinct_gpt2_parameter():
+    config = tiny_config(101, n_positions=32, n_embd=32, n_layer=3, n_head=4)
+    reference = dict(GPT2LMHeadModel(config).named_parameters())
+    specs = pipeline_layers(config)
+    names = []
+    for index, spec in enumerate(specs):
+        prefix = "tied_modules.wte." if hasattr(spec, "key") else f"{index}."
+        for name, param in spec.build().named_parameters():
+            hf = hf_name(prefix + name, config.n_layer)
+            assert reference[hf].shape == param.shape, (prefix + name, hf)
+            names.append(hf)
+    # the tied matrix appears twice (embedding and LM head), everything else once, nothing is missing
+    assert sorted(set(names)) == sorted(reference)
+    assert len(names) == len(reference) + 1
+
+
+def test_pipe_dream_under_the_deepspeed_launcher_matches_single_process_and_learns():
+    # 2 CPU ranks = 2 pipeline stages; one launch because DeepSpeed's start-up is slow (tens of seconds)
+    out = deepspeed_launch("src/ch5/pipe_dream.py", "--steps", "20", num_gpus=2, timeout=420, echo=False)
+    checks = [line for line in out.splitlines() if line.startswith("check:")]
+    assert len(checks) == 5 and all(line.endswith(": True") for line in checks), out
+    assert "stage 0: gradients" in out and "stage 1: gradients" in out
+    assert "stage=0 layers=4" in out and "stage=1 layers=4" in out  # DeepSpeed's partition: 2 blocks each
+
+
+def test_deepspeed_launch_reports_a_failing_script(tmp_path):
+    script = tmp_path / "fails.py"
+    script.write_text("import sys\nprint('about to fail')\nsys.exit(3)\n")
+    with pytest.raises(DeepSpeedLaunchError, match=r"failed with exit code") as info:
+        deepspeed_launch(str(script), num_gpus=1, timeout=120, echo=False)
+    assert "about to fail" in str(info.value)
