@@ -33,15 +33,23 @@ void forward(const T* x, const T* w, const T* b, T* y, T* mean, T* rstd, int64_t
       for (int64_t j = 0; j < h; j += W) {  // loadu(ptr, n) fills the missing lanes with 0
         vsum = vsum + Vec::loadu(xr + j, static_cast<int>(std::min<int64_t>(W, h - j)));
       }
-      const T mu = lanes_sum(vsum) / T(h);
-      const Vec vmu(mu);
-      Vec vsq(0);
+      const T mu0 = lanes_sum(vsum) / T(h);
+      // Second pass on d = x - mu0 (exact when x is near mu0). Its sum corrects the mean
+      // for the rounding of the first pass, and var = (sum d^2 - (sum d)^2 / h) / h
+      // (the corrected two-pass formula) has no catastrophic cancellation.
+      const Vec vmu0(mu0);
+      Vec vd(0), vsq(0);
       for (int64_t j = 0; j < h; j += W) {
         const int n = static_cast<int>(std::min<int64_t>(W, h - j));
-        const Vec d = Vec::set(Vec(0), Vec::loadu(xr + j, n) - vmu, n);  // 0 in the missing lanes
+        const Vec d = Vec::set(Vec(0), Vec::loadu(xr + j, n) - vmu0, n);  // 0 in the missing lanes
+        vd = vd + d;
         vsq = at::vec::fmadd(d, d, vsq);
       }
-      const T rs = T(1) / std::sqrt(lanes_sum(vsq) / T(h) + eps);
+      const T sum_d = lanes_sum(vd);
+      const T mu = mu0 + sum_d / T(h);
+      const T var = std::max(T(0), (lanes_sum(vsq) - sum_d * sum_d / T(h)) / T(h));
+      const T rs = T(1) / std::sqrt(var + eps);
+      const Vec vmu(mu);
       const Vec vrs(rs);
       for (int64_t j = 0; j < h; j += W) {
         const int n = static_cast<int>(std::min<int64_t>(W, h - j));

@@ -1,0 +1,193 @@
+"""The CPU kernels against the float64 PyTorch references (outputs and every gradient),
+on many shapes, with poisoned outputs; gradcheck in float64; thread-count independence; errors.
+
+Tolerances: the kernels run in float32 and are compared with the float64
+reference. The values compared are O(1) to O(10) (inputs ~N(0, 3^2), upstream
+gradients ~N(0, 1)), so float32 rounding alone gives absolute errors of ~1e-6;
+the kernels also use vectorised exp (``exp_u20``, <= 20 ulp) and tanh and sum
+rows in another order than PyTorch. We allow rtol=1e-5 and atol=1e-5: ~10x the
+rounding error, far below any real bug (a wrong element is off by O(1)).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lessons_pkg import kernels
+from lessons_pkg.kernels import reference
+from kernels_testing import assert_close_to_reference, leaf, poisoned_outputs, run_with_grads
+
+RTOL, ATOL = 1e-5, 1e-5
+
+# AVX512 holds 16 floats, AVX2 8: sizes below, at, just above and far above one vector,
+# rows not a multiple of the 64-row chunks of the bias/weight gradient sums.
+HIDDEN = [1, 3, 8, 15, 16, 17, 33, 100, 1030]
+ROWS = [1, 5, 64, 130]
+
+
+def rand(*shape, seed=0, scale=1.0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale + offset
+
+
+@pytest.mark.parametrize("h", HIDDEN)
+@pytest.mark.parametrize("rows", ROWS)
+def test_bias_gelu_matches_reference(rows, h):
+    x, b = rand(rows, h, seed=rows * 1000 + h, scale=3.0), rand(h, seed=7)
+    x.requires_grad_(), b.requires_grad_()
+    assert_close_to_reference(kernels.bias_gelu, reference.bias_gelu, [x, b], atol=ATOL, rtol=RTOL,
+                              what=f"bias_gelu [{rows}, {h}]")
+
+
+def test_bias_gelu_3d_and_analytic_backward():
+    x, b = leaf(rand(2, 3, 37, scale=2.0)), leaf(rand(37, seed=1))
+    assert_close_to_reference(kernels.bias_gelu, reference.bias_gelu, [x, b], atol=ATOL, rtol=RTOL, what="3-D")
+    # the written-out derivative in reference.py is what autograd derives from the forward
+    xd, bd = leaf(x, torch.float64), leaf(b, torch.float64)
+    g = rand(2, 3, 37, seed=3)
+    (gx,) = torch.autograd.grad(reference.bias_gelu(xd, bd), xd, g)
+    torch.testing.assert_close(reference.bias_gelu_backward(g, xd, bd), gx, rtol=1e-12, atol=1e-12)
+
+
+def _masks(b, sq, sk, seed):
+    """Boolean (True = ignore) masks of the supported broadcast shapes, each with a fully masked row."""
+    g = torch.Generator().manual_seed(seed)
+    full = torch.rand(b, 1, sq, sk, generator=g) < 0.3
+    full[0, 0, sq // 2] = True  # a fully masked row
+    padding = torch.rand(b, 1, 1, sk, generator=g) < 0.3
+    padding[-1] = True  # the last batch element: every row fully masked
+    return {"[b,1,sq,sk]": full, "[1,1,sq,sk]": full[:1], "[b,1,1,sk]": padding}
+
+
+@pytest.mark.parametrize("sk", [1, 7, 16, 33, 100, 513])
+def test_scaled_masked_softmax_4d_boolean_masks(sk):
+    b, heads, sq = 2, 3, 5
+    x = leaf(rand(b, heads, sq, sk, seed=sk, scale=4.0))
+    for name, mask in _masks(b, sq, sk, seed=sk).items():
+        assert_close_to_reference(
+            lambda x, m=mask: kernels.scaled_masked_softmax(x, m, 0.37),
+            lambda x, m=mask: reference.scaled_masked_softmax(x, m, 0.37),
+            [x], atol=ATOL, rtol=RTOL, what=f"softmax mask {name} sk={sk}")
+
+
+def test_scaled_masked_softmax_3d_2d_additive_and_no_mask():
+    b, heads, sq, sk = 2, 4, 6, 19
+    x = leaf(rand(b * heads, sq, sk, seed=5, scale=3.0))
+    g = torch.Generator().manual_seed(9)
+    bool3 = torch.rand(b, sq, sk, generator=g) < 0.4
+    bool3[1, 2] = True
+    additive = torch.randn(b, sq, sk, generator=g).float()  # finite values, added to the scores
+    neg_inf = torch.zeros(b, sq, sk).masked_fill(bool3, float("-inf"))  # additive -inf: same as the bool mask
+    cases = {"bool [b,sq,sk]": bool3, "additive [b,sq,sk]": additive, "additive -inf": neg_inf,
+             "bool [sq,sk]": bool3[0], "bool [1,sq,sk]": bool3[:1], "None": None}
+    for name, mask in cases.items():
+        assert_close_to_reference(
+            lambda x, m=mask: kernels.scaled_masked_softmax(x, m, 0.5),
+            lambda x, m=mask: reference.scaled_masked_softmax(x, m, 0.5),
+            [x], atol=ATOL, rtol=RTOL, what=f"softmax {name}")
+
+
+def test_fully_masked_rows_are_zero_with_zero_gradient():
+    x = leaf(rand(2, 2, 4, 9, seed=3))
+    mask = torch.zeros(2, 1, 4, 9, dtype=torch.bool)
+    mask[1, 0, 2] = True  # batch 1, query 2 may attend to nothing
+    with poisoned_outputs():
+        p, (gx,) = run_with_grads(lambda t: kernels.scaled_masked_softmax(t, mask, 1.0), [x])
+    assert torch.equal(p[1, :, 2], torch.zeros(2, 9)) and torch.equal(gx[1, :, 2], torch.zeros(2, 9))
+    live = torch.ones(2, 2, 4, dtype=torch.bool)
+    live[1, :, 2] = False
+    torch.testing.assert_close(p.sum(-1)[live], torch.ones(int(live.sum()), dtype=p.dtype), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("sq", [1, 5, 16, 17, 130])
+def test_causal_softmax_matches_reference(sq):
+    x = leaf(rand(3, sq, sq, seed=sq, scale=4.0))
+    assert_close_to_reference(
+        lambda x: kernels.scaled_upper_triang_masked_softmax(x, 0.25),
+        lambda x: reference.scaled_upper_triang_masked_softmax(x, 0.25),
+        [x], atol=ATOL, rtol=RTOL, what=f"causal sq={sq}")
+
+
+@pytest.mark.parametrize("h", HIDDEN)
+@pytest.mark.parametrize("rows", [1, 5, 130])
+def test_layer_norm_matches_reference(rows, h):
+    # a large common offset: a one-pass E[x^2] - E[x]^2 variance would lose every digit here
+    x = leaf(rand(rows, h, seed=rows + h, scale=2.0, offset=300.0))
+    w, b = leaf(rand(h, seed=1) + 1.0), leaf(rand(h, seed=2))
+    # float32 cannot hold a mean near 300 to better than ulp(300) / 2 = 1.5e-5, whoever computes it:
+    # the kernel may err at most twice as much as torch's own float32 LayerNorm, plus that rounding
+    # (atol 1e-5: on rows of a few elements torch's mean can round luckily close, ours not).
+    assert_close_to_reference(
+        lambda x, w, b: kernels.layer_norm(x, w, b, 1e-5), lambda x, w, b: reference.layer_norm(x, w, b, 1e-5),
+        [x, w, b], atol=1e-5, rtol=0, what=f"layer_norm [{rows}, {h}]",
+        baseline=lambda x, w, b: torch.nn.functional.layer_norm(x, (h,), w, b, 1e-5))
+
+
+def test_layer_norm_3d_matches_torch():
+    x, w, b = leaf(rand(2, 7, 48)), leaf(rand(48, seed=1)), leaf(rand(48, seed=2))
+    assert_close_to_reference(
+        lambda x, w, b: kernels.layer_norm(x, w, b, 1e-6),
+        lambda x, w, b: torch.nn.functional.layer_norm(x, (48,), w, b, 1e-6),
+        [x, w, b], atol=ATOL, rtol=RTOL, what="layer_norm vs F.layer_norm")
+
+
+def test_gradcheck_float64():
+    """Each kernel's backward is the derivative of its forward (finite differences, float64)."""
+    gc = dict(eps=1e-6, atol=1e-5, rtol=1e-4)
+    x, b = leaf(rand(3, 19, scale=2.0)), leaf(rand(19, seed=1))
+    assert torch.autograd.gradcheck(kernels.bias_gelu, (x, b), **gc)
+    s = leaf(rand(2, 2, 3, 18, seed=2))
+    mask = torch.rand(2, 1, 3, 18, generator=torch.Generator().manual_seed(0)) < 0.3
+    mask[1, 0, 0] = True
+    assert torch.autograd.gradcheck(lambda t: kernels.scaled_masked_softmax(t, mask, 0.7), (s,), **gc)
+    additive = torch.randn(2, 1, 3, 18, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: kernels.scaled_masked_softmax(t, additive, 0.7), (s,), **gc)
+    c = leaf(rand(4, 9, 9, seed=3))
+    assert torch.autograd.gradcheck(lambda t: kernels.scaled_upper_triang_masked_softmax(t, 1.3), (c,), **gc)
+    x, w, b = leaf(rand(4, 21, seed=4)), leaf(rand(21, seed=5)), leaf(rand(21, seed=6))
+    assert torch.autograd.gradcheck(lambda x, w, b: kernels.layer_norm(x, w, b, 1e-5), (x, w, b), **gc)
+
+
+def test_results_do_not_depend_on_the_number_of_threads():
+    """With 1 and 2 threads (at::parallel_for splits rows), outputs and gradients are bitwise equal:
+    the row sums of the bias/weight gradients are taken over fixed 64-row chunks."""
+    # each case spans several parallel tasks (a task is ~32K elements)
+    x, w, b = leaf(rand(300, 257).float()), leaf(rand(257, seed=1).float()), leaf(rand(257, seed=2).float())
+    s, c = leaf(rand(4, 3, 64, 100, seed=3).float()), leaf(rand(12, 70, 70, seed=4).float())
+    mask = torch.rand(4, 1, 64, 100, generator=torch.Generator().manual_seed(1)) < 0.2
+    cases = {
+        "bias_gelu": (kernels.bias_gelu, [x, b]),
+        "softmax": (lambda t: kernels.scaled_masked_softmax(t, mask, 0.3), [s]),
+        "causal": (lambda t: kernels.scaled_upper_triang_masked_softmax(t, 0.3), [c]),
+        "layer_norm": (lambda x, w, b: kernels.layer_norm(x, w, b, 1e-5), [x, w, b]),
+    }
+    before = torch.get_num_threads()
+    try:
+        for name, (fn, inputs) in cases.items():
+            results = []
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                out, grads = run_with_grads(fn, inputs)
+                results.append([out, *grads])
+            for a, c in zip(*results):
+                assert torch.equal(a, c), f"{name}: 1 and 2 threads differ"
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_errors_name_the_values():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"bias has shape \(7,\); expected \(8,\)"):
+        kernels.bias_gelu(x, torch.randn(7))
+    with pytest.raises(TypeError, match="torch.int64"):
+        kernels.bias_gelu(x.long(), torch.ones(8, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"must be \[batch\*heads, sq, sq\]"):
+        kernels.scaled_upper_triang_masked_softmax(torch.randn(2, 3, 4), 1.0)
+    with pytest.raises(ValueError, match=r"mask \(3, 1, 4, 5\) must be \[2 or 1, 1, 4 or 1, 5\]"):
+        kernels.scaled_masked_softmax(torch.randn(2, 3, 4, 5), torch.zeros(3, 1, 4, 5, dtype=torch.bool), 1.0)
+    with pytest.raises(ValueError, match=r"first dim must divide batch\*heads = 6"):
+        kernels.scaled_masked_softmax(torch.randn(6, 4, 5), torch.zeros(4, 4, 5, dtype=torch.bool), 1.0)
+    with pytest.raises(ValueError, match=r"weight \(7,\) and bias \(8,\) must both be \(8,\)"):
+        kernels.layer_norm(x, torch.ones(7), torch.zeros(8), 1e-5)
+    with pytest.raises(TypeError, match="weight is torch.float64"):
+        kernels.layer_norm(x, torch.ones(8, dtype=torch.float64), torch.zeros(8), 1e-5)
