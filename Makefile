@@ -79,6 +79,9 @@ course-ch6-pretrain: setup
 	$(PY) -m lessons_pkg.training.plot outputs/ch6/pretrain/log.jsonl outputs/ch6/pretrain_loss.png
 
 course-ch5: setup
+	@echo "== Chapter 5: GPipe (torchgpipe) and PipeDream-Flush (DeepSpeed) on a tiny GPT-2 =="
+	$(PY) src/ch5/gpipe.py --steps 300
+	$(PY) src/ch5/deepspeed_launch.py --num_gpus 4 --timeout 900 src/ch5/pipe_dream.py --steps 200
 
 course-ch5-schedules: setup
 	@echo "== Chapter 5, part 2: pipeline schedules from scratch (writes outputs/ch5/*.png) =="
