@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from lessons_pkg import parallel_state as ps
-from lessons_pkg.pipeline import forward_backward, p2p
+from lessons_pkg.pipeline import forward_backward
 from lessons_pkg.training.checkpointing import load_checkpoint, save_checkpoint
 from lessons_pkg.training.logging import TrainingLogger
 from lessons_pkg.training.lr_scheduler import OptimizerParamScheduler
@@ -150,25 +150,13 @@ def train_step(chunks, run_chunks, optimizer, scheduler, batches, rt: Runtime, a
     return _reduce_loss(losses, rt), grad_norm
 
 
-@torch.no_grad()
-def forward_only(run_chunks, batches, rt: Runtime, loss_fn) -> float:
-    """Loss of ``batches`` through the pipeline without backward (evaluation)."""
-    p = rt.pp_size
-    last_stage = p * len(run_chunks) - 1
-    channel = p2p.Channel(rt.pp_group, rt.device)
-    losses = []
-    for i, (tokens, labels) in enumerate(batches):
-        for c, chunk in enumerate(run_chunks):
-            stage = c * p + rt.pp_rank
-            x = tokens if stage == 0 else channel.recv(rt.pipeline_ranks[(rt.pp_rank - 1) % p],
-                                                       p2p.message_id("act", i, stage - 1))
-            y = chunk(x)
-            if stage == last_stage:
-                losses.append(loss_fn(y, labels))
-            else:
-                channel.send(y, rt.pipeline_ranks[(rt.pp_rank + 1) % p], p2p.message_id("act", i, stage))
-    channel.wait_all()
-    return _reduce_loss(losses if rt.last_stage else None, rt)
+def forward_only(run_chunks, batches, rt: Runtime, args, loss_fn) -> float:
+    """Loss of ``batches`` through the pipeline, forwards only, no autograd (evaluation)."""
+    tokens = [t for t, _ in batches] if rt.first_stage else None
+    labels = [lab for _, lab in batches] if rt.last_stage else None
+    losses = forward_backward(run_chunks, args.pipeline_schedule, tokens, labels, loss_fn, group=rt.pp_group,
+                              num_microbatches=len(batches), forward_only=True)
+    return _reduce_loss(losses, rt)
 
 
 def evaluate(run_chunks, dataset, consumed: int, rt: Runtime, args, loss_fn) -> float:
@@ -179,7 +167,7 @@ def evaluate(run_chunks, dataset, consumed: int, rt: Runtime, args, loss_fn) -> 
         start = consumed + k * args.global_batch_size
         ids = microbatch_sample_ids(start, args.micro_batch_size, args.data_parallel_size, rt.dp_rank,
                                     args.num_micro_batches)
-        total += forward_only(run_chunks, [get_batch(dataset, i, rt.device) for i in ids], rt, loss_fn)
+        total += forward_only(run_chunks, [get_batch(dataset, i, rt.device) for i in ids], rt, args, loss_fn)
     for chunk in run_chunks:
         chunk.train()
     return total / args.eval_iters

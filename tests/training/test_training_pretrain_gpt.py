@@ -3,7 +3,7 @@
 Launches (shared through module fixtures, to keep the suite fast):
     serial   1 rank,  TP=PP=DP=1                          6 iterations
     tp2pp2   4 ranks, TP=2 x PP=2, saves at 3 and 6         (uninterrupted reference of the resume test)
-    dp2      8 ranks, TP=2 x PP=2 x DP=2, --use-distributed-optimizer
+    dp2      8 ranks, TP=2 x PP=2 x DP=2, --use-distributed-optimizer, interleaved schedule, recomputation
     killed   4 ranks, SIGKILLed right after its save at iteration 3
     crashed  4 ranks, resumed from 3, crashes in the middle of its save at 6
     resumed  4 ranks, resumed again (from 3: the crashed save never became `latest`)
@@ -83,7 +83,7 @@ TP2PP2 = ("--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size",
 @pytest.fixture(scope="module")
 def serial(data):
     log = data["root"] / "serial.jsonl"
-    result = launch(1, data, log)
+    result = launch(1, data, log, "--tensorboard-dir", str(data["root"] / "tensorboard"))
     return log, result
 
 
@@ -118,6 +118,7 @@ def test_serial_run_logs_like_megatron(serial):
     assert " test loss at the end of training for test data | lm loss value: " in out
     train = losses(log)
     assert train[ITERS] < train[1], "the loss should go down in 6 iterations"
+    assert list((log.parent / "tensorboard").glob("events.out.tfevents.*")), "--tensorboard-dir wrote no events"
 
 
 def test_tp2_pp2_matches_single_process(serial, tp2pp2):
@@ -128,10 +129,17 @@ def test_tp2_pp2_matches_single_process(serial, tp2pp2):
 
 
 def test_tp2_pp2_dp2_distributed_optimizer_matches_single_process(data, serial):
-    log = data["root"] / "dp2.jsonl"
-    result = launch(8, data, log, *TP2PP2, "--use-distributed-optimizer")
-    assert "data-parallel size: 2, tensor-model-parallel size: 2, pipeline-model-parallel size: 2" in result.output
+    # also the interleaved schedule (2 chunks of 1 layer per stage) and activation recomputation
+    log, save = data["root"] / "dp2.jsonl", data["root"] / "ckpt-dp2"
+    result = launch(8, data, log, *TP2PP2, "--use-distributed-optimizer", "--num-layers-per-virtual-pipeline-stage",
+                    "1", "--recompute-activations", "--save", str(save), "--save-interval", "3")
+    assert ("data-parallel size: 2, tensor-model-parallel size: 2, pipeline-model-parallel size: 2, "
+            "micro-batches per iteration: 2, schedule: interleaved") in result.output
     assert_same_curve(log, serial[0])
+    # ZeRO-1 checkpoint: each data-parallel rank's slice of the Adam state in its own file
+    folder = save / f"iter_{ITERS:07d}" / "mp_rank_01_001"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "distrib_optim_dp_rank_000.pt", "distrib_optim_dp_rank_001.pt", "model_optim_rng.pt"]
 
 
 def test_checkpoint_layout(tp2pp2):
