@@ -19,6 +19,7 @@ $(VENV)/.setup-done: pyproject.toml
 	$(PY) -m pip install --upgrade --quiet pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m lessons_pkg.kernels build
 	touch $@
 
 # ---- make course: every chapter's demos, real multi-process runs -------------
@@ -53,6 +54,10 @@ course-ch6-tensor-parallel: setup
 	$(LAUNCH) --nproc 4 src/ch6/parallelformers_inference.py
 
 course-ch6-kernels: setup
+	@echo "== Chapter 6, part 2: fused kernels (build, correctness, quick benchmark) =="
+	$(PY) -m lessons_pkg.kernels build
+	$(PY) -m lessons_pkg.kernels.check
+	$(PY) -m lessons_pkg.kernels.bench --quick --no-compile
 
 course-ch6-data: setup
 	@echo "== Chapter 6, part 3: corpus -> tokenizer -> data/my-gpt2_text_document.bin/.idx =="
