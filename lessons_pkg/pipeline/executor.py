@@ -4,7 +4,9 @@
 
 Every rank of the pipeline calls this with its own model chunks; the schedule
 (see ``schedules.py``) says in which order this rank runs the forward and
-backward of each (microbatch, chunk). For each action the executor
+backward of each (microbatch, chunk), and ``schedules.steps`` groups them
+into rounds: exchange messages with the neighbours, then compute. For each
+action the executor
 
     F(i, c):  input  = microbatches[i] on virtual stage 0, else receive it from the previous stage
               output = modules[c](input)
@@ -29,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lessons_pkg.pipeline import p2p
-from lessons_pkg.pipeline.schedules import BACKWARD, FORWARD, Schedule, get_schedule
+from lessons_pkg.pipeline.schedules import BACKWARD, FORWARD, RECV_FORWARD, Schedule, get_schedule, steps
 
 
 def forward_backward(
@@ -71,34 +73,47 @@ def forward_backward(
     _check(schedule, modules, p, m)
     last = schedule.num_virtual_stages - 1
     device = _device_of(modules)
-    run = _Run(modules, microbatches, targets, loss_fn, m, last, p2p.Channel(group, device), ranks, rank, recorder)
+    run = _Run(modules, microbatches, targets, loss_fn, m, last, ranks, rank, recorder)
+    channel = p2p.Channel(group, device)
     with torch.set_grad_enabled(torch.is_grad_enabled() and not forward_only):
-        for action in schedule.actions[rank]:
-            if action.op == FORWARD:
-                run.forward(action.microbatch, action.chunk, keep_for_backward=not forward_only)
-            elif not forward_only:
-                run.backward(action.microbatch, action.chunk)
-    run.channel.wait_all()
+        for step in steps(schedule, rank, forward_only):
+            # one round of messages: the previous block's outputs out, this block's inputs in
+            run.inbox = channel.exchange(run.outbox, [(ranks[a.peer], run.message_id(a)) for a in step.recvs])
+            run.outbox = []
+            for action in step.compute:
+                if action.op == FORWARD:
+                    run.forward(action.microbatch, action.chunk, keep_for_backward=not forward_only)
+                else:
+                    run.backward(action.microbatch, action.chunk)
     return run.losses if rank == p - 1 else None  # the last virtual stage p*v - 1 lives on rank p - 1
 
 
 class _Run:
-    """The state of one call: what each forward keeps for its backward, the losses, the channel."""
+    """The state of one call: what each forward keeps for its backward, the messages in and out, the losses."""
 
-    def __init__(self, modules, microbatches, targets, loss_fn, m, last, channel, ranks, rank, recorder):
+    def __init__(self, modules, microbatches, targets, loss_fn, m, last, ranks, rank, recorder):
         self.modules, self.microbatches, self.targets, self.loss_fn = modules, microbatches, targets, loss_fn
-        self.m, self.last, self.channel, self.recorder = m, last, channel, recorder
+        self.m, self.last, self.recorder = m, last, recorder
         self.p, self.rank = len(ranks), rank
         self.prev, self.next = ranks[(rank - 1) % self.p], ranks[(rank + 1) % self.p]  # global ranks
         self.saved: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (microbatch, chunk) -> (input, output or loss)
+        self.inbox: dict[int, torch.Tensor] = {}  # message id -> tensor received for this block
+        self.outbox: list[tuple[torch.Tensor, int, int]] = []  # (tensor, dst, message id) for the next round
         self.losses: list[torch.Tensor | None] = [None] * m
+
+    def message_id(self, recv) -> int:
+        """Id of the message a RECV action waits for (sent by the neighbouring virtual stage)."""
+        stage = recv.chunk * self.p + self.rank
+        if recv.op == RECV_FORWARD:
+            return p2p.message_id("act", recv.microbatch, stage - 1)
+        return p2p.message_id("grad", recv.microbatch, stage + 1)
 
     def forward(self, i: int, c: int, keep_for_backward: bool) -> None:
         stage = c * self.p + self.rank
         if stage == 0:
             x = self.microbatches[i]
         else:
-            x = self.channel.recv(self.prev, p2p.message_id("act", i, stage - 1))
+            x = self.inbox.pop(p2p.message_id("act", i, stage - 1))
             x.requires_grad_(keep_for_backward and x.is_floating_point())  # the graph of this chunk starts here
         with _timed(self.recorder, FORWARD, i, c, x.device):
             y = self.modules[c](x)
@@ -106,7 +121,7 @@ class _Run:
                 y = self.loss_fn(y, self.targets[i])
                 self.losses[i] = y.detach()
         if stage != self.last:
-            self.channel.send(y, self.next, p2p.message_id("act", i, stage))
+            self.outbox.append((y, self.next, p2p.message_id("act", i, stage)))
         if keep_for_backward:
             self.saved[(i, c)] = (x, y)
 
@@ -117,12 +132,12 @@ class _Run:
             grad_y = None
             y = y / self.m  # the gradient of the mean of the m microbatch losses
         else:
-            grad_y = self.channel.recv(self.next, p2p.message_id("grad", i, stage + 1))
+            grad_y = self.inbox.pop(p2p.message_id("grad", i, stage + 1))
         with _timed(self.recorder, BACKWARD, i, c, y.device):
             torch.autograd.backward(y, grad_y)
         if stage != 0:
             grad_x = x.grad if x.grad is not None else torch.zeros_like(x)  # an input the chunk did not use
-            self.channel.send(grad_x, self.prev, p2p.message_id("grad", i, stage))
+            self.outbox.append((grad_x, self.prev, p2p.message_id("grad", i, stage)))
 
 
 def _num_microbatches(microbatches, targets, num_microbatches) -> int:

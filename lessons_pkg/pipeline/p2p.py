@@ -13,10 +13,11 @@ checked on arrival, so a schedule whose sends and receives do not pair up in
 order fails with an error that names both messages instead of silently
 training on the wrong microbatch.
 
-Sends are asynchronous (``isend``: the :class:`Channel` keeps each tensor
-until it is delivered); receives block. A rank therefore only ever waits for
-data it needs next, and a schedule whose orders respect the data
-dependencies (checked by ``schedules.simulate``) cannot deadlock.
+Messages travel in rounds (``schedules.steps``): the sends of one compute
+block and the receives of the next are posted together and waited for
+together, as Megatron-LM does. ``schedules.check_rounds`` proves, for any
+schedule, that these rounds cannot deadlock even when a send completes only
+once its receive is posted.
 """
 from __future__ import annotations
 
@@ -39,47 +40,84 @@ def _header(message_id: int, tensor: torch.Tensor) -> torch.Tensor:
 
 
 class Channel:
-    """This rank's end of the pipeline's messages: asynchronous sends, blocking receives.
+    """This rank's end of the pipeline's messages, exchanged in rounds.
 
-    ``dst``/``src`` are global ranks. A message to oneself (a pipeline of one
-    rank with several chunks) is handed over in memory.
+    ``exchange(sends, recvs)`` posts every send of a round (header and
+    payload) and the receives of the headers together with
+    ``batch_isend_irecv``; once the headers have arrived it receives the
+    payloads, then waits until its own sends are delivered. A rank never waits
+    for a send before its receives are posted, so two neighbours that send to
+    each other in the same round cannot block each other. Between two ranks,
+    the messages of one round of the sender are received in one round of the
+    receiver (``tests/pipeline`` checks this for every schedule), so the order
+    headers-then-payloads is the same on both sides. Within a round,
+    messages to and from each peer are posted in message-id order on both
+    sides, so they pair up even on backends that match messages by order
+    alone (NCCL ignores tags). Peers are global ranks; a message to oneself
+    (a one-rank pipeline with several chunks) is handed over in memory.
     """
 
     def __init__(self, group: dist.ProcessGroup, device: torch.device):
         self.group, self.device = group, device
         self.me = dist.get_rank()
-        self.pending: list = []  # (work, tensor) of sends in flight: the tensor must live until sent
         self.local: dict[int, torch.Tensor] = {}  # message id -> tensor sent to oneself
 
-    def send(self, tensor: torch.Tensor, dst: int, message_id: int) -> None:
-        payload = tensor.detach().contiguous()
-        self.pending = [h for h in self.pending if not h[0].is_completed()]  # free what was delivered
-        if dst == self.me:
-            self.local[message_id] = payload
-            return
-        header = _header(message_id, payload)
-        for t in (header, payload):
-            self.pending.append((dist.isend(t, dst, group=self.group), t))
+    def exchange(self, sends: list[tuple[torch.Tensor, int, int]], recvs: list[tuple[int, int]]) -> dict[int, torch.Tensor]:
+        """Send each ``(tensor, dst, message_id)``, receive each ``(src, message_id)``; return ``{message_id: tensor}``."""
+        received = {}
+        for tensor, dst, mid in sends:
+            if dst == self.me:
+                self.local[mid] = tensor.detach().clone()
+        for src, mid in recvs:
+            if src == self.me:
+                received[mid] = self.local.pop(mid)
+        sends = sorted(((dst, mid, t.detach().contiguous()) for t, dst, mid in sends if dst != self.me), key=lambda s: s[:2])
+        recvs = sorted((src, mid) for src, mid in recvs if src != self.me)
+        if not sends and not recvs:
+            return received
 
-    def recv(self, src: int, message_id: int) -> torch.Tensor:
-        if src == self.me:
-            return self.local.pop(message_id).clone()
-        header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
-        dist.irecv(header, src, group=self.group).wait()
-        got_id, dtype_code, ndim, *sizes = header.tolist()
-        if got_id != message_id:
-            raise RuntimeError(
-                f"rank {self.me} expected message {describe(message_id)} from rank {src} "
-                f"but received {describe(got_id)}: the schedules of the two ranks do not pair up"
-            )
-        tensor = torch.empty(sizes[:ndim], dtype=_DTYPES[dtype_code], device=self.device)
-        dist.irecv(tensor, src, group=self.group).wait()
-        return tensor
+        # phase 1: every header and every payload goes out; the headers say what to allocate
+        # all headers before all payloads, each in (peer, message id) order: the receiver posts its
+        # receives in the same order, so messages pair up even where matching is by order alone
+        outgoing = [(_header(mid, t), dst) for dst, mid, t in sends] + [(t, dst) for dst, _, t in sends]
+        headers = [torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device) for _ in recvs]
+        send_works, header_works = self._post(outgoing, [(h, src) for h, (src, _) in zip(headers, recvs)])
+        _wait(header_works)
+        buffers = []
+        for header, (src, mid) in zip(headers, recvs):
+            got_id, dtype_code, ndim, *sizes = header.tolist()
+            if got_id != mid:
+                raise RuntimeError(
+                    f"rank {self.me} expected message {describe(mid)} from rank {src} "
+                    f"but received {describe(got_id)}: the schedules of the two ranks do not pair up"
+                )
+            buffers.append(torch.empty(sizes[:ndim], dtype=_DTYPES[dtype_code], device=self.device))
+        # phase 2: receive the payloads, then make sure our own sends are delivered
+        _, payload_works = self._post([], [(b, src) for b, (src, _) in zip(buffers, recvs)])
+        _wait(payload_works)
+        _wait(send_works)
+        received.update((mid, b) for b, (_, mid) in zip(buffers, recvs))
+        return received
 
-    def wait_all(self) -> None:
-        for work, _tensor in self.pending:
-            work.wait()
-        self.pending.clear()
+    def _post(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> tuple[list, list]:
+        """Post sends and receives as one batch; return (send works, receive works).
+
+        Backends that coalesce a batch into one operation (NCCL) return one
+        work for all: it is then in both lists, and waiting on it waits for all.
+        """
+        ops = [dist.P2POp(dist.isend, t, dst, self.group) for t, dst in sends]
+        ops += [dist.P2POp(dist.irecv, t, src, self.group) for t, src in recvs]
+        if not ops:
+            return [], []
+        works = dist.batch_isend_irecv(ops)
+        if len(works) != len(ops):
+            return works, works
+        return works[:len(sends)], works[len(sends):]
+
+
+def _wait(works: list) -> None:
+    for work in works:
+        work.wait()
 
 
 # --- message ids -------------------------------------------------------------
