@@ -160,13 +160,18 @@ def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
 
 def tiny_config(vocab_size: int, n_positions: int = 128, n_embd: int = 64, n_layer: int = 4, n_head: int = 4,
                 dropout: float = 0.0) -> GPT2Config:
-    """A small GPT-2 configuration for CPU runs (GPT-2 small is n_embd 768, n_layer 12, n_head 12)."""
+    """A small GPT-2 configuration for CPU runs (GPT-2 small is n_embd 768, n_layer 12, n_head 12).
+
+    The attention implementation is set to PyTorch's sdpa here, because blocks built
+    straight from a config (as DeepSpeed's LayerSpec does) do not go through the model
+    constructor that would otherwise choose it.
+    """
     if n_embd % n_head:
         raise ValueError(f"n_embd ({n_embd}) is not divisible by n_head ({n_head})")
     return GPT2Config(
         vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-        bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1,
+        bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1, attn_implementation="sdpa",
     )
 
 
