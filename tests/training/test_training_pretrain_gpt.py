@@ -7,12 +7,14 @@ Launches (shared through module fixtures, to keep the suite fast):
     killed   4 ranks, SIGKILLed right after its save at iteration 3
     crashed  4 ranks, resumed from 3, crashes in the middle of its save at 6
     resumed  4 ranks, resumed again (from 3: the crashed save never became `latest`)
+    zero1    2 ranks, DP=2 with the distributed optimizer, then resumed from its iteration-3 checkpoint
 """
 from __future__ import annotations
 
 import json
 import os
 import pydoc_data.topics
+import shutil
 import socket
 import subprocess
 import sys
@@ -182,6 +184,23 @@ def test_killed_run_resumes_exactly_and_a_crashed_save_is_ignored(data, tp2pp2):
     for log in (crashed_log, resumed_log):
         assert losses(log) == {i: reference[i] for i in range(4, ITERS + 1)}
     assert losses(data["root"] / "killed.jsonl") == {i: reference[i] for i in (1, 2, 3)}
+
+
+def test_distributed_optimizer_checkpoint_resumes_exactly(data):
+    # DP=2 with ZeRO-1: each data-parallel rank saves and reloads only its slice of the Adam state
+    save = data["root"] / "ckpt-zero1"
+    full_log = data["root"] / "zero1.jsonl"
+    launch(2, data, full_log, "--use-distributed-optimizer", "--save", str(save), "--save-interval", "3")
+    assert sorted(p.name for p in (save / "iter_0000003" / "mp_rank_00").iterdir()) == [
+        "distrib_optim_dp_rank_000.pt", "distrib_optim_dp_rank_001.pt", "model_optim_rng.pt"]
+    # resume from iteration 3: a folder holding that checkpoint only, as a job stopped after it would leave
+    resume = data["root"] / "ckpt-zero1-from-3"
+    shutil.copytree(save / "iter_0000003", resume / "iter_0000003")
+    (resume / "latest_checkpointed_iteration.txt").write_text("3")
+    resumed_log = data["root"] / "zero1-resumed.jsonl"
+    launch(2, data, resumed_log, "--use-distributed-optimizer", "--load", str(resume))
+    reference = losses(full_log)
+    assert losses(resumed_log) == {i: reference[i] for i in range(4, ITERS + 1)}  # bit for bit
 
 
 def run_script(data, *extra, world_size=1, timeout=120):

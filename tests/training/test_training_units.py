@@ -9,6 +9,7 @@ import torch
 from lessons_pkg.training.arguments import format_args, parse_args, validate_args
 from lessons_pkg.training.checkpointing import get_rng_state, mp_rank_dirname, set_rng_state
 from lessons_pkg.training.grads import clip_coefficient, counts_in_norm
+from lessons_pkg.training.loss_scaler import DynamicLossScaler
 from lessons_pkg.training.lr_scheduler import OptimizerParamScheduler, learning_rate
 from lessons_pkg.training.optimizer import split_by_weight_decay
 from lessons_pkg.training.train import chunk_layout, microbatch_sample_ids
@@ -120,3 +121,16 @@ def test_rng_state_roundtrip_is_weights_only_loadable(tmp_path):
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_dynamic_loss_scaler_unscales_skips_and_grows():
+    scaler = DynamicLossScaler(initial_scale=1024.0, growth_interval=2)
+    grads = [torch.full((3,), 512.0)]
+    assert not scaler.unscale_and_check(grads)                 # finite: divided by the scale
+    assert torch.equal(grads[0], torch.full((3,), 0.5))
+    scaler.update(False)
+    scaler.update(False)
+    assert scaler.scale == 2048.0                             # 2 clean steps in a row: doubled
+    assert scaler.unscale_and_check([torch.tensor([1.0, float("inf")])])
+    scaler.update(True)
+    assert scaler.scale == 1024.0 and scaler.clean_steps == 0  # overflow: halved, step to be skipped
