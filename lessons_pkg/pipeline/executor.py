@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lessons_pkg.pipeline import p2p
-from lessons_pkg.pipeline.schedules import BACKWARD, FORWARD, RECV_FORWARD, Schedule, get_schedule, steps
+from lessons_pkg.pipeline.schedules import BACKWARD, FORWARD, RECV_FORWARD, Schedule, check_rounds, get_schedule, steps
 
 
 def forward_backward(
@@ -44,6 +44,8 @@ def forward_backward(
     num_microbatches: int | None = None,
     recorder=None,
     forward_only: bool = False,
+    tensor_shape: Sequence[int] | None = None,
+    tensor_dtype: torch.dtype | None = None,
 ) -> list[torch.Tensor] | None:
     """Forward and backward of all microbatches through the pipeline; return the last stage's losses.
 
@@ -57,6 +59,10 @@ def forward_backward(
     num_microbatches m; needed only where neither microbatches nor targets are given
     recorder         optional ``timeline.Recorder`` that timestamps every forward and backward
     forward_only     run only the forwards, without autograd (evaluation): the losses, no gradients
+    tensor_shape     shape of every activation between stages, e.g. ``(b, s, h)``, if known: then no
+                     header travels with it (Megatron's ``tensor_shape``). Needed for the interleaved
+                     schedule on backends other than gloo (``schedules.check_rounds`` says why)
+    tensor_dtype     dtype of those activations (default: that of this rank's parameters)
 
     Returns the detached loss of every microbatch on the last stage, None on the others.
     """
@@ -73,12 +79,19 @@ def forward_backward(
     _check(schedule, modules, p, m)
     last = schedule.num_virtual_stages - 1
     device = _device_of(modules)
-    run = _Run(modules, microbatches, targets, loss_fn, m, last, ranks, rank, recorder)
+    if tensor_shape is None and dist.get_backend(group) != "gloo":
+        try:
+            check_rounds(schedule, forward_only, headers=True)
+        except RuntimeError as e:
+            raise ValueError(f"{e}: on the {dist.get_backend(group)} backend pass tensor_shape= "
+                             "(the shape of the activations between stages) so that no header travels") from e
+    like = None if tensor_shape is None else (tuple(tensor_shape), tensor_dtype or _dtype_of(modules))
+    run = _Run(modules, microbatches, targets, loss_fn, m, last, ranks, rank, recorder, like)
     channel = p2p.Channel(group, device)
     with torch.set_grad_enabled(torch.is_grad_enabled() and not forward_only):
         for step in steps(schedule, rank, forward_only):
             # one round of messages: the previous block's outputs out, this block's inputs in
-            run.inbox = channel.exchange(run.outbox, [(ranks[a.peer], run.message_id(a)) for a in step.recvs])
+            run.inbox = channel.exchange(run.outbox, [run.expect(a) for a in step.recvs])
             run.outbox = []
             for action in step.compute:
                 if action.op == FORWARD:
@@ -91,22 +104,25 @@ def forward_backward(
 class _Run:
     """The state of one call: what each forward keeps for its backward, the messages in and out, the losses."""
 
-    def __init__(self, modules, microbatches, targets, loss_fn, m, last, ranks, rank, recorder):
+    def __init__(self, modules, microbatches, targets, loss_fn, m, last, ranks, rank, recorder, activation_like):
         self.modules, self.microbatches, self.targets, self.loss_fn = modules, microbatches, targets, loss_fn
         self.m, self.last, self.recorder = m, last, recorder
         self.p, self.rank = len(ranks), rank
         self.prev, self.next = ranks[(rank - 1) % self.p], ranks[(rank + 1) % self.p]  # global ranks
         self.saved: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (microbatch, chunk) -> (input, output or loss)
         self.inbox: dict[int, torch.Tensor] = {}  # message id -> tensor received for this block
-        self.outbox: list[tuple[torch.Tensor, int, int]] = []  # (tensor, dst, message id) for the next round
+        self.outbox: list[tuple[torch.Tensor, int, int, bool]] = []  # (tensor, dst, message id, with header)
+        self.activation_like = activation_like  # (shape, dtype) of received activations, None: announced by a header
+        self.sent_like: dict[int, tuple] = {}  # message id of a gradient to come -> (shape, dtype) of our activation
         self.losses: list[torch.Tensor | None] = [None] * m
 
-    def message_id(self, recv) -> int:
-        """Id of the message a RECV action waits for (sent by the neighbouring virtual stage)."""
+    def expect(self, recv) -> tuple[int, int, tuple | None]:
+        """(source, message id, (shape, dtype) or None) of the message a RECV action waits for."""
         stage = recv.chunk * self.p + self.rank
         if recv.op == RECV_FORWARD:
-            return p2p.message_id("act", recv.microbatch, stage - 1)
-        return p2p.message_id("grad", recv.microbatch, stage + 1)
+            return self.prev, p2p.message_id("act", recv.microbatch, stage - 1), self.activation_like
+        mid = p2p.message_id("grad", recv.microbatch, stage + 1)
+        return self.next, mid, self.sent_like.pop(mid)  # the gradient of what we sent: same shape and dtype
 
     def forward(self, i: int, c: int, keep_for_backward: bool) -> None:
         stage = c * self.p + self.rank
@@ -121,7 +137,9 @@ class _Run:
                 y = self.loss_fn(y, self.targets[i])
                 self.losses[i] = y.detach()
         if stage != self.last:
-            self.outbox.append((y, self.next, p2p.message_id("act", i, stage)))
+            self.outbox.append((y, self.next, p2p.message_id("act", i, stage), self.activation_like is None))
+            if keep_for_backward:
+                self.sent_like[p2p.message_id("grad", i, stage + 1)] = (tuple(y.shape), y.dtype)
         if keep_for_backward:
             self.saved[(i, c)] = (x, y)
 
@@ -137,7 +155,7 @@ class _Run:
             torch.autograd.backward(y, grad_y)
         if stage != 0:
             grad_x = x.grad if x.grad is not None else torch.zeros_like(x)  # an input the chunk did not use
-            self.outbox.append((grad_x, self.prev, p2p.message_id("grad", i, stage)))
+            self.outbox.append((grad_x, self.prev, p2p.message_id("grad", i, stage), False))
 
 
 def _num_microbatches(microbatches, targets, num_microbatches) -> int:
@@ -161,6 +179,13 @@ def _check(schedule: Schedule, modules: list, p: int, m: int) -> None:
             f"schedule '{schedule.name}' runs {schedule.num_chunks} model chunk(s) per rank "
             f"but this rank was given {len(modules)} module(s)"
         )
+
+
+def _dtype_of(modules: list) -> torch.dtype:
+    for module in modules:
+        for param in module.parameters():
+            return param.dtype
+    return torch.get_default_dtype()
 
 
 def _device_of(modules: list) -> torch.device:

@@ -1,23 +1,27 @@
 """Point-to-point messages between pipeline stages: any tensor, with a small header.
 
-A stage does not know in advance what its neighbour sends (token ids on the
-first stage, ``[batch, seq, hidden]`` float activations later, any dtype), so
-every message travels as two sends on the pipeline group:
+A stage need not know in advance the shape of the activation its neighbour
+sends (sequence lengths may vary, the dtype may be anything), so an
+activation travels as two sends on the pipeline group:
 
     header   int64[10] = [message id, dtype code, ndim, size_0, ..., size_6]   (unused sizes are 0)
     payload  the tensor itself, contiguous
 
 The receiver reads the header, allocates the tensor and receives the payload.
-The message id (who sent what: activation or gradient, microbatch, stage) is
-checked on arrival, so a schedule whose sends and receives do not pair up in
-order fails with an error that names both messages instead of silently
-training on the wrong microbatch.
+The message id (activation or gradient, microbatch, stage) is checked on
+arrival, so two schedules that do not pair up fail with an error that names
+both messages instead of silently training on the wrong microbatch. A
+gradient needs no header: it has the shape and dtype of the activation the
+receiver sent. When the caller gives the activation shape (Megatron's
+``tensor_shape``), no header travels at all.
 
 Messages travel in rounds (``schedules.steps``): the sends of one compute
-block and the receives of the next are posted together and waited for
-together, as Megatron-LM does. ``schedules.check_rounds`` proves, for any
-schedule, that these rounds cannot deadlock even when a send completes only
-once its receive is posted.
+block and the receives of the next are posted together, as Megatron-LM does.
+``schedules.check_rounds`` proves, for a schedule, that these rounds cannot
+deadlock even when a send completes only once its receive is posted and
+batches complete as a whole (NCCL). It holds for GPipe and 1F1B with or
+without headers, and for interleaved 1F1B only without headers: the executor
+asks for ``tensor_shape`` in that case on backends other than gloo.
 """
 from __future__ import annotations
 
@@ -42,19 +46,15 @@ def _header(message_id: int, tensor: torch.Tensor) -> torch.Tensor:
 class Channel:
     """This rank's end of the pipeline's messages, exchanged in rounds.
 
-    ``exchange(sends, recvs)`` posts every send of a round (header and
-    payload) and the receives of the headers together with
+    ``exchange(sends, recvs)`` posts every send of a round (headers and
+    tensors) with the receives it can already size, as one
     ``batch_isend_irecv``; once the headers have arrived it receives the
-    payloads, then waits until its own sends are delivered. A rank never waits
-    for a send before its receives are posted, so two neighbours that send to
-    each other in the same round cannot block each other. Between two ranks,
-    the messages of one round of the sender are received in one round of the
-    receiver (``tests/pipeline`` checks this for every schedule), so the order
-    headers-then-payloads is the same on both sides. Within a round,
-    messages to and from each peer are posted in message-id order on both
-    sides, so they pair up even on backends that match messages by order
-    alone (NCCL ignores tags). Peers are global ranks; a message to oneself
-    (a one-rank pipeline with several chunks) is handed over in memory.
+    tensors they announce, then waits until its own sends are delivered.
+    Between two ranks, the messages of one round of the sender are received in
+    one round of the receiver (``tests/pipeline`` checks this for every
+    schedule), so both post them in the same order. Peers are global ranks;
+    a message to oneself (a one-rank pipeline with several chunks) is handed
+    over in memory.
     """
 
     def __init__(self, group: dist.ProcessGroup, device: torch.device):
@@ -62,41 +62,53 @@ class Channel:
         self.me = dist.get_rank()
         self.local: dict[int, torch.Tensor] = {}  # message id -> tensor sent to oneself
 
-    def exchange(self, sends: list[tuple[torch.Tensor, int, int]], recvs: list[tuple[int, int]]) -> dict[int, torch.Tensor]:
-        """Send each ``(tensor, dst, message_id)``, receive each ``(src, message_id)``; return ``{message_id: tensor}``."""
+    def exchange(self, sends: list[tuple[torch.Tensor, int, int, bool]],
+                 recvs: list[tuple[int, int, tuple | None]]) -> dict[int, torch.Tensor]:
+        """One round of messages; return ``{message_id: received tensor}``.
+
+        sends   ``(tensor, dst, message_id, with_header)``
+        recvs   ``(src, message_id, like)``: ``like = (shape, dtype)`` when the
+                receiver knows what arrives (no header travels), None when a
+                header announces it
+        """
         received = {}
-        for tensor, dst, mid in sends:
+        for tensor, dst, mid, _ in sends:
             if dst == self.me:
                 self.local[mid] = tensor.detach().clone()
-        for src, mid in recvs:
+        for src, mid, _ in recvs:
             if src == self.me:
                 received[mid] = self.local.pop(mid)
-        sends = sorted(((dst, mid, t.detach().contiguous()) for t, dst, mid in sends if dst != self.me), key=lambda s: s[:2])
-        recvs = sorted((src, mid) for src, mid in recvs if src != self.me)
+        sends = sorted((dst, mid, t.detach().contiguous(), h) for t, dst, mid, h in sends if dst != self.me)
+        recvs = sorted((src, mid, like) for src, mid, like in recvs if src != self.me)
         if not sends and not recvs:
             return received
 
-        # phase 1: every header and every payload goes out; the headers say what to allocate
-        # all headers before all payloads, each in (peer, message id) order: the receiver posts its
-        # receives in the same order, so messages pair up even where matching is by order alone
-        outgoing = [(_header(mid, t), dst) for dst, mid, t in sends] + [(t, dst) for dst, _, t in sends]
-        headers = [torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device) for _ in recvs]
-        send_works, header_works = self._post(outgoing, [(h, src) for h, (src, _) in zip(headers, recvs)])
-        _wait(header_works)
+        # batch 1: everything we send, and what we receive that we can size: tensors of known shape, headers.
+        # Per peer, both sides order the messages alike (so they pair up even where matching is by order
+        # alone, as in NCCL, which ignores tags): headers, tensors without header, announced tensors,
+        # each group in (peer, message id) order.
+        outgoing = ([(_header(mid, t), dst) for dst, mid, t, h in sends if h]
+                    + [(t, dst) for dst, _, t, h in sends if not h] + [(t, dst) for dst, _, t, h in sends if h])
+        known = [(src, mid, torch.empty(like[0], dtype=like[1], device=self.device)) for src, mid, like in recvs if like]
+        announced = [(src, mid, torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device))
+                     for src, mid, like in recvs if like is None]
+        send_works, header_works = self._post(outgoing, [(h, src) for src, _, h in announced] + [(b, src) for src, _, b in known])
+        _wait(header_works)  # (with per-operation works, the sends may still be in flight)
+        received.update((mid, b) for _, mid, b in known)
+        # batch 2: the tensors announced by headers
         buffers = []
-        for header, (src, mid) in zip(headers, recvs):
+        for src, mid, header in announced:
             got_id, dtype_code, ndim, *sizes = header.tolist()
             if got_id != mid:
                 raise RuntimeError(
                     f"rank {self.me} expected message {describe(mid)} from rank {src} "
                     f"but received {describe(got_id)}: the schedules of the two ranks do not pair up"
                 )
-            buffers.append(torch.empty(sizes[:ndim], dtype=_DTYPES[dtype_code], device=self.device))
-        # phase 2: receive the payloads, then make sure our own sends are delivered
-        _, payload_works = self._post([], [(b, src) for b, (src, _) in zip(buffers, recvs)])
+            buffers.append((src, mid, torch.empty(sizes[:ndim], dtype=_DTYPES[dtype_code], device=self.device)))
+        _, payload_works = self._post([], [(b, src) for src, _, b in buffers])
         _wait(payload_works)
-        _wait(send_works)
-        received.update((mid, b) for b, (_, mid) in zip(buffers, recvs))
+        _wait(send_works)  # our tensors may be freed or reused once delivered
+        received.update((mid, b) for _, mid, b in buffers)
         return received
 
     def _post(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> tuple[list, list]:

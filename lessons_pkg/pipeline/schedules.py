@@ -303,49 +303,54 @@ def simulate(schedule: Schedule, forward_time: int = 1, backward_time: int = 1) 
     return [row + [None] * (steps - len(row)) for row in grid]
 
 
-def check_rounds(schedule: Schedule, forward_only: bool = False) -> None:
-    """Raise ``RuntimeError`` if the rounds of :func:`steps` can deadlock when messages are rendezvous.
+def check_rounds(schedule: Schedule, forward_only: bool = False, headers: bool = True) -> None:
+    """Raise ``RuntimeError`` if the rounds of :func:`steps` can deadlock, even on the strictest transport.
 
-    The strictest transport: a message completes only when its sender's and
-    its receiver's current rounds both contain it, and a rank enters its next
-    round only when every message of the current one has completed.
+    The strictest transport (NCCL with large messages and grouped operations):
+    a message completes only when its sender's and its receiver's current
+    batches both contain it, and a rank posts its next batch only when every
+    message of the current one has completed. With ``headers`` (activations
+    of unknown shape, see ``p2p.Channel``), a round is two batches: first
+    every send (header and tensor), the gradients and the activation headers
+    it receives; then the activation tensors it receives.
     """
     p = schedule.num_stages
-    rounds = [[_round_messages(schedule, r, st) for st in steps(schedule, r, forward_only)] for r in range(p)]
+    batches = [[b for st in steps(schedule, r, forward_only) for b in _round_batches(schedule, r, st, headers)]
+               for r in range(p)]
     at, completed = [0] * p, set()
-    while any(at[r] < len(rounds[r]) for r in range(p)):
+    while any(at[r] < len(batches[r]) for r in range(p)):
         posted: dict[tuple, set] = {}
         for r in range(p):
-            if at[r] < len(rounds[r]):
-                for side, message in rounds[r][at[r]]:
+            if at[r] < len(batches[r]):
+                for side, message in batches[r][at[r]]:
                     posted.setdefault(message, set()).add(side)
         completed |= {msg for msg, sides in posted.items() if sides == {"send", "recv"}}
         advanced = False
         for r in range(p):
-            if at[r] < len(rounds[r]) and all(msg in completed for _, msg in rounds[r][at[r]]):
+            if at[r] < len(batches[r]) and all(msg in completed for _, msg in batches[r][at[r]]):
                 at[r] += 1
                 advanced = True
         if not advanced:
-            stuck = {r: at[r] for r in range(p) if at[r] < len(rounds[r])}
-            raise RuntimeError(f"schedule '{schedule.name}' deadlocks with rendezvous messages: ranks stuck at rounds {stuck}")
+            stuck = {r: at[r] for r in range(p) if at[r] < len(batches[r])}
+            raise RuntimeError(f"schedule '{schedule.name}' deadlocks with rendezvous messages: ranks stuck at batches {stuck}")
 
 
-def _round_messages(schedule: Schedule, rank: int, step: Step) -> list[tuple[str, tuple]]:
-    """A round's messages as (side, (kind, microbatch, sending virtual stage)); messages to oneself need no partner."""
-    out = []
+def _round_batches(schedule: Schedule, rank: int, step: Step, headers: bool) -> list[list[tuple[str, tuple]]]:
+    """A round's batches of (side, (part, kind, microbatch, sending virtual stage)); messages to oneself need no partner."""
+    first, second = [], []
     for a in step.sends + step.recvs:
         if a.peer == rank:
             continue
         stage = schedule.virtual_stage(rank, a.chunk)
-        if a.op == SEND_FORWARD:
-            out.append(("send", ("act", a.microbatch, stage)))
-        elif a.op == SEND_BACKWARD:
-            out.append(("send", ("grad", a.microbatch, stage)))
-        elif a.op == RECV_FORWARD:
-            out.append(("recv", ("act", a.microbatch, stage - 1)))
+        side = "send" if a.op in (SEND_FORWARD, SEND_BACKWARD) else "recv"
+        kind = "act" if a.op in (SEND_FORWARD, RECV_FORWARD) else "grad"
+        sender = {SEND_FORWARD: stage, SEND_BACKWARD: stage, RECV_FORWARD: stage - 1, RECV_BACKWARD: stage + 1}[a.op]
+        if kind == "act" and headers:
+            first.append((side, ("header", kind, a.microbatch, sender)))
+            (first if side == "send" else second).append((side, ("tensor", kind, a.microbatch, sender)))
         else:
-            out.append(("recv", ("grad", a.microbatch, stage + 1)))
-    return out
+            first.append((side, ("tensor", kind, a.microbatch, sender)))
+    return [b for b in (first, second) if b]
 
 
 def format_table(grid: list[list[Action | None]]) -> str:

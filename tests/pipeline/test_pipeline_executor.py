@@ -63,7 +63,7 @@ def _token_layers(seed):
     return nn.ModuleList([EmbedTanh(vocab=11)] + [LinearTanh(HIDDEN) for _ in range(LAYERS - 1)])
 
 
-def _check_one(schedule, p, m, v, layers, group, seed, vocab=None, loss_fn=_mse):
+def _check_one(schedule, p, m, v, layers, group, seed, vocab=None, loss_fn=_mse, tensor_shape=None):
     """Run one case through the pipeline and through the serial reference; assert equality."""
     rank = dist.get_rank(group)
     reference = copy.deepcopy(layers)
@@ -81,7 +81,7 @@ def _check_one(schedule, p, m, v, layers, group, seed, vocab=None, loss_fn=_mse)
 
     chunks = chunks_for_rank(layers, rank, p, v)
     losses = forward_backward(chunks, schedule, xs if rank == 0 else None, ts if rank == p - 1 else None,
-                              loss_fn, group=group, num_microbatches=m)
+                              loss_fn, group=group, num_microbatches=m, tensor_shape=tensor_shape)
     case = f"{schedule} p={p} m={m} v={v} rank={rank}"
     if rank == p - 1:
         torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses).detach(), atol=ATOL, rtol=RTOL, msg=case)
@@ -98,7 +98,7 @@ def _check_one(schedule, p, m, v, layers, group, seed, vocab=None, loss_fn=_mse)
     # forward only (evaluation): the same losses, and no gradient touched
     grads = [q.grad.clone() for chunk in chunks for q in chunk.parameters()]
     eval_losses = forward_backward(chunks, schedule, xs if rank == 0 else None, ts if rank == p - 1 else None,
-                                   loss_fn, group=group, num_microbatches=m, forward_only=True)
+                                   loss_fn, group=group, num_microbatches=m, forward_only=True, tensor_shape=tensor_shape)
     if rank == p - 1:
         torch.testing.assert_close(torch.stack(eval_losses), torch.stack(ref_losses).detach(), atol=ATOL, rtol=RTOL, msg=case)
     assert all(torch.equal(g, q.grad) for g, q in zip(grads, (q for chunk in chunks for q in chunk.parameters())))
@@ -119,13 +119,17 @@ def _all_cases(p):
             done.append(_check_one(schedule, p, m, v, layers, group, seed=100 + m))
     # first stage takes token ids (LongTensor), last stage a cross entropy
     done.append(_check_one("1f1b", p, 4, 1, _token_layers(7), group, seed=5, vocab=11, loss_fn=_cross_entropy))
+    # activations of known shape: no headers travel (Megatron's tensor_shape)
+    for schedule, v in (("1f1b", 1), ("interleaved", 2)):
+        done.append(_check_one(schedule, p, 4, v, toy_layers(LAYERS, HIDDEN, seed=9), group, seed=9,
+                               tensor_shape=(MB_SIZE, SEQ, HIDDEN)))
     return done
 
 
 @pytest.mark.parametrize("p", [1, 2, 4])
 def test_pipeline_equals_serial(p):
     results = run_on_ranks(_all_cases, p, args=(p,), timeout=120)
-    assert all(len(r) == 13 for r in results)
+    assert all(len(r) == 15 for r in results)
 
 
 def _with_parallel_state(tp, pp):
