@@ -12,11 +12,11 @@ with ``DS_ACCELERATOR=cpu`` (and no oneCCL installed) DeepSpeed uses gloo.
 What happens:
 
 1. The model is a list of layer specs (token embedding, position embedding,
-   n blocks, final LayerNorm, LM head). ``PipelineModule`` assigns them to ``num_stages`` = world size
-   stages with ``partition_method="type:GPT2Block"``: the blocks are spread
-   evenly, the other layers join the first or last stage. Each rank builds
-   only its own stage's layers.
-2. The LM head and the token embedding are one ``TiedLayerSpec`` ("embed"):
+   n blocks, final LayerNorm, LM head). ``PipelineModule`` assigns them to
+   ``num_stages`` = world size stages with ``partition_method="type:GPT2Block"``:
+   the blocks are spread evenly, the other layers join the first or the last
+   stage. Each rank builds only its own stage's layers.
+2. The LM head and the token embedding are one ``TiedLayerSpec`` ("wte"):
    the first and the last stage each hold a copy, and DeepSpeed all-reduces
    the copies' gradients between those two stages so they stay equal.
 3. ``engine.train_batch()`` runs one mini-batch of ``--micro-batches``
@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     tokens = build_tokens(args, pretrained) if rank == 0 else _quiet(build_tokens, args, pretrained)
     config = reference.config
     lr = args.lr or (3e-5 if pretrained else 1e-3)
+    if world_size > config.n_layer:
+        raise ValueError(f"{world_size} pipeline stages need at least as many GPT-2 blocks, "
+                         f"but the model has n_layer {config.n_layer}")
 
     module = PipelineModule(layers=pipeline_layers(config), num_stages=world_size,
                             partition_method="type:GPT2Block", loss_fn=lm_loss)
