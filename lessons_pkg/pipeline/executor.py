@@ -31,7 +31,8 @@ import torch.distributed as dist
 from torch import nn
 
 from lessons_pkg.pipeline import p2p
-from lessons_pkg.pipeline.schedules import BACKWARD, FORWARD, RECV_FORWARD, Schedule, check_rounds, get_schedule, steps
+from lessons_pkg.pipeline.rounds import check_rounds, steps
+from lessons_pkg.pipeline.schedules import BACKWARD, FORWARD, RECV_FORWARD, Schedule, get_schedule
 
 
 def forward_backward(
