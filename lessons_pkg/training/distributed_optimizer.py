@@ -14,12 +14,13 @@ data-parallel rank ``d`` owns the slice ``[d * S, (d + 1) * S)``::
 One step:
 
 1. **reduce-scatter** the flat gradient: rank ``d`` receives the data-parallel
-   mean of ITS slice only (half the traffic of an all-reduce);
+   mean of ITS slice only (the first half of an all-reduce's traffic);
 2. global gradient norm: squares of the slice (each element weighted 1 if it
    counts, see :func:`~lessons_pkg.training.grads.counts_in_norm`, else 0),
    summed over data-parallel, tensor and pipeline ranks; clip;
 3. AdamW on the slice (so Adam state for ``S`` elements instead of all);
-4. **all-gather** the updated slices: every replica has the full new parameters.
+4. **all-gather** the updated slices: every replica has the full new parameters
+   (the second half: reduce-scatter + all-gather move as many bytes as one all-reduce).
 
 Adam is elementwise, so updating a slice gives the same numbers as updating
 the whole (a test checks the losses match the plain optimizer). A checkpoint
@@ -90,7 +91,7 @@ class DistributedOptimizer:
 
     def _flat_grads(self) -> torch.Tensor:
         flat = torch.zeros(self._padded, device=self.main_shard.device)
-        flat[:self._total] = torch.cat([G._grads([p])[0].reshape(-1).float() for p in self.params])
+        flat[:self._total] = torch.cat([G.ensure_grads([p])[0].reshape(-1).float() for p in self.params])
         return flat                                                      # [DP * S]
 
     @torch.no_grad()

@@ -23,7 +23,8 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
-def _grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+def ensure_grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """The ``.grad`` of each parameter, zeros for one that received none (so every rank sends alike)."""
     for p in params:
         if p.grad is None:  # e.g. a parameter that took no part in this stage's computation
             p.grad = torch.zeros_like(p)
@@ -35,7 +36,7 @@ def allreduce_embedding_grads(shared_weights: list[torch.nn.Parameter], group: d
     if group is None or not shared_weights or dist.get_world_size(group) == 1:
         return
     for weight in shared_weights:
-        dist.all_reduce(_grads([weight])[0], group=group)
+        dist.all_reduce(ensure_grads([weight])[0], group=group)
 
 
 def allreduce_data_parallel_grads(params: list[torch.nn.Parameter], group: dist.ProcessGroup) -> None:
@@ -43,7 +44,7 @@ def allreduce_data_parallel_grads(params: list[torch.nn.Parameter], group: dist.
     world = dist.get_world_size(group)
     if world == 1:
         return
-    grads = _grads(params)
+    grads = ensure_grads(params)
     flat = _flatten_dense_tensors(grads)            # [sum of numels]: one message instead of one per tensor
     flat.div_(world)
     dist.all_reduce(flat, group=group)

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from lessons_pkg import parallel_state as ps
 from lessons_pkg.pipeline import forward_backward
 from lessons_pkg.training.checkpointing import load_checkpoint, save_checkpoint
+from lessons_pkg.training.grads import allreduce_embedding_grads
 from lessons_pkg.training.logging import TrainingLogger
 from lessons_pkg.training.lr_scheduler import OptimizerParamScheduler
 from lessons_pkg.training.optimizer import Groups, get_optimizer
@@ -140,8 +141,6 @@ def train_step(chunks, run_chunks, optimizer, scheduler, batches, rt: Runtime, a
     if losses is not None and scale != 1.0:
         losses = [loss / scale for loss in losses]
     if rt.pp_size > 1:
-        from lessons_pkg.training.grads import allreduce_embedding_grads
-
         shared = [c.shared_embedding_weight() for c in chunks if c.pre_process or c.post_process]
         allreduce_embedding_grads(shared, rt.embedding_group)
     grad_norm = optimizer.step()
