@@ -90,3 +90,16 @@ def test_tied_gradients_sum_to_the_reference_gradient():
         # float32: same operations, summation of the two uses in a different order (observed ~1e-9)
         torch.testing.assert_close(ours[a].grad, theirs[b].grad, rtol=0, atol=1e-6, msg=a)
     assert torch.equal(emb.grad, head.grad)  # ...and the same sum afterwards
+
+
+def test_load_gpt2_falls_back_to_the_local_config_without_network(monkeypatch, capsys):
+    from gpt2_sequential import load_gpt2
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", offline)
+    config = tiny_config(VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    model = load_gpt2("gpt2", fallback=config)
+    assert model.config is config
+    assert "could not load 'gpt2' (OSError); falling back" in capsys.readouterr().out
