@@ -56,6 +56,8 @@ class _CopyToModelParallelRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        # clone: autograd may hand the same gradient tensor to several branches (a residual add does),
+        # and the all-reduce works in place
         return _all_reduce(grad.clone(), ctx.group), None
 
 
@@ -64,7 +66,7 @@ class _ReduceFromModelParallelRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
-        return _all_reduce(x.clone(), group)
+        return _all_reduce(x.clone(), group)  # clone: the caller's partial sums stay as they were
 
     @staticmethod
     def backward(ctx, grad):

@@ -246,9 +246,11 @@ def rank_main(tp: int) -> dict:
     return check_communication_count(rank, tp, group)
 
 
-@pytest.mark.parametrize("tp", [1, 2, 4])
-def test_tensor_parallel_layers_match_serial(tp):
-    counts = run_on_ranks(rank_main, tp, args=(tp,), timeout=120)
+@pytest.mark.parametrize("world, tp", [(1, 1), (2, 2), (4, 4), (4, 2)])
+def test_tensor_parallel_layers_match_serial(world, tp):
+    # (4, 2): two tensor-parallel groups side by side (data parallel 2), so ranks within a group
+    # must be found by their group rank, not their global rank
+    counts = run_on_ranks(rank_main, world, args=(tp,), timeout=120)
     for rank_counts in counts:
         if tp == 1:  # a group of one rank communicates nothing
             assert rank_counts == {"forward": {"all_reduce": 0, "other": 0}, "backward": {"all_reduce": 0, "other": 0}}
