@@ -2,6 +2,7 @@
 
 Modules (each one idea, read in this order):
     schedules   GPipe, 1F1B and interleaved 1F1B as pure functions, with a unit-time clock
+    rounds      grouping a rank's messages into rounds that cannot deadlock (Megatron's pairing)
     p2p         sending any tensor between stages (a header carries dtype and shape)
     executor    forward_backward(): runs a schedule on this rank's model chunks
     partition   cutting a stack of layers into p x v chunks, round-robin; a toy model
