@@ -13,8 +13,9 @@ TORCH_LIBRARY(lessons_kernels, m) {
   m.def("scaled_masked_softmax_forward(Tensor x, Tensor? mask, int heads, float scale) -> Tensor");
   // Causal: x [n, sq, sq], key j > query i ignored.
   m.def("scaled_upper_triang_masked_softmax_forward(Tensor x, float scale) -> Tensor");
-  // grad_x = scale * p * (grad_p - sum(grad_p * p)), for both softmaxes.
+  // grad_x = scale * p * (grad_p - sum(grad_p * p)); the causal one skips the zeros above the diagonal.
   m.def("scaled_softmax_backward(Tensor grad_p, Tensor probs, float scale) -> Tensor");
+  m.def("scaled_upper_triang_masked_softmax_backward(Tensor grad_p, Tensor probs, float scale) -> Tensor");
 
   // LayerNorm over the last dim; forward returns (y, mean, rstd), backward (grad_x, grad_weight, grad_bias).
   m.def("layer_norm_forward(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");

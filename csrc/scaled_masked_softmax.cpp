@@ -3,7 +3,7 @@
 //   forward:  p = softmax(scale * x + mask) over each row of length sk
 //             reads x (and the mask), writes p
 //   backward: gx = scale * p * (gp - sum(gp * p))
-//             reads gp, p; writes gx
+//             reads gp, p; writes gx (causal: reads only the j <= i part)
 //
 // x is [n, sq, sk] (n = batch * heads). The mask is [mb, msq, sk] with mb = 1 or
 // n / heads, msq = 1 or sq: x[k] uses mask slice k / heads, so one mask serves
@@ -106,9 +106,10 @@ void causal_forward(const T* x, T* y, int64_t n, int64_t sq, T scale) {
   });
 }
 
-// grad_y, probs, grad_x: [rows, sk].
+// grad_y, probs, grad_x: [rows, sk]. Causal (rows of [n, sq, sq]): row i is zero after
+// key i in p, hence in grad_x; only its first i + 1 entries are read.
 template <typename T>
-void softmax_backward(const T* grad_y, const T* probs, T* grad_x, int64_t rows, int64_t sk, T scale) {
+void softmax_backward(const T* grad_y, const T* probs, T* grad_x, int64_t rows, int64_t sk, T scale, bool causal) {
   using Vec = Vectorized<T>;
   constexpr int W = Vec::size();
   at::parallel_for(0, rows, rows_per_task(sk), [&](int64_t begin, int64_t end) {
@@ -116,16 +117,18 @@ void softmax_backward(const T* grad_y, const T* probs, T* grad_x, int64_t rows, 
       const T* g = grad_y + r * sk;
       const T* p = probs + r * sk;
       T* gx = grad_x + r * sk;
+      const int64_t len = causal ? r % sk + 1 : sk;
       Vec vdot(0);
-      for (int64_t j = 0; j < sk; j += W) {  // loadu(ptr, n) fills the missing lanes with 0
-        const int n = static_cast<int>(std::min<int64_t>(W, sk - j));
+      for (int64_t j = 0; j < len; j += W) {  // loadu(ptr, n) fills the missing lanes with 0
+        const int n = static_cast<int>(std::min<int64_t>(W, len - j));
         vdot = at::vec::fmadd(Vec::loadu(g + j, n), Vec::loadu(p + j, n), vdot);
       }
       const Vec dot(lanes_sum(vdot)), vscale(scale);
-      for (int64_t j = 0; j < sk; j += W) {
-        const int n = static_cast<int>(std::min<int64_t>(W, sk - j));
+      for (int64_t j = 0; j < len; j += W) {
+        const int n = static_cast<int>(std::min<int64_t>(W, len - j));
         (vscale * Vec::loadu(p + j, n) * (Vec::loadu(g + j, n) - dot)).store(gx + j, n);
       }
+      std::fill(gx + len, gx + sk, T(0));
     }
   });
 }
@@ -176,19 +179,30 @@ at::Tensor scaled_upper_triang_masked_softmax_forward_cpu(const at::Tensor& x, d
   return y;
 }
 
-at::Tensor scaled_softmax_backward_cpu(const at::Tensor& grad_y, const at::Tensor& probs, double scale) {
+at::Tensor softmax_backward_cpu(const at::Tensor& grad_y, const at::Tensor& probs, double scale, bool causal) {
   check_scores(probs);
   LESSONS_CHECK_CONTIGUOUS(grad_y);
   TORCH_CHECK(grad_y.sizes() == probs.sizes() && grad_y.scalar_type() == probs.scalar_type(),
               "softmax backward: grad ", grad_y.sizes(), " ", grad_y.scalar_type(), " vs probs ", probs.sizes(), " ",
               probs.scalar_type());
+  TORCH_CHECK(!causal || (probs.dim() == 3 && probs.size(1) == probs.size(2)),
+              "causal softmax backward: probs must be [n, sq, sq], got ", probs.sizes());
   at::Tensor grad_x = at::empty_like(probs);
   const int64_t sk = probs.size(-1), rows = sk ? probs.numel() / sk : 0;
-  AT_DISPATCH_FLOATING_TYPES(probs.scalar_type(), "scaled_softmax_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(probs.scalar_type(), "softmax_backward_cpu", [&] {
     softmax_backward<scalar_t>(grad_y.const_data_ptr<scalar_t>(), probs.const_data_ptr<scalar_t>(),
-                               grad_x.mutable_data_ptr<scalar_t>(), rows, sk, static_cast<scalar_t>(scale));
+                               grad_x.mutable_data_ptr<scalar_t>(), rows, sk, static_cast<scalar_t>(scale), causal);
   });
   return grad_x;
+}
+
+at::Tensor scaled_softmax_backward_cpu(const at::Tensor& grad_y, const at::Tensor& probs, double scale) {
+  return softmax_backward_cpu(grad_y, probs, scale, /*causal=*/false);
+}
+
+at::Tensor scaled_upper_triang_masked_softmax_backward_cpu(const at::Tensor& grad_y, const at::Tensor& probs,
+                                                           double scale) {
+  return softmax_backward_cpu(grad_y, probs, scale, /*causal=*/true);
 }
 
 }  // namespace
@@ -197,6 +211,7 @@ TORCH_LIBRARY_IMPL(lessons_kernels, CPU, m) {
   m.impl("scaled_masked_softmax_forward", &scaled_masked_softmax_forward_cpu);
   m.impl("scaled_upper_triang_masked_softmax_forward", &scaled_upper_triang_masked_softmax_forward_cpu);
   m.impl("scaled_softmax_backward", &scaled_softmax_backward_cpu);
+  m.impl("scaled_upper_triang_masked_softmax_backward", &scaled_upper_triang_masked_softmax_backward_cpu);
 }
 
 }  // namespace lessons_kernels

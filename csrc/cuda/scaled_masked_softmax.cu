@@ -82,21 +82,23 @@ __global__ void forward_kernel(const T* __restrict__ x, const void* __restrict__
   }
 }
 
-// grad_y, probs, grad_x: [rows, sk].
-template <typename T>
+// grad_y, probs, grad_x: [rows, sk]. Causal: row r = (k, i) reads only keys j <= i = r % sk.
+template <typename T, bool kCausal>
 __global__ void backward_kernel(const T* __restrict__ grad_y, const T* __restrict__ probs, T* __restrict__ grad_x,
                                 int64_t rows, int64_t sk, at::opmath_type<T> scale) {
   using A = at::opmath_type<T>;
   const int lane = threadIdx.x % kWarp;
   const int64_t r = blockIdx.x * static_cast<int64_t>(kRowsPerBlock) + threadIdx.x / kWarp;
   if (r >= rows) return;
+  const int64_t len = kCausal ? r % sk + 1 : sk;
   const T* g = grad_y + r * sk;
   const T* p = probs + r * sk;
   A dot = 0;
-  for (int64_t j = lane; j < sk; j += kWarp) dot += static_cast<A>(g[j]) * static_cast<A>(p[j]);
+  for (int64_t j = lane; j < len; j += kWarp) dot += static_cast<A>(g[j]) * static_cast<A>(p[j]);
   dot = warp_sum(dot);
   for (int64_t j = lane; j < sk; j += kWarp) {
-    grad_x[r * sk + j] = static_cast<T>(scale * static_cast<A>(p[j]) * (static_cast<A>(g[j]) - dot));
+    grad_x[r * sk + j] = j < len ? static_cast<T>(scale * static_cast<A>(p[j]) * (static_cast<A>(g[j]) - dot))
+                                 : static_cast<T>(0);
   }
 }
 
@@ -158,24 +160,44 @@ at::Tensor scaled_upper_triang_masked_softmax_forward_cuda(const at::Tensor& x, 
   return y;
 }
 
-at::Tensor scaled_softmax_backward_cuda(const at::Tensor& grad_y, const at::Tensor& probs, double scale) {
+at::Tensor softmax_backward_cuda(const at::Tensor& grad_y, const at::Tensor& probs, double scale, bool causal) {
   LESSONS_CHECK_CUDA(probs);
   LESSONS_CHECK_CONTIGUOUS(probs);
   LESSONS_CHECK_CONTIGUOUS(grad_y);
   TORCH_CHECK(grad_y.sizes() == probs.sizes() && grad_y.scalar_type() == probs.scalar_type(),
               "softmax backward: grad ", grad_y.sizes(), " ", grad_y.scalar_type(), " vs probs ", probs.sizes(), " ",
               probs.scalar_type());
+  TORCH_CHECK(!causal || (probs.dim() == 3 && probs.size(1) == probs.size(2)),
+              "causal softmax backward: probs must be [n, sq, sq], got ", probs.sizes());
   const c10::cuda::CUDAGuard guard(probs.device());
   at::Tensor grad_x = at::empty_like(probs);
   const int64_t sk = probs.size(-1), rows = sk ? probs.numel() / sk : 0;
   if (rows == 0) return grad_x;
-  LESSONS_DISPATCH(probs.scalar_type(), "scaled_softmax_backward_cuda", [&] {
-    backward_kernel<scalar_t><<<ceil_div(rows, kRowsPerBlock), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        grad_y.const_data_ptr<scalar_t>(), probs.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
-        rows, sk, static_cast<at::opmath_type<scalar_t>>(scale));
+  LESSONS_DISPATCH(probs.scalar_type(), "softmax_backward_cuda", [&] {
+    const auto blocks = ceil_div(rows, kRowsPerBlock);
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    const auto s = static_cast<at::opmath_type<scalar_t>>(scale);
+    if (causal) {
+      backward_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(
+          grad_y.const_data_ptr<scalar_t>(), probs.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
+          rows, sk, s);
+    } else {
+      backward_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(
+          grad_y.const_data_ptr<scalar_t>(), probs.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
+          rows, sk, s);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad_x;
+}
+
+at::Tensor scaled_softmax_backward_cuda(const at::Tensor& grad_y, const at::Tensor& probs, double scale) {
+  return softmax_backward_cuda(grad_y, probs, scale, /*causal=*/false);
+}
+
+at::Tensor scaled_upper_triang_masked_softmax_backward_cuda(const at::Tensor& grad_y, const at::Tensor& probs,
+                                                            double scale) {
+  return softmax_backward_cuda(grad_y, probs, scale, /*causal=*/true);
 }
 
 }  // namespace
@@ -184,6 +206,7 @@ TORCH_LIBRARY_IMPL(lessons_kernels, CUDA, m) {
   m.impl("scaled_masked_softmax_forward", &scaled_masked_softmax_forward_cuda);
   m.impl("scaled_upper_triang_masked_softmax_forward", &scaled_upper_triang_masked_softmax_forward_cuda);
   m.impl("scaled_softmax_backward", &scaled_softmax_backward_cuda);
+  m.impl("scaled_upper_triang_masked_softmax_backward", &scaled_upper_triang_masked_softmax_backward_cuda);
 }
 
 }  // namespace lessons_kernels

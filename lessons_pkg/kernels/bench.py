@@ -3,7 +3,8 @@
     python -m lessons_pkg.kernels.bench            # transformer-sized shapes (a few minutes on 2 cores)
     python -m lessons_pkg.kernels.bench --quick    # small shapes, for `make course` and the notebook
 
-For each op, forward and forward+backward, it prints the median time of three
+For each op, forward and forward+backward, it prints the best time of several
+runs (the least disturbed by other work on the machine) of three
 implementations of the same maths:
 
     fused     lessons_pkg.kernels (one compiled kernel per pass)
@@ -26,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -68,24 +68,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = time.perf_counter
+
+
+def best_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """The fastest of ``repeats`` timed runs, in ms: noise (other processes, interrupts) only adds time."""
     for _ in range(warmup):
         fn()
     _sync(device)
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = _clock()
         fn()
         _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        times.append((_clock() - start) * 1e3)
+    return min(times)
 
 
 def copy_bandwidth_gbps(device: torch.device, mbytes: int = 256, repeats: int = 5) -> float:
     """Bytes read + written per second by ``y.copy_(x)`` on ``mbytes`` MB: the practical memory ceiling."""
     x = torch.empty(mbytes * 2**20 // 4, device=device).normal_()
     y = torch.empty_like(x)
-    ms = median_ms(lambda: y.copy_(x), device, repeats)
+    ms = best_ms(lambda: y.copy_(x), device, repeats)
     return 2 * x.numel() * 4 / ms / 1e6
 
 
@@ -147,9 +152,9 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None, co
         for passes, make in (("forward", lambda f: (lambda: f(*inputs))),
                              ("forward+backward", lambda f: _forward_backward(f, inputs))):
             with torch.no_grad() if passes == "forward" else torch.enable_grad():
-                t_fused = median_ms(make(fused), device, repeats)
-                t_eager = median_ms(make(eager), device, repeats)
-                t_compile = median_ms(make(compiled), device, repeats, warmup=3) if compiled else None
+                t_fused = best_ms(make(fused), device, repeats)
+                t_eager = best_ms(make(eager), device, repeats)
+                t_compile = best_ms(make(compiled), device, repeats, warmup=3) if compiled else None
             nbytes = bytes_fwd if passes == "forward" else bytes_fwd + bytes_bwd
             rows.append(Row(op, shape, passes, t_fused, t_eager, t_compile, nbytes))
             log(f"  timed {op} {passes}")
@@ -205,12 +210,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small shapes (seconds, for make course / notebook)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (default: every core)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median is shown)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (the best is shown)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (it compiles for minutes)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall: elapsed time; cpu: this process's CPU time, which other processes on a shared "
+                             "machine do not inflate (use with --threads 1: it sums over threads)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
+    global _clock
+    if args.clock == "cpu" and (args.threads != 1 or args.device != "cpu"):
+        parser.error("--clock cpu measures one CPU thread: use it with --threads 1 on the CPU")
+    _clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
-    print(f"machine: {machine_description(args.device)}", flush=True)
+    print(f"machine: {machine_description(args.device)}; clock: {args.clock}", flush=True)
     ceiling = copy_bandwidth_gbps(torch.device(args.device), mbytes=64 if args.quick else 256)
     rows = run(quick=args.quick, device=args.device, repeats=args.repeats, compile=not args.no_compile,
                log=lambda m: print(m, flush=True))

@@ -45,6 +45,7 @@ NAMESPACE = "lessons_kernels"  # torch.ops.lessons_kernels.*
 OPERATORS = (  # declared in csrc/ops.cpp
     "bias_gelu_forward", "bias_gelu_backward",
     "scaled_masked_softmax_forward", "scaled_upper_triang_masked_softmax_forward", "scaled_softmax_backward",
+    "scaled_upper_triang_masked_softmax_backward",
     "layer_norm_forward", "layer_norm_backward",
 )
 

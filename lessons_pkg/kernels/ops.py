@@ -128,7 +128,8 @@ class ScaledUpperTriangMaskedSoftmax(torch.autograd.Function):
 
     forward:  reads only the ``j <= i`` triangle of x, writes all of p (zeros above
               the diagonal); no mask tensor exists.
-    backward: the softmax backward of :class:`ScaledMaskedSoftmax` (p is 0 where masked).
+    backward: the softmax backward of :class:`ScaledMaskedSoftmax`, reading only the
+              ``j <= i`` triangle of grad_p and p (p, hence grad_x, is 0 above it).
     """
 
     @staticmethod
@@ -144,7 +145,7 @@ class ScaledUpperTriangMaskedSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_p: torch.Tensor):
         (probs,) = ctx.saved_tensors
-        return _ops().scaled_softmax_backward(grad_p.contiguous(), probs, ctx.scale), None
+        return _ops().scaled_upper_triang_masked_softmax_backward(grad_p.contiguous(), probs, ctx.scale), None
 
 
 class LayerNorm(torch.autograd.Function):
