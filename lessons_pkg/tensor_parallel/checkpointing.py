@@ -23,14 +23,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lessons_pkg.tensor_parallel.config import GPTConfig, init_method_normal, scaled_init_method_normal
+from lessons_pkg.tensor_parallel.config import GPTConfig
 
 
 def master_state_dict(config: GPTConfig, seed: int) -> dict[str, torch.Tensor]:
     """Full-size initial weights drawn from ``seed`` (Megatron's scheme); identical for any TP or PP."""
     gen = torch.Generator().manual_seed(seed)
     h, std = config.hidden_size, config.init_method_std
-    out_std = std / (2.0 * config.num_layers) ** 0.5  # scaled_init_method_normal
+    out_std = std / (2.0 * config.num_layers) ** 0.5  # as scaled_init_method_normal: output projections
 
     def normal(*shape, s=std):
         return torch.randn(*shape, generator=gen) * s

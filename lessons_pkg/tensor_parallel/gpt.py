@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lessons_pkg.tensor_parallel.checkpointing import gather_full, shard_of
 from lessons_pkg.tensor_parallel.config import GPTConfig, init_method_normal
 from lessons_pkg.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
-from lessons_pkg.tensor_parallel.layers import VocabParallelEmbedding, _mark_partitioned, resolve_tp_group
+from lessons_pkg.tensor_parallel.layers import VocabParallelEmbedding, mark_partitioned, resolve_tp_group
 from lessons_pkg.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from lessons_pkg.tensor_parallel.transformer import LayerNorm, ParallelTransformerLayer
 
@@ -89,7 +90,7 @@ class ParallelGPT(nn.Module):
                 self.word_embeddings_weight = nn.Parameter(
                     torch.empty(self.padded_vocab_size // self.tp_size, config.hidden_size))
                 nn.init.zeros_(self.word_embeddings_weight)  # load_master_state_dict (or a broadcast) fills it
-                _mark_partitioned(self.word_embeddings_weight, 0)
+                mark_partitioned(self.word_embeddings_weight, 0)
 
     def shared_embedding_weight(self) -> nn.Parameter:
         """The word-embedding weight used by this stage's embedding and/or LM head (this rank's rows)."""
@@ -140,8 +141,6 @@ class ParallelGPT(nn.Module):
 
     def load_master_state_dict(self, full_state_dict: dict[str, torch.Tensor]) -> None:
         """Load this rank's shard of this stage's layers from full-size (TP=1, unpadded vocab) weights."""
-        from lessons_pkg.tensor_parallel.checkpointing import shard_of
-
         with torch.no_grad():
             for name, param in self.named_parameters():
                 key = self.global_layer_name(name)
@@ -154,8 +153,6 @@ class ParallelGPT(nn.Module):
 
         A collective: every rank of the tensor-parallel group must call it.
         """
-        from lessons_pkg.tensor_parallel.checkpointing import gather_full
-
         full = {self.global_layer_name(name): gather_full(param, self.tp_group)
                 for name, param in self.named_parameters()}
         word = "embedding.word_embeddings.weight"

@@ -28,7 +28,7 @@ def config_to_hf(config: GPTConfig, **overrides):
         activation_function="gelu_new", resid_pdrop=config.hidden_dropout, embd_pdrop=config.hidden_dropout,
         attn_pdrop=config.attention_dropout, layer_norm_epsilon=config.layernorm_epsilon,
         initializer_range=config.init_method_std, tie_word_embeddings=True,
-        bos_token_id=config.vocab_size - 1, eos_token_id=config.vocab_size - 1,
+        bos_token_id=config.vocab_size - 1, eos_token_id=config.vocab_size - 1,  # GPT-2's 50256 is the last id
     )
     kwargs.update(overrides)
     return GPT2Config(**kwargs)

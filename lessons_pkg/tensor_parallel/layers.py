@@ -62,7 +62,8 @@ def _init_shard(shard: torch.Tensor, full_shape: tuple[int, ...], partition_dim:
         shard.copy_(full.narrow(partition_dim, rank * n, n))
 
 
-def _mark_partitioned(param: nn.Parameter, partition_dim: int) -> None:
+def mark_partitioned(param: nn.Parameter, partition_dim: int) -> None:
+    """Tag ``param`` as this rank's slice of a full weight cut along ``partition_dim`` (read by checkpointing)."""
     param.tensor_model_parallel = True
     param.partition_dim = partition_dim
 
@@ -97,10 +98,10 @@ class ColumnParallelLinear(nn.Module):
 
         self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, input_size))
         _init_shard(self.weight, (output_size, input_size), 0, self.tp_rank, init_method)
-        _mark_partitioned(self.weight, 0)
+        mark_partitioned(self.weight, 0)
         if bias:
             self.bias = nn.Parameter(torch.zeros(self.output_size_per_partition))
-            _mark_partitioned(self.bias, 0)
+            mark_partitioned(self.bias, 0)
         else:
             self.register_parameter("bias", None)
 
@@ -145,7 +146,7 @@ class RowParallelLinear(nn.Module):
 
         self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_partition))
         _init_shard(self.weight, (output_size, input_size), 1, self.tp_rank, init_method)
-        _mark_partitioned(self.weight, 1)
+        mark_partitioned(self.weight, 1)
         self.bias = nn.Parameter(torch.zeros(output_size)) if bias else None  # replicated on every rank
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -189,7 +190,7 @@ class VocabParallelEmbedding(nn.Module):
 
         self.weight = nn.Parameter(torch.empty(self.num_embeddings_per_partition, embedding_dim))
         _init_shard(self.weight, (num_embeddings, embedding_dim), 0, self.tp_rank, init_method)
-        _mark_partitioned(self.weight, 0)
+        mark_partitioned(self.weight, 0)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
