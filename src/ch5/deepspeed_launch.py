@@ -3,7 +3,7 @@
     out = deepspeed_launch("src/ch5/pipe_dream.py", "--steps", "20", num_gpus=2, timeout=300)
 
 runs ``deepspeed --num_gpus 2 --master_port <free port> src/ch5/pipe_dream.py --steps 20``
-in its own process group. Without CUDA it sets ``DS_ACCELERATOR=cpu``: the
+in its own process group and shows its output as it comes. Without CUDA it sets ``DS_ACCELERATOR=cpu``: the
 launcher then starts ``num_gpus`` CPU processes and DeepSpeed talks gloo
 between them. Every rank's stdout arrives on the launcher's stdout (in the
 demos only rank 0 prints). If the job fails, :class:`DeepSpeedLaunchError`
@@ -27,6 +27,8 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 
 import torch
 
@@ -64,20 +66,28 @@ def deepspeed_launch(script: str, *args: str, num_gpus: int = 2, timeout: float 
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
     cmd = [_deepspeed_command(), "--num_gpus", str(num_gpus), "--master_port", str(_free_port()), script, *map(str, args)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        stdout, stderr = proc.communicate()
+    with tempfile.TemporaryFile("w+") as stderr_file:  # a file, so a chatty stderr cannot block the job
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=stderr_file, text=True,
+                                start_new_session=True)
+        killed = threading.Event()
+        timer = threading.Timer(timeout, lambda: (killed.set(), _kill_group(proc)))
+        timer.start()
+        kept = []
+        for line in proc.stdout:  # every rank's stdout, shown as it comes
+            if not _LAUNCHER_LOG.match(line):
+                kept.append(line)
+                if echo:
+                    print(line, end="", flush=True)
+        proc.wait()
+        timer.cancel()
+        stderr_file.seek(0)
+        stderr = stderr_file.read()
+    output = "".join(kept)
+    if killed.is_set():
         raise DeepSpeedLaunchError(f"{' '.join(cmd)} ran past its timeout of {timeout:g} s and was killed\n"
-                                   + _tail(stdout, stderr)) from None
-    output = "".join(line for line in stdout.splitlines(keepends=True) if not _LAUNCHER_LOG.match(line))
-    if echo:
-        print(output, end="", flush=True)
+                                   + _tail(output, stderr))
     if proc.returncode != 0:
-        raise DeepSpeedLaunchError(f"{' '.join(cmd)} failed with exit code {proc.returncode}\n" + _tail(stdout, stderr))
+        raise DeepSpeedLaunchError(f"{' '.join(cmd)} failed with exit code {proc.returncode}\n" + _tail(output, stderr))
     return output
 
 
