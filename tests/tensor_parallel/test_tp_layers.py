@@ -24,9 +24,10 @@ from lessons_pkg.tensor_parallel import (
     shard_of,
     vocab_parallel_cross_entropy,
 )
+from lessons_pkg.tensor_parallel.hf import to_hf_model
+from lessons_pkg.tensor_parallel.instrument import count_collectives
 from lessons_pkg.testing import run_on_ranks
 from tp_reference import ATOL, RTOL, assert_shards_close, hf_grads, tiny_config
-from lessons_pkg.tensor_parallel.hf import to_hf_model
 
 
 def _close(actual, expected, what):
@@ -214,6 +215,14 @@ def check_communication_count(rank: int, tp: int, group) -> dict:
         backward = dict(calls)
     finally:
         dist.all_reduce, dist.all_gather = real_all_reduce, real_all_gather
+
+    # the demos count with lessons_pkg.tensor_parallel.instrument: it must agree with the count above
+    with count_collectives(group) as demo_forward:
+        y = layer(x)
+    with count_collectives(group) as demo_backward:
+        y.sum().backward()
+    assert demo_forward["all_reduce"] == forward["all_reduce"], (demo_forward, forward)
+    assert demo_backward["all_reduce"] == backward["all_reduce"], (demo_backward, backward)
     return {"forward": forward, "backward": backward}
 
 
