@@ -4,8 +4,8 @@
 
 Every rank of the pipeline calls this with its own model chunks; the schedule
 (see ``schedules.py``) says in which order this rank runs the forward and
-backward of each (microbatch, chunk), and ``schedules.steps`` groups them
-into rounds: exchange messages with the neighbours, then compute. For each
+backward of each (microbatch, chunk), and ``rounds.steps`` groups them into
+rounds: exchange messages with the neighbours, then compute. For each
 action the executor
 
     F(i, c):  input  = microbatches[i] on virtual stage 0, else receive it from the previous stage
@@ -62,7 +62,7 @@ def forward_backward(
     forward_only     run only the forwards, without autograd (evaluation): the losses, no gradients
     tensor_shape     shape of every activation between stages, e.g. ``(b, s, h)``, if known: then no
                      header travels with it (Megatron's ``tensor_shape``). Needed for the interleaved
-                     schedule on backends other than gloo (``schedules.check_rounds`` says why)
+                     schedule on backends other than gloo (``rounds.check_rounds`` says why)
     tensor_dtype     dtype of those activations (default: that of this rank's parameters)
 
     Returns the detached loss of every microbatch on the last stage, None on the others.
@@ -92,7 +92,7 @@ def forward_backward(
     with torch.set_grad_enabled(torch.is_grad_enabled() and not forward_only):
         for step in steps(schedule, rank, forward_only):
             # one round of messages: the previous block's outputs out, this block's inputs in
-            run.inbox = channel.exchange(run.outbox, [run.expect(a) for a in step.recvs])
+            run.inbox.update(channel.exchange(run.outbox, [run.expect(a) for a in step.recvs]))
             run.outbox = []
             for action in step.compute:
                 if action.op == FORWARD:

@@ -15,9 +15,9 @@ gradient needs no header: it has the shape and dtype of the activation the
 receiver sent. When the caller gives the activation shape (Megatron's
 ``tensor_shape``), no header travels at all.
 
-Messages travel in rounds (``schedules.steps``): the sends of one compute
+Messages travel in rounds (``rounds.steps``): the sends of one compute
 block and the receives of the next are posted together, as Megatron-LM does.
-``schedules.check_rounds`` proves, for a schedule, that these rounds cannot
+``rounds.check_rounds`` proves, for a schedule, that these rounds cannot
 deadlock even when a send completes only once its receive is posted and
 batches complete as a whole (NCCL). It holds for GPipe and 1F1B with or
 without headers, and for interleaved 1F1B only without headers: the executor
