@@ -167,6 +167,11 @@ def interleaved_one_f_one_b(num_stages: int, num_microbatches: int, num_chunks: 
     way with the chunks reversed. Rank r first runs ``2 (p - r - 1) + (v - 1) p``
     warm-up forwards, then alternates, then cools down. Because microbatches
     go round in groups of ``p``, ``m`` must be a multiple of ``p``.
+
+    p=2, m=4, v=2 on the unit-time clock (``F3.1`` = forward of microbatch 3 on chunk 1)::
+
+        rank 0 |   F0   F1 F0.1 F1.1   F2 B0.1   F3 B1.1 F2.1   B0 F3.1   B1    . B2.1    . B3.1   B2   B3
+        rank 1 |    .   F0   F1 F0.1 B0.1 F1.1 B1.1   F2   B0   F3   B1 F2.1 B2.1 F3.1 B3.1   B2   B3    .
     """
     _check_sizes(num_stages, num_microbatches, num_chunks)
     p, m, v = num_stages, num_microbatches, num_chunks

@@ -162,3 +162,14 @@ def test_messages_are_received_in_the_order_they_are_sent():
                 elif a.op == RECV_BACKWARD:
                     received.setdefault((a.peer, r), []).append(("grad", a.microbatch, stage + 1))
         assert sent == received, (s.name, s.num_stages, s.num_microbatches, s.num_chunks)
+
+
+@pytest.mark.parametrize("schedule,doc", [
+    (gpipe(4, 4), "module"), (one_f_one_b(4, 8), "module"), (interleaved_one_f_one_b(2, 4, 2), "function"),
+])
+def test_docstring_tables_are_what_simulate_prints(schedule, doc):
+    import lessons_pkg.pipeline.schedules as module
+
+    text = module.__doc__ if doc == "module" else module.interleaved_one_f_one_b.__doc__
+    for line in format_table(simulate(schedule)).splitlines():
+        assert line in text
