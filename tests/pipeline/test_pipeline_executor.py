@@ -18,7 +18,7 @@ from lessons_pkg import parallel_state
 from lessons_pkg.pipeline import forward_backward
 from lessons_pkg.pipeline.schedules import interleaved_one_f_one_b
 from lessons_pkg.pipeline.partition import LinearTanh, chunk_layer_ranges, chunks_for_rank, toy_layers
-from lessons_pkg.testing import run_on_ranks
+from lessons_pkg.testing import RankError, run_on_ranks
 
 HIDDEN, SEQ, MB_SIZE, LAYERS = 8, 3, 2, 8
 
@@ -185,3 +185,23 @@ def test_wrong_number_of_modules_raises():
 def test_layers_not_divisible_raises():
     with pytest.raises(ValueError, match=r"number of layers \(6\) is not divisible by pipeline stages \(2\) x model chunks per stage \(2\) = 4"):
         chunks_for_rank(toy_layers(6, 4), 0, 2, 2)
+
+
+def _mismatched_schedules():
+    """Rank 1 runs its forwards in another microbatch order than rank 0 sends them."""
+    from lessons_pkg.pipeline.schedules import Action, Schedule
+
+    group = dist.new_group([0, 1])
+    rank = dist.get_rank(group)
+    orders = [[Action("F", 0), Action("F", 1), Action("B", 0), Action("B", 1)],
+              [Action("F", 1), Action("F", 0), Action("B", 1), Action("B", 0)]]
+    schedule = Schedule("mismatched", 2, 2, 1, orders)
+    chunks = chunks_for_rank(toy_layers(2, HIDDEN), rank, 2)
+    xs, ts = _batch(2, seed=0)
+    forward_backward(chunks, schedule, xs, ts, _mse, group=group)
+
+
+def test_schedules_that_do_not_pair_up_fail_naming_the_messages():
+    with pytest.raises(RankError, match=r"rank 1 expected message <activation of microbatch 1 from virtual stage 0> "
+                                        r"from rank 0 but received <activation of microbatch 0 from virtual stage 0>"):
+        run_on_ranks(_mismatched_schedules, 2, timeout=30)
