@@ -72,6 +72,13 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 _clock = time.perf_counter
 
 
+def set_clock(name: str) -> None:
+    """Time with ``"wall"`` (elapsed) or ``"cpu"`` (this process's CPU time: on a machine shared
+    with other jobs it is not inflated by them; with one thread it equals the elapsed time of an idle machine)."""
+    global _clock
+    _clock = CLOCKS[name]
+
+
 def best_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
     """The fastest of ``repeats`` timed runs, in ms: noise (other processes, interrupts) only adds time."""
     for _ in range(warmup):
@@ -217,10 +224,9 @@ def main(argv: list[str] | None = None) -> int:
                              "machine do not inflate (use with --threads 1: it sums over threads)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
-    global _clock
     if args.clock == "cpu" and (args.threads != 1 or args.device != "cpu"):
         parser.error("--clock cpu measures one CPU thread: use it with --threads 1 on the CPU")
-    _clock = CLOCKS[args.clock]
+    set_clock(args.clock)
     torch.set_num_threads(args.threads)
     print(f"machine: {machine_description(args.device)}; clock: {args.clock}", flush=True)
     ceiling = copy_bandwidth_gbps(torch.device(args.device), mbytes=64 if args.quick else 256)
