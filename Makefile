@@ -23,8 +23,8 @@ $(VENV)/.setup-done: pyproject.toml
 	touch $@
 
 # ---- make course: every chapter's demos, real multi-process runs -------------
-course: setup course-ch6-warmup course-ch6-tensor-parallel course-ch6-kernels course-ch6-data course-ch6-pretrain \
-        course-ch5 course-ch5-schedules
+course: setup course-ch5 course-ch5-schedules course-ch6-warmup course-ch6-tensor-parallel course-ch6-kernels \
+        course-ch6-data course-ch6-pretrain
 	@echo "course finished: every demo above printed its verification"
 
 course-ch6-warmup: setup
