@@ -105,7 +105,7 @@ def torchrun(
         while proc.poll() is None:
             if time.monotonic() > deadline:
                 timed_out = True
-                _kill_group(proc)
+                kill_process_group(proc)
                 break
             if echo:
                 shown = _echo_new(log_dir, shown, nproc_per_node)
@@ -140,7 +140,8 @@ def _echo_new_text(text: str, shown: int, nproc: int) -> int:
     return shown
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def kill_process_group(proc: subprocess.Popen) -> None:
+    """End ``proc`` and every process it started (it must run in its own session): SIGTERM, then SIGKILL."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)

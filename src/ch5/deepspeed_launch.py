@@ -23,7 +23,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +30,8 @@ import tempfile
 import threading
 
 import torch
+
+from lessons_pkg.launch import kill_process_group
 
 # the launcher's own log lines: "[2026-01-01 12:00:00,000] [INFO] [launch.py:...] ..."
 _LAUNCHER_LOG = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\] \[(INFO|WARNING)\] \[(runner|launch)\.py")
@@ -70,7 +71,7 @@ def deepspeed_launch(script: str, *args: str, num_gpus: int = 2, timeout: float 
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=stderr_file, text=True,
                                 start_new_session=True)
         killed = threading.Event()
-        timer = threading.Timer(timeout, lambda: (killed.set(), _kill_group(proc)))
+        timer = threading.Timer(timeout, lambda: (killed.set(), kill_process_group(proc)))
         timer.start()
         kept = []
         for line in proc.stdout:  # every rank's stdout, shown as it comes
@@ -89,18 +90,6 @@ def deepspeed_launch(script: str, *args: str, num_gpus: int = 2, timeout: float 
     if proc.returncode != 0:
         raise DeepSpeedLaunchError(f"{' '.join(cmd)} failed with exit code {proc.returncode}\n" + _tail(output, stderr))
     return output
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=5)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def _tail(stdout: str, stderr: str, lines: int = 40) -> str:
