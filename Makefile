@@ -90,7 +90,7 @@ course-ch5: setup
 	$(PY) src/ch5/deepspeed_launch.py --num_gpus 4 --timeout 900 src/ch5/pipe_dream.py --steps 200
 
 course-ch5-schedules: setup
-	@echo "== Chapter 5, part 2: pipeline schedules from scratch (writes outputs/ch5/*.png) =="
+	@echo "== Chapter 5, section 8: pipeline schedules from scratch (writes outputs/ch5/*.png) =="
 	$(LAUNCH) --nproc 2 src/ch5/schedules_verify.py
 	$(LAUNCH) --nproc 4 src/ch5/schedules_verify.py
 	$(LAUNCH) --nproc 4 src/ch5/pipeline_timeline.py
