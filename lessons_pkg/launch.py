@@ -165,6 +165,41 @@ def _failure_report(result: LaunchResult, launcher_output: str) -> str:
     return "\n".join(parts)
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now (the OS picks it; bind to it soon after)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def launch_self(nproc: int, timeout: float = 600) -> None:
+    """Make a plain ``python FILE [args]`` a job of ``nproc`` ranks; do nothing under torchrun/srun.
+
+    Called at the top of a demo's ``main()``: when this process is not already
+    a rank (no ``RANK`` in its environment), ``nproc == 1`` turns it into rank 0
+    of a one-process job and returns; ``nproc > 1`` runs ``FILE args`` under
+    :func:`torchrun` (rank-ordered output, timeout, clean-up) and exits with
+    the job's status, so the code after the call only ever runs inside a rank.
+    """
+    if "RANK" in os.environ:
+        return
+    if nproc < 1:
+        raise SystemExit(f"error: --nproc must be >= 1, got {nproc}")
+    if nproc == 1:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        return
+    script = os.path.abspath(sys.argv[0])
+    try:
+        torchrun(script, *sys.argv[1:], nproc_per_node=nproc, timeout=timeout)
+    except LaunchError as e:
+        print(e, file=sys.stderr, flush=True)
+        raise SystemExit(124 if isinstance(e, LaunchTimeout) else 1) from None
+    raise SystemExit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nproc", type=int, default=2, help="processes (ranks) to start")
