@@ -5,8 +5,12 @@ through :func:`torchrun`. Each rank's stdout and stderr go to their own file
 (torchrun's ``--redirects 3``); rank 0's lines are shown while the job runs, the
 other ranks' after it ends, so the output of a job is the same every time it
 runs. If a rank fails, its stderr is shown and :class:`LaunchError` is raised;
-if the job outlives ``timeout``, the whole process group is killed and
-:class:`LaunchTimeout` is raised.
+if the job outlives ``timeout``, every process of the job is killed and
+:class:`LaunchTimeout` is raised. However the call ends (success, failure,
+timeout, Ctrl-C), no process it started is left running: torchrun starts each
+rank in a session of its own, so killing torchrun's process group is not
+enough; every process of a job carries the job's ``LESSONS_LAUNCH_ID`` in its
+environment, and the clean-up ends every process that carries it.
 
 Command line (what ``make course`` uses)::
 
@@ -22,7 +26,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
+
+LAUNCH_ID_VAR = "LESSONS_LAUNCH_ID"  # set in the environment of every process of one job
 
 
 class LaunchError(RuntimeError):
@@ -89,6 +96,7 @@ def torchrun(
     full_env.setdefault("OMP_NUM_THREADS", "1")
     full_env["PYTHONUNBUFFERED"] = "1"
     full_env.update(env or {})
+    launch_id = full_env[LAUNCH_ID_VAR] = uuid.uuid4().hex
     with tempfile.TemporaryDirectory(prefix="torchrun-") as log_dir:
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -102,16 +110,17 @@ def torchrun(
         deadline = time.monotonic() + timeout
         shown = 0  # characters of rank 0's stdout already printed
         timed_out = False
-        while proc.poll() is None:
-            if time.monotonic() > deadline:
-                timed_out = True
-                kill_process_group(proc)
-                break
-            if echo:
-                shown = _echo_new(log_dir, shown, nproc_per_node)
-            time.sleep(0.1)
+        try:
+            while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    timed_out = True
+                    break
+                if echo:
+                    shown = _echo_new(log_dir, shown, nproc_per_node)
+                time.sleep(0.1)
+        finally:  # also on Ctrl-C (KeyboardInterrupt) or any other exception
+            end_launch(proc, launch_id)
         launcher_output = proc.stdout.read() if proc.stdout else ""
-        proc.wait()
         stdout = _rank_logs(log_dir, nproc_per_node, "stdout")
         stderr = _rank_logs(log_dir, nproc_per_node, "stderr")
     if echo:
@@ -140,8 +149,55 @@ def _echo_new_text(text: str, shown: int, nproc: int) -> int:
     return shown
 
 
+def processes_of_launch(launch_id: str) -> list:
+    """The running processes whose environment holds ``LESSONS_LAUNCH_ID=launch_id``."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and p.environ().get(LAUNCH_ID_VAR) == launch_id:
+                found.append(p)
+        except (psutil.Error, OSError):  # gone, a zombie, or not ours to read
+            continue
+    return found
+
+
+def end_launch(proc: subprocess.Popen, launch_id: str, grace: float = 3.0) -> None:
+    """End ``proc`` (started in its own session) and every process of the launch ``launch_id``.
+
+    SIGTERM first, so torchrun can stop its ranks; whatever is still alive
+    ``grace`` seconds later (a rank that ignores SIGTERM, a rank torchrun
+    started in a session of its own) gets SIGKILL. Returns when all are gone.
+    """
+    import psutil
+
+    def signal_all(sig):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        procs = processes_of_launch(launch_id)
+        for p in procs:
+            try:
+                p.send_signal(sig)
+            except psutil.Error:
+                pass
+        return procs
+
+    if proc.poll() is None:
+        signal_all(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    left = signal_all(signal.SIGKILL)
+    proc.wait()
+    psutil.wait_procs(left, timeout=10)
+
+
 def kill_process_group(proc: subprocess.Popen) -> None:
-    """End ``proc`` and every process it started (it must run in its own session): SIGTERM, then SIGKILL."""
+    """End ``proc`` and every process in its process group (it must run in its own session): SIGTERM, then SIGKILL."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
@@ -174,7 +230,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def launch_self(nproc: int, timeout: float = 600) -> None:
+def launch_self(nproc: int, timeout: float = 600, argv: list[str] | None = None) -> None:
     """Make a plain ``python FILE [args]`` a job of ``nproc`` ranks; do nothing under torchrun/srun.
 
     Called at the top of a demo's ``main()``: when this process is not already
@@ -182,6 +238,7 @@ def launch_self(nproc: int, timeout: float = 600) -> None:
     of a one-process job and returns; ``nproc > 1`` runs ``FILE args`` under
     :func:`torchrun` (rank-ordered output, timeout, clean-up) and exits with
     the job's status, so the code after the call only ever runs inside a rank.
+    ``argv`` (default ``sys.argv[1:]``) are the arguments each rank gets.
     """
     if "RANK" in os.environ:
         return
@@ -193,11 +250,36 @@ def launch_self(nproc: int, timeout: float = 600) -> None:
         return
     script = os.path.abspath(sys.argv[0])
     try:
-        torchrun(script, *sys.argv[1:], nproc_per_node=nproc, timeout=timeout)
+        torchrun(script, *(sys.argv[1:] if argv is None else argv), nproc_per_node=nproc, timeout=timeout)
     except LaunchError as e:
         print(e, file=sys.stderr, flush=True)
         raise SystemExit(124 if isinstance(e, LaunchTimeout) else 1) from None
     raise SystemExit(0)
+
+
+def add_nproc_argument(parser: argparse.ArgumentParser, default: int) -> None:
+    """Give a demo's parser ``--nproc N``: the ranks a plain ``python FILE`` starts (``default``: the lesson's)."""
+    parser.add_argument("--nproc", type=int, default=None, metavar="N",
+                        help=f"ranks to start when run with plain python (default {default}); under "
+                             "torchrun/srun the launcher decides, and --nproc, if given, must match it")
+    parser.set_defaults(nproc_default=default)
+
+
+def start_ranks(args: argparse.Namespace, timeout: float = 600) -> None:
+    """:func:`launch_self` with ``args.nproc`` (or the parser's default); an ``--nproc`` that contradicts torchrun is an error."""
+    if "RANK" in os.environ and args.nproc is not None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if args.nproc != world:
+            raise SystemExit(f"error: --nproc {args.nproc} asked for, but this job was started with "
+                             f"WORLD_SIZE {world} ranks by its launcher; drop --nproc or make them equal")
+    # the ranks do not get --nproc: torchrun itself would reject it (ambiguous with its --nproc-per-node)
+    argv, rest = [], iter(sys.argv[1:])
+    for arg in rest:
+        if arg == "--nproc":
+            next(rest, None)
+        elif not arg.startswith("--nproc="):
+            argv.append(arg)
+    launch_self(args.nproc if args.nproc is not None else args.nproc_default, timeout, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

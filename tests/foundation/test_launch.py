@@ -1,18 +1,25 @@
-"""The torchrun launcher used by notebooks, `make course` and tests: ordered output, errors, timeouts."""
+"""The torchrun launcher used by notebooks, `make course` and tests: ordered output, errors, timeouts, clean-up."""
+import os
+import signal
 import time
 
+import psutil
 import pytest
 
 from lessons_pkg.launch import LaunchError, LaunchTimeout, torchrun
 
 SCRIPT = """
-import os, sys, time
+import os, signal, sys, time
 rank = int(os.environ["RANK"])
 print(f"hello from rank {rank} of {os.environ['WORLD_SIZE']}")
 mode = sys.argv[1]
 if mode == "fail" and rank == 1:
     raise ValueError("deliberate failure on rank 1")
 if mode == "hang":
+    # a rank that ignores SIGTERM, so only SIGKILL ends it; it says who it is first
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with open(os.path.join(sys.argv[2], f"pid{rank}"), "w") as f:
+        f.write(str(os.getpid()))
     time.sleep(3600)
 """
 
@@ -38,8 +45,42 @@ def test_failing_rank_error_is_shown(script):
     assert "deliberate failure on rank 1" in str(info.value)
 
 
-def test_hung_job_is_killed_at_its_timeout(script):
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _rank_pids(folder, nproc):
+    return [int((folder / f"pid{r}").read_text()) for r in range(nproc)]
+
+
+def test_hung_job_is_killed_at_its_timeout_and_leaves_no_process(script, tmp_path):
+    # torchrun starts each rank in a session of its own and these ranks ignore
+    # SIGTERM: the call must still return with every rank gone
     start = time.monotonic()
-    with pytest.raises(LaunchTimeout, match="ran past its timeout of 5 s"):
-        torchrun(script, "hang", nproc_per_node=2, timeout=5, echo=False)
-    assert time.monotonic() - start < 20
+    with pytest.raises(LaunchTimeout, match="ran past its timeout of 6 s"):
+        torchrun(script, "hang", str(tmp_path), nproc_per_node=2, timeout=6, echo=False)
+    assert time.monotonic() - start < 30
+    pids = _rank_pids(tmp_path, 2)
+    assert [p for p in pids if _alive(p)] == []
+
+
+def test_interrupted_launch_leaves_no_process(script, tmp_path):
+    """Ctrl-C (KeyboardInterrupt) while the ranks run: the call re-raises it and no rank survives."""
+    def interrupt_once_ranks_run(signum, frame):
+        if all((tmp_path / f"pid{r}").exists() for r in range(2)):
+            raise KeyboardInterrupt
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+
+    previous = signal.signal(signal.SIGALRM, interrupt_once_ranks_run)
+    signal.setitimer(signal.ITIMER_REAL, 0.2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            torchrun(script, "hang", str(tmp_path), nproc_per_node=2, timeout=120, echo=False)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    pids = _rank_pids(tmp_path, 2)
+    assert [p for p in pids if _alive(p)] == []
