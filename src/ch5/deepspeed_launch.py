@@ -7,8 +7,9 @@ in its own process group and shows its output as it comes. Without CUDA it sets 
 launcher then starts ``num_gpus`` CPU processes and DeepSpeed talks gloo
 between them. Every rank's stdout arrives on the launcher's stdout (in the
 demos only rank 0 prints). If the job fails, :class:`DeepSpeedLaunchError`
-carries the tail of its output; if it runs past ``timeout``, the whole process
-group is killed first.
+carries the tail of its output; if it runs past ``timeout``, every process of
+the job is killed first. However the call ends (Ctrl-C included), no process it
+started is left running (the same clean-up as :func:`lessons_pkg.launch.torchrun`).
 
 The first DeepSpeed run on a CPU machine compiles DeepSpeed's shared-memory
 communication op (a minute or two; cached in ``~/.cache/torch_extensions``).
@@ -23,15 +24,15 @@ import argparse
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import uuid
 
 import torch
 
-from lessons_pkg.launch import kill_process_group
+from lessons_pkg.launch import LAUNCH_ID_VAR, end_launch, free_port
 
 # the launcher's own log lines: "[2026-01-01 12:00:00,000] [INFO] [launch.py:...] ..."
 _LAUNCHER_LOG = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\] \[(INFO|WARNING)\] \[(runner|launch)\.py")
@@ -39,12 +40,6 @@ _LAUNCHER_LOG = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\] \[(INFO|WARNING)\] \[(
 
 class DeepSpeedLaunchError(RuntimeError):
     """The job failed or timed out; the message holds the tail of its output."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _deepspeed_command() -> str:
@@ -63,24 +58,30 @@ def deepspeed_launch(script: str, *args: str, num_gpus: int = 2, timeout: float 
     if not os.path.exists(script):
         raise FileNotFoundError(f"no such script: {script}")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    launch_id = env[LAUNCH_ID_VAR] = uuid.uuid4().hex  # every process of the job inherits it
     env.setdefault("OMP_NUM_THREADS", "1")
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
-    cmd = [_deepspeed_command(), "--num_gpus", str(num_gpus), "--master_port", str(_free_port()), script, *map(str, args)]
+    cmd = [_deepspeed_command(), "--num_gpus", str(num_gpus), "--master_port", str(free_port()), script, *map(str, args)]
     with tempfile.TemporaryFile("w+") as stderr_file:  # a file, so a chatty stderr cannot block the job
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=stderr_file, text=True,
                                 start_new_session=True)
         killed = threading.Event()
-        timer = threading.Timer(timeout, lambda: (killed.set(), kill_process_group(proc)))
+        # a daemon timer: it never keeps Python alive after Ctrl-C
+        timer = threading.Timer(timeout, lambda: (killed.set(), end_launch(proc, launch_id)))
+        timer.daemon = True
         timer.start()
         kept = []
-        for line in proc.stdout:  # every rank's stdout, shown as it comes
-            if not _LAUNCHER_LOG.match(line):
-                kept.append(line)
-                if echo:
-                    print(line, end="", flush=True)
-        proc.wait()
-        timer.cancel()
+        try:
+            for line in proc.stdout:  # every rank's stdout, shown as it comes
+                if not _LAUNCHER_LOG.match(line):
+                    kept.append(line)
+                    if echo:
+                        print(line, end="", flush=True)
+            proc.wait()
+        finally:  # also on Ctrl-C: nothing of the job outlives the call
+            timer.cancel()
+            end_launch(proc, launch_id)
         stderr_file.seek(0)
         stderr = stderr_file.read()
     output = "".join(kept)

@@ -2,6 +2,7 @@
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from transformers import GPT2LMHeadModel
@@ -46,8 +47,18 @@ def test_deepspeed_launch_reports_a_failing_script(tmp_path):
     assert "about to fail" in str(info.value)
 
 
-def test_deepspeed_launch_kills_a_job_past_its_timeout(tmp_path):
+def test_deepspeed_launch_kills_a_job_past_its_timeout_and_leaves_no_process(tmp_path):
+    # the rank ignores SIGTERM: only the launcher's SIGKILL of every process of the job ends it
     script = tmp_path / "hangs.py"
-    script.write_text("import time\nprint('started', flush=True)\ntime.sleep(600)\n")
+    pid_file = tmp_path / "pid"
+    script.write_text("import os, signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                      f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+                      "print('started', flush=True)\ntime.sleep(600)\n")
     with pytest.raises(DeepSpeedLaunchError, match=r"ran past its timeout of 20 s and was killed"):
         deepspeed_launch(str(script), num_gpus=1, timeout=20, echo=False)
+    pid = int(pid_file.read_text())
+    try:
+        alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        alive = False
+    assert not alive, f"rank {pid} outlived the launch"
