@@ -106,7 +106,20 @@ class ParallelGPT(nn.Module):
         return layer(x)
 
     def forward(self, inputs: torch.Tensor, position_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+                labels: torch.Tensor | None = None, kv_cache=None, last_position_only: bool = False
+                ) -> torch.Tensor:
+        """See the class docstring; ``kv_cache`` and ``last_position_only`` serve generation.
+
+        ``kv_cache`` (a :class:`lessons_pkg.inference.KVCache` of this stage)
+        holds the keys and values of the positions already seen: ``inputs``
+        are then only the NEW positions, numbered from ``kv_cache.length`` on
+        (unless ``position_ids`` says otherwise), and the cache grows by
+        ``s``. ``last_position_only`` applies the LM head to the last position
+        only (``[b, 1, V/tp]``): generation needs no more, and the head is the
+        costliest matmul of a short prompt.
+        """
+        if kv_cache is not None:
+            return self._forward_cached(inputs, position_ids, kv_cache, last_position_only)
         if self.pre_process:
             if inputs.is_floating_point():
                 raise TypeError(f"the first stage takes input_ids [b, s] (integers), got {inputs.dtype} "
@@ -122,12 +135,34 @@ class ParallelGPT(nn.Module):
             x = self._layer(layer, x)                                  # [b, s, h]
         if not self.post_process:
             return x
+        if last_position_only:
+            x = x[:, -1:]                                              # [b, s, h] -> [b, 1, h]
         x = self.final_layernorm(x)
         x = copy_to_tensor_model_parallel_region(x, self.tp_group)   # f: sum the head's input gradient
         logits = F.linear(x, self.shared_embedding_weight())          # [b, s, h] -> [b, s, V/tp]
         if labels is None:
             return logits
         return vocab_parallel_cross_entropy(logits.float(), labels, tp_group=self.tp_group)  # [b, s]
+
+    def _forward_cached(self, inputs: torch.Tensor, position_ids: torch.Tensor | None, kv_cache,
+                        last_position_only: bool) -> torch.Tensor:
+        """Inference only: the new positions through this stage, keys/values read from and added to the cache."""
+        s = inputs.size(1)
+        if self.pre_process:
+            if position_ids is None:                                   # the new tokens follow the cached ones
+                position_ids = torch.arange(kv_cache.length, kv_cache.length + s, device=inputs.device).unsqueeze(0)
+            x = self.embedding(inputs, position_ids)                   # [b, s] -> [b, s, h]
+        else:
+            x = inputs                                                 # [b, s, h] from the previous stage
+        for i, layer in enumerate(self.layers):
+            x = layer(x, kv_cache.layer(i))                            # [b, s, h]; cache: this rank's heads
+        kv_cache.advance(s)
+        if not self.post_process:
+            return x
+        if last_position_only:
+            x = x[:, -1:]                                              # [b, s, h] -> [b, 1, h]
+        x = self.final_layernorm(x)
+        return F.linear(x, self.shared_embedding_weight())            # [b, s, h] -> [b, s, V/tp]
 
     # -- master weights ------------------------------------------------------
     def global_layer_name(self, local_name: str) -> str:

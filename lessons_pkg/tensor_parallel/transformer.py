@@ -15,7 +15,11 @@ a per-rank generator there): still a valid dropout, documented here.
 
 ``config.use_fused_kernels`` swaps in ``lessons_pkg.kernels`` (imported only
 then): bias+GeLU, the scaled causal softmax and LayerNorm. The plain PyTorch
-code beside each call is the reference and the default.
+code beside each call is the reference and the default. Attention itself is
+``F.scaled_dot_product_attention`` by default (one fused call, no
+``[b, heads, s, s]`` tensor kept); :func:`attention_reference` spells out the
+same computation (scores, causal softmax, weighted sum) and serves the fused
+kernels and the tests.
 """
 from __future__ import annotations
 
@@ -39,14 +43,41 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, fused: bool = False) -> torch
 
 
 def scaled_causal_softmax(scores: torch.Tensor, scale: float, fused: bool = False) -> torch.Tensor:
-    """softmax(scale * scores) with future positions masked; ``scores`` ``[b*heads, sq, sk]``."""
-    if fused:
+    """softmax(scale * scores) with future positions masked; ``scores`` ``[b*heads, sq, sk]``.
+
+    The ``sq`` queries are the LAST ``sq`` of the ``sk`` positions (``sq < sk``
+    when earlier keys come from a key/value cache): query i sees keys
+    ``0 .. sk - sq + i``. The fused kernel handles the square case only.
+    """
+    sq, sk = scores.shape[-2:]
+    if fused and sq == sk:
         from lessons_pkg import kernels
 
         return kernels.scaled_upper_triang_masked_softmax(scores, scale)
-    sq, sk = scores.shape[-2:]
-    future = torch.ones(sq, sk, dtype=torch.bool, device=scores.device).triu(1)
+    future = causal_mask(sq, sk, scores.device).logical_not()
     return torch.softmax((scores * scale).masked_fill(future, float("-inf")), dim=-1)
+
+
+def causal_mask(sq: int, sk: int, device=None) -> torch.Tensor:
+    """``[sq, sk]`` bool, True where query i (position ``sk - sq + i``) may see key j (``j <= sk - sq + i``)."""
+    return torch.ones(sq, sk, dtype=torch.bool, device=device).tril(sk - sq)
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0,
+                        training: bool = False, fused: bool = False) -> torch.Tensor:
+    """The attention of the paper, step by step: ``softmax(q k^T / sqrt(d), causal) v`` (the documented reference).
+
+    ``q [b, nh, sq, hd]``, ``k, v [b, nh, sk, hd]`` with ``sq <= sk`` (the queries
+    are the last ``sq`` positions). Used with the fused kernels and by the
+    tests; the default path calls ``F.scaled_dot_product_attention``, which
+    computes the same without materialising ``[b, nh, sq, sk]``.
+    """
+    b, nh, sq, hd = q.shape
+    sk = k.size(2)
+    scores = torch.matmul(q, k.transpose(-1, -2))                          # [b, nh, sq, sk]
+    probs = scaled_causal_softmax(scores.reshape(b * nh, sq, sk), hd ** -0.5, fused).view(b, nh, sq, sk)
+    probs = F.dropout(probs, dropout, training)
+    return torch.matmul(probs, v)                                          # [b, nh, sq, hd]
 
 
 class LayerNorm(nn.LayerNorm):
@@ -99,6 +130,11 @@ class ParallelAttention(nn.Module):
     ``heads / tp`` heads. Attention per head needs nothing from other heads;
     the output projection is row-parallel and sums the ranks' contributions.
     Returns ``(output, output_bias)``.
+
+    Generation passes ``kv_cache`` (one layer's view of a
+    :class:`lessons_pkg.inference.KVCache`): the new tokens' k and v are
+    appended to it and the queries attend to every cached position. Each rank
+    caches only its own ``heads / tp`` heads, ``[b, heads/tp, positions, hd]``.
     """
 
     def __init__(self, config: GPTConfig, tp_group: dist.ProcessGroup | None = None):
@@ -115,19 +151,30 @@ class ParallelAttention(nn.Module):
             config.hidden_size, config.hidden_size, input_is_parallel=True, skip_bias_add=True,
             init_method=scaled_init_method_normal(config.init_method_std, config.num_layers), tp_group=tp_group)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, kv_cache=None) -> tuple[torch.Tensor, torch.Tensor]:
         b, s, _ = x.shape
         nh, hd = self.num_heads_per_partition, self.head_dim
         qkv, _ = self.query_key_value(x)                            # [b, s, h] -> [b, s, 3h/tp]
         qkv = qkv.view(b, s, nh, 3, hd)                             # this rank's heads, each [q k v]
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # 3 x [b, nh, s, hd]
-
-        scores = torch.matmul(q, k.transpose(-1, -2))               # [b, nh, s, s]
-        probs = scaled_causal_softmax(scores.view(b * nh, s, s), hd ** -0.5, self.fused).view(b, nh, s, s)
-        probs = F.dropout(probs, self.attention_dropout, self.training)
-        context = torch.matmul(probs, v)                            # [b, nh, s, hd]
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)                            # 2 x [b, nh, cached + s, hd]
+        context = self.core_attention(q, k, v)                      # [b, nh, s, hd]
         context = context.transpose(1, 2).reshape(b, s, nh * hd)    # [b, s, h/tp]
         return self.dense(context)                                  # [b, s, h/tp] -> [b, s, h] (all-reduce)
+
+    def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of ``q [b, nh, sq, hd]`` (the last ``sq`` positions) over ``k, v [b, nh, sk, hd]``."""
+        dropout = self.attention_dropout if self.training else 0.0
+        if self.fused:
+            return attention_reference(q, k, v, dropout, self.training, fused=True)
+        sq, sk = q.size(2), k.size(2)
+        if sq == sk:    # training, scoring, a prompt without cache: the square causal mask
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        if sq == 1:     # one new token: it sees every cached position, no mask
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        # several new tokens after cached ones (is_causal would align the mask top-left: wrong here)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(sq, sk, q.device), dropout_p=dropout)
 
 
 class ParallelTransformerLayer(nn.Module):
@@ -145,8 +192,8 @@ class ParallelTransformerLayer(nn.Module):
     def _bias_dropout_add(self, x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return residual + F.dropout(x + bias, self.hidden_dropout, self.training)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        attn, attn_bias = self.self_attention(self.input_layernorm(x))  # [b, s, h]
+    def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        attn, attn_bias = self.self_attention(self.input_layernorm(x), kv_cache)  # [b, s, h]
         x = self._bias_dropout_add(attn, attn_bias, x)
         mlp, mlp_bias = self.mlp(self.post_attention_layernorm(x))      # [b, s, h]
         return self._bias_dropout_add(mlp, mlp_bias, x)
