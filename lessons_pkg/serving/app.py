@@ -1,0 +1,173 @@
+"""The HTTP side, on the serving rank only: Flask routes that validate, queue and answer.
+
+    PUT  /api               Megatron's interface: {"prompts": [...], "tokens_to_generate": 1, ...}
+    POST /v1/completions    OpenAI's completions, ``stream: true`` for server-sent events
+    GET  /v1/models         the one model served
+    GET  /health            {"status": "ok", ...} once the model is loaded
+    GET  /                  the web page (static/index.html)
+
+A route never touches the model: it validates the request (400 on any
+problem, before the other ranks hear of it), puts a :class:`Job` in the queue
+and waits for the serving loop to answer it. Errors are JSON ``{"message": ...}``
+with the status that fits (400 bad request, 404/405, 499 client gone,
+500 generation failed, 503 shutting down); OpenAI routes add OpenAI's
+``{"error": {...}}`` beside it.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from dataclasses import dataclass, field
+
+from flask import Flask, Response, jsonify, request, send_from_directory
+from werkzeug.exceptions import HTTPException
+
+from lessons_pkg.serving import completions as oai
+from lessons_pkg.serving.batcher import Job, RequestQueue
+from lessons_pkg.serving.schema import BadRequest, parse_api_request, parse_completion_request, parse_json
+
+STATIC = os.path.join(os.path.dirname(__file__), "static")
+
+
+@dataclass
+class ServingState:
+    queue: RequestQueue
+    tokenizer: object
+    max_positions: int
+    model_name: str
+    info: dict = field(default_factory=dict)      # shown by /health
+    request_timeout_s: float = 600.0
+
+
+def _error(status: int, message: str, openai: bool = False, param: str | None = None):
+    body = {"message": message}
+    if openai:
+        kind = "invalid_request_error" if status == 400 else "server_error"
+        body["error"] = {"message": message, "type": kind, "param": param, "code": status}
+    return jsonify(body), status
+
+
+def _wait(job: Job, state: ServingState):
+    if not job.wait(state.request_timeout_s):
+        job.cancel()
+        return (504, f"no answer within {state.request_timeout_s:.0f} s")
+    return job.error
+
+
+def create_app(state: ServingState) -> Flask:
+    app = Flask(__name__, static_folder=None)
+    tok = state.tokenizer
+
+    @app.errorhandler(BadRequest)
+    def bad_request(e: BadRequest):
+        return _error(400, str(e), request.path.startswith("/v1/"), e.param)
+
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException):
+        return _error(e.code or 500, f"{e.name}: {e.description}", request.path.startswith("/v1/"))
+
+    @app.errorhandler(Exception)
+    def internal_error(e: Exception):
+        return _error(500, f"internal error: {type(e).__name__}: {e}", request.path.startswith("/v1/"))
+
+    @app.get("/")
+    def page():
+        return send_from_directory(STATIC, "index.html")
+
+    @app.get("/health")
+    def health():
+        return jsonify(status="ok", model=state.model_name, queued=len(state.queue),
+                       max_position_embeddings=state.max_positions, **state.info)
+
+    @app.get("/v1/models")
+    def models():
+        return jsonify(object="list", data=[{"id": state.model_name, "object": "model", "owned_by": "lessons-pkg",
+                                             "created": int(state.info.get("started", time.time())),
+                                             "max_model_len": state.max_positions}])
+
+    @app.put("/api")
+    def api():
+        req = parse_api_request(parse_json(request.get_data()), tok, state.max_positions)
+        if not req.no_log:
+            print(f"request IP: {request.remote_addr} prompts: {len(req.prompts)} "
+                  f"tokens_to_generate: {req.sampling['tokens_to_generate']} start time: {datetime.datetime.now()}",
+                  flush=True)
+        job = Job(req)
+        state.queue.submit(job)
+        error = _wait(job, state)
+        if error:
+            return _error(*error)
+        r = job.result
+        if req.beam_width is not None:
+            return jsonify(text=r["text"], segments=r["segments"], scores=r["scores"])
+        return jsonify(text=r["text"], segments=r["segments"], logprobs=r["logprobs"])
+
+    @app.post("/v1/completions")
+    def completions():
+        c = parse_completion_request(parse_json(request.get_data()), tok, state.max_positions, state.model_name)
+        job = Job(c.request, stream=c.stream)
+        state.queue.submit(job)
+        if c.stream:
+            return Response(_stream(job, c, state), mimetype="text/event-stream",
+                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        error = _wait(job, state)
+        if error:
+            return _error(*error, openai=True)
+        r, req = job.result, c.request
+        choices = [oai.choice(i, req.prompts[i], r["tokens"][i], req.prompt_lengths[i], job.wants, tok, req.stop,
+                              c.echo, r["segments"][i], r["logprobs"][i] if c.logprobs else None)
+                   for i in range(len(req.prompts))]
+        generated = sum(len(oai.generated_part(t, n, tok.eod)[0])
+                        for t, n in zip(r["tokens"], req.prompt_lengths))
+        return jsonify(oai.completion(state.model_name, choices, sum(req.prompt_lengths), generated))
+
+    return app
+
+
+def _stream(job: Job, c, state: ServingState):
+    """Server-sent events for a streamed completion; a client that goes away cancels its job."""
+    req, tok = c.request, state.tokenizer
+    cid, created = oai.new_id(), int(time.time())
+    states = [oai.StreamState(req.stop) for _ in req.prompts]
+
+    def chunk(index: int, text: str, reason: str | None = None) -> str:
+        return oai.sse({"id": cid, "object": "text_completion", "created": created, "model": state.model_name,
+                        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}]})
+
+    deadline = time.monotonic() + state.request_timeout_s
+    try:
+        if c.echo:
+            for i, prompt in enumerate(req.prompts):
+                yield chunk(i, prompt)
+        while True:
+            events, done = job.next_events(timeout=0.5)
+            for _, i, token in events:
+                st = states[i]
+                new = st.add(token, tok)
+                if st.reason is not None:
+                    job.finished.add(i)       # the serving loop cancels this prompt at the next token
+                if new:
+                    yield chunk(i, new)
+            if done:
+                break
+            if not events:
+                if time.monotonic() > deadline:
+                    job.cancel()
+                    yield oai.sse({"error": {"message": "no answer in time", "code": 504}})
+                    return
+                yield ": waiting\n\n"         # an SSE comment: shows a closed connection early
+        if job.error:
+            status, message = job.error
+            yield oai.sse({"message": message, "error": {"message": message, "type": "server_error",
+                                                          "code": status}})
+        else:
+            for i, st in enumerate(states):
+                rest = st.flush(tok) if st.reason is None else ""
+                generated = len(st.tokens)
+                reason = st.reason or ("stop" if generated < job.wants else "length")
+                yield chunk(i, rest, reason)
+        yield oai.sse("[DONE]")
+    finally:
+        if not job.done:
+            job.cancel()
