@@ -191,3 +191,28 @@ def test_errors_name_the_values():
         kernels.layer_norm(x, torch.ones(7), torch.zeros(8), 1e-5)
     with pytest.raises(TypeError, match="weight is torch.float64"):
         kernels.layer_norm(x, torch.ones(8, dtype=torch.float64), torch.zeros(8), 1e-5)
+
+
+def test_check_command_fails_on_a_nan_and_passes_the_reference_itself(capsys):
+    from lessons_pkg.kernels import check
+
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert check.main([("itself", reference.bias_gelu, reference.bias_gelu, [x, b])]) == 0
+
+    class NanGradient(torch.autograd.Function):  # identity forward, one NaN in the gradient
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            g = g.clone()
+            g.view(-1)[-1] = float("nan")
+            return g
+
+    def nan_in_the_bias_gradient(x, b):  # output right, NaN after finite errors in the list
+        return reference.bias_gelu(x, NanGradient.apply(b))
+
+    assert check.main([("nan", nan_in_the_bias_gradient, reference.bias_gelu, [x, b])]) == 1
+    assert capsys.readouterr().out.splitlines()[-1].endswith(": False")
