@@ -19,6 +19,7 @@ import torch
 
 from lessons_pkg import parallel_state
 from lessons_pkg.tensor_parallel import GPTConfig, ParallelGPT, master_state_dict
+from lessons_pkg.utils import check_close
 
 # float32: the kernels' exp/tanh approximations and summation orders differ
 # from PyTorch's by ~1e-7 relative; a few steps of a 2-layer model keep that below 1e-5.
@@ -56,7 +57,7 @@ def main() -> int:
             print(f"step {step}: loss plain {losses[False]:.4f}, fused {losses[True]:.4f}; match: {same}")
 
     plain, fused = dict(models[False].named_parameters()), dict(models[True].named_parameters())
-    weights_match = all(torch.allclose(fused[n], plain[n], atol=ATOL, rtol=RTOL) for n in plain)
+    weights_match = all(check_close(fused[n], plain[n], RTOL, ATOL) for n in plain)
     ok &= weights_match
     print(f"rank {rank}/{tp}: every weight shard after {STEPS} steps matches the plain model "
           f"(atol = rtol = {ATOL:g}): {weights_match}")

@@ -35,6 +35,8 @@ import torch
 from torchgpipe import GPipe
 from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 
+from lessons_pkg.utils import largest, max_abs_error, within
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpt2_sequential import (  # noqa: E402
     dropout_disabled, hf_parameter_names, lm_loss, load_gpt2, sequential_from_hf, sync_tied_gradients,
@@ -115,12 +117,9 @@ def compare_with_reference(pipe: GPipe, seq: torch.nn.Sequential, reference: GPT
         lm_loss(logits, input_ids).backward()
     sync_tied_gradients(*tied_pair(seq))
 
-    logits_error = (logits.detach().to(ref_logits.device) - ref_logits.detach()).abs().max().item()
+    logits_error = max_abs_error(logits, ref_logits)
     ours, theirs = dict(seq.named_parameters()), dict(reference.named_parameters())
-    grad_error = max(
-        (ours[a].grad.to(theirs[b].device) - theirs[b].grad).abs().max().item()
-        for a, b in hf_parameter_names(reference)
-    )
+    grad_error = largest(max_abs_error(ours[a].grad, theirs[b].grad) for a, b in hf_parameter_names(reference))
     pipe.zero_grad(set_to_none=True)
     reference.zero_grad(set_to_none=True)
     return logits_error, grad_error
@@ -170,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
     batches = random_windows(tokens, args.batch_size, args.seq_len, seed=args.seed)
     logits_error, grad_error = compare_with_reference(pipe, seq, reference, next(batches))
-    logits_ok, grads_ok = logits_error < TOLERANCE, grad_error < TOLERANCE
+    logits_ok, grads_ok = within(logits_error, TOLERANCE), within(grad_error, TOLERANCE)
     print(f"check: pipelined logits match GPT2LMHeadModel (max error < {TOLERANCE:g}): {logits_ok}")
     print(f"check: gradients of all {len(list(seq.parameters()))} parameters match GPT2LMHeadModel "
           f"(max error < {TOLERANCE:g}): {grads_ok}")

@@ -51,6 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpipe import build_model, build_tokens  # noqa: E402  (shared with the GPipe demo)
 from gpt2_sequential import CausalGPT2Block, dropout_disabled, lm_loss  # noqa: E402
 from text_data import random_windows  # noqa: E402
+from lessons_pkg.utils import largest, max_abs_error, within  # noqa: E402
 
 # PipelineModule broadcasts the tied embedding from the first to the last stage
 # when it is built, in place and with autograd on; PyTorch then warns, at the
@@ -236,18 +237,17 @@ def check_first_batch(loss: float, grads: dict[str, torch.Tensor], reference: GP
         ref_losses.append(ref_loss.item())
     ref_params = dict(reference.named_parameters())
     n_layer = reference.config.n_layer
-    errors = {hf_name(k, n_layer): (g.cpu() - ref_params[hf_name(k, n_layer)].grad).abs().max().item()
-              for k, g in grads.items()}
+    errors = {hf_name(k, n_layer): max_abs_error(g, ref_params[hf_name(k, n_layer)].grad) for k, g in grads.items()}
     reports = [None] * dist.get_world_size()
-    dist.all_gather_object(reports, (len(grads), max(errors.values()), sorted(errors)))
-    loss_ok = abs(loss - sum(ref_losses)) < TOLERANCE
+    dist.all_gather_object(reports, (len(grads), largest(errors.values()), sorted(errors)))
+    loss_ok = within(abs(loss - sum(ref_losses)), TOLERANCE)
     covered = set().union(*(names for _, _, names in reports))
-    grads_ok = all(err < TOLERANCE for _, err, _ in reports) and covered == set(ref_params)
+    grads_ok = all(within(err, TOLERANCE) for _, err, _ in reports) and covered == set(ref_params)
     if rank == 0:
         print(f"check: first mini-batch loss matches GPT2LMHeadModel (error < {TOLERANCE:g}): {loss_ok}")
         for stage, (count, err, _) in enumerate(reports):
             print(f"check: stage {stage}: gradients of its {count} parameters match GPT2LMHeadModel "
-                  f"(max error < {TOLERANCE:g}): {err < TOLERANCE}")
+                  f"(max error < {TOLERANCE:g}): {within(err, TOLERANCE)}")
         print(f"check: the stages together hold every one of the model's {len(ref_params)} parameters: "
               f"{covered == set(ref_params)}")
     return loss_ok and grads_ok

@@ -36,7 +36,7 @@ from lessons_pkg.pipeline.costs import FixedCost  # noqa: E402
 from lessons_pkg.pipeline.partition import LinearTanh, chunk_layer_ranges, chunks_for_rank  # noqa: E402
 from lessons_pkg.pipeline.schedules import simulate  # noqa: E402
 from lessons_pkg.pipeline.timeline import Recorder, draw, events_from_grid, measured_bubble, theoretical_bubble  # noqa: E402
-from lessons_pkg.utils import print_rank_0  # noqa: E402
+from lessons_pkg.utils import largest, max_abs_error, print_rank_0, within  # noqa: E402
 
 TOLERANCE = 1e-5  # float32, summation order of microbatch gradients only
 
@@ -86,8 +86,8 @@ def run(name: str, v: int, args, group):
             best = (span, events)
     serial_forward_backward(reference, xs, ts, F.mse_loss)
     mine = [i for r in chunk_layer_ranges(args.num_layers, p, v)[stage] for i in r]
-    error = torch.tensor([max((a.grad - b.grad).abs().max().item() for i in mine
-                              for a, b in zip(layers[i].parameters(), reference[i].parameters()))])
+    error = torch.tensor([largest(max_abs_error(a.grad, b.grad) for i in mine
+                                  for a, b in zip(layers[i].parameters(), reference[i].parameters()))])
     dist.all_reduce(error, op=dist.ReduceOp.MAX, group=group)
     return best[1], error.item()
 
@@ -105,7 +105,7 @@ def main() -> int:
     print_rank_0(f"{'schedule':16s} {'bubble/step':>11s} {'theory':>7s} {'bubble/ideal':>12s} {'theory':>7s}  matches serial")
     for row, (name, chunks) in enumerate(cases):
         events, error = run(name, chunks, args, group)
-        passed = error <= TOLERANCE
+        passed = within(error, TOLERANCE)
         ok &= passed
         fraction, relative = measured_bubble(events)
         t_fraction, t_relative = theoretical_bubble(p, m, chunks)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from lessons_pkg import parallel_state
 from lessons_pkg.tensor_parallel import GPTConfig, ParallelAttention, shard_of
 from lessons_pkg.tensor_parallel.instrument import count_collectives
-from lessons_pkg.utils import set_seed
+from lessons_pkg.utils import check_close, set_seed
 
 RTOL, ATOL = 1e-4, 1e-5  # float32: the ranks sum partial products in another order than one matmul
 
@@ -74,7 +74,7 @@ def main() -> int:
     checks = {"output": (y, y_ref), "input grad": (x.grad, x_ref.grad)}
     for name, p in attn.named_parameters():
         checks[name] = (p.grad, shard_of(p, ref[name].grad, rank, tp))
-    ok = all(torch.allclose(a, b, rtol=RTOL, atol=ATOL) for a, b in checks.values())
+    ok = all(check_close(a, b, RTOL, ATOL) for a, b in checks.values())
     print(f"output, input gradient and {len(checks) - 2} weight gradients match single-process attention "
           f"(rtol {RTOL:g}, atol {ATOL:g}): {ok}")
     return 0 if ok else 1

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from lessons_pkg import parallel_state
 from lessons_pkg.tensor_parallel import GPTConfig, ParallelGPT, master_state_dict
 from lessons_pkg.tensor_parallel.checkpointing import pad_word_embeddings
+from lessons_pkg.utils import check_close
 from lessons_pkg.tensor_parallel.hf import to_hf_model
 
 RTOL, ATOL = 1e-4, 1e-5  # float32: partial sums over ranks add up in a different order
@@ -51,7 +52,7 @@ def main() -> int:
     logits = model(ids)
     if rank == 0:
         print(f"logits on each rank: {tuple(logits.shape)} = [batch, seq, padded vocab / tp]")
-    ok = torch.allclose(logits, serial(ids).logits.chunk(tp, -1)[rank], rtol=RTOL, atol=ATOL)
+    ok = check_close(logits, serial(ids).logits.chunk(tp, -1)[rank], RTOL, ATOL)
 
     losses = []
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -66,18 +67,20 @@ def main() -> int:
         opt_ref.zero_grad()
         loss_ref.backward()
         opt_ref.step()
-        same = torch.allclose(loss, loss_ref, rtol=RTOL, atol=ATOL)
+        same = check_close(loss, loss_ref, RTOL, ATOL)
         ok &= same
         losses.append(loss.item())
         if rank == 0:
             print(f"step {step}: loss equals the single-process loss: {same}")
+    went_down = all(a > b for a, b in zip(losses, losses[1:]))  # NaN compares false: a NaN loss fails
+    ok &= went_down
     if rank == 0:
-        print(f"loss went down at every step: {all(a > b for a, b in zip(losses, losses[1:]))}")
+        print(f"loss went down at every step: {went_down}")
 
     # after training, the merged shards are the single-process model's weights
     full = model.full_state_dict()
     wte_ref = serial.transformer.wte.weight[: config.vocab_size]
-    ok &= torch.allclose(full["embedding.word_embeddings.weight"], wte_ref, rtol=RTOL, atol=ATOL)
+    ok &= check_close(full["embedding.word_embeddings.weight"], wte_ref, RTOL, ATOL)
     print(f"logits, {STEPS} training losses and the trained (tied) embedding match the single-process "
           f"GPT-2 (rtol {RTOL:g}, atol {ATOL:g}): {ok}")
     return 0 if ok else 1

@@ -25,9 +25,11 @@ def test_single_process_demos_print_the_same_product(repo_root, name):
 
 
 def test_gelu_commutes_with_column_split_only(repo_root):
+    # each split is compared with the unsplit GeLU(X @ W), and the row split is right once summed first
     lines = run_script(repo_root, "megatron_mlp_gelu.py").splitlines()
     assert lines == [
         "Is GeLU in RowParallelLinear same with non-parallel = False",
+        "Is GeLU after the all-reduce of the row split same with non-parallel = True",
         "Is GeLU in ColumnParallelLinear same with non-parallel = True",
     ]
 
