@@ -15,7 +15,7 @@ from lessons_pkg.tensor_parallel.checkpointing import gather_full, master_state_
 from lessons_pkg.tensor_parallel.config import GPTConfig, init_method_normal, scaled_init_method_normal
 from lessons_pkg.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from lessons_pkg.tensor_parallel.gpt import ParallelGPT
-from lessons_pkg.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from lessons_pkg.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, TPShape, VocabParallelEmbedding
 from lessons_pkg.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_tensor_model_parallel_region,
@@ -30,7 +30,7 @@ __all__ = [
     "ParallelTransformerLayer", "RowParallelLinear", "VocabParallelEmbedding", "copy_to_tensor_model_parallel_region",
     "divide", "gather_from_tensor_model_parallel_region", "gather_full", "init_method_normal", "master_state_dict",
     "parallelize", "reduce_from_tensor_model_parallel_region", "scaled_init_method_normal",
-    "scatter_to_tensor_model_parallel_region", "shard_of", "vocab_parallel_cross_entropy", "vocab_size_with_padding",
+    "scatter_to_tensor_model_parallel_region", "shard_of", "TPShape", "vocab_parallel_cross_entropy", "vocab_size_with_padding",
 ]
 
 

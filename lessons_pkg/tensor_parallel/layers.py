@@ -13,6 +13,7 @@ slices of one and the same matrix, whatever the tensor-parallel size.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -32,13 +33,29 @@ from lessons_pkg.tensor_parallel.utils import divide, vocab_range
 InitMethod = Callable[[torch.Tensor], object]
 
 
-def resolve_tp_group(tp_group: dist.ProcessGroup | None) -> tuple[dist.ProcessGroup | None, int, int]:
+@dataclass(frozen=True)
+class TPShape:
+    """A stand-in for a tensor-parallel group when only shapes matter: its size and this rank, no communication.
+
+    ``ParallelGPT(config, TPShape(4, 1))`` on the meta device builds rank 1's
+    shard of a TP=4 model without a process group (parameter counts, converters).
+    Calling ``forward`` on such a model is an error.
+    """
+    size: int
+    rank: int = 0
+
+
+def resolve_tp_group(tp_group: dist.ProcessGroup | TPShape | None) -> tuple[dist.ProcessGroup | None, int, int]:
     """``(group, world_size, rank)`` of the tensor-parallel group a layer will use.
 
     ``None`` means the group of :mod:`lessons_pkg.parallel_state`, or a single
     process (no communication) when neither ``parallel_state`` nor
     ``torch.distributed`` is initialised.
     """
+    if isinstance(tp_group, TPShape):
+        if not 0 <= tp_group.rank < tp_group.size:
+            raise ValueError(f"TPShape rank {tp_group.rank} is not within size {tp_group.size}")
+        return tp_group, tp_group.size, tp_group.rank
     if tp_group is None:
         if parallel_state.model_parallel_is_initialized():
             tp_group = parallel_state.get_tensor_model_parallel_group()

@@ -13,6 +13,7 @@ argument table Megatron prints at start-up.
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -28,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--num-layers", type=int, required=True)
     g.add_argument("--hidden-size", type=int, required=True)
-    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default: 4 x hidden-size")
+    g.add_argument("--ffn-hidden-size", type=int, default=None,
+                   help="4 x hidden-size, the only size ParallelGPT's MLP (and its checkpoints) support")
     g.add_argument("--num-attention-heads", type=int, required=True)
     g.add_argument("--seq-length", type=int, required=True)
     g.add_argument("--max-position-embeddings", type=int, default=None, help="default: seq-length")
@@ -97,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--no-load-optim", action="store_true", help="do not load the optimizer state")
     g.add_argument("--no-load-rng", action="store_true", help="do not load the random-number-generator states")
+    g.add_argument("--no-save-optim", action="store_true", help="do not save the optimizer and scheduler state")
+    g.add_argument("--no-save-rng", action="store_true", help="do not save the random-number-generator states")
+    g.add_argument("--finetune", action="store_true",
+                   help="load the weights of --load only (any layout, e.g. imported GPT-2) and start at iteration 0")
 
     g = p.add_argument_group("logging and evaluation")
     g.add_argument("--log-interval", type=int, default=100)
@@ -154,7 +160,10 @@ def validate_args(args: argparse.Namespace, world_size: int, device: torch.devic
     if args.hidden_size % args.num_attention_heads:
         errors.append(f"hidden-size ({args.hidden_size}) is not divisible by "
                       f"num-attention-heads ({args.num_attention_heads})")
-    if args.ffn_hidden_size % tp:
+    if args.ffn_hidden_size != 4 * args.hidden_size:
+        errors.append(f"ffn-hidden-size ({args.ffn_hidden_size}) must be 4 x hidden-size "
+                      f"({4 * args.hidden_size}): ParallelGPT's MLP supports no other size")
+    elif args.ffn_hidden_size % tp:
         errors.append(f"ffn-hidden-size ({args.ffn_hidden_size}) is not divisible by tensor-model-parallel-size ({tp})")
     if args.num_layers % pp:
         errors.append(f"num-layers ({args.num_layers}) is not divisible by pipeline-model-parallel-size ({pp})")
@@ -208,30 +217,59 @@ def validate_args(args: argparse.Namespace, world_size: int, device: torch.devic
             errors.append(f"lr-warmup-fraction ({args.lr_warmup_fraction}) must be in [0, 1]")
     if args.lr_decay_iters < 1:
         errors.append(f"lr-decay-iters ({args.lr_decay_iters}) must be >= 1")
+    elif args.lr_warmup_fraction is None and not 0 <= args.lr_warmup_iters <= args.lr_decay_iters:
+        errors.append(f"lr-warmup-iters ({args.lr_warmup_iters}) must be between 0 and lr-decay-iters "
+                      f"({args.lr_decay_iters}, default train-iters): the warm-up must end before the decay does")
+    if args.exit_interval is not None and args.exit_interval < 1:
+        errors.append(f"--exit-interval must be >= 1, got {args.exit_interval}")
     if args.save_interval is not None and args.save_interval < 1:
         errors.append(f"save-interval ({args.save_interval}) must be >= 1")
     if args.save_interval is not None and args.save is None:
         errors.append(f"save-interval ({args.save_interval}) is set but --save (the folder) is not")
+    if args.finetune and not args.load:
+        errors.append("--finetune loads weights from --load, but --load is not set")
     for name in ("log_interval", "eval_interval"):
         if getattr(args, name) < 1:
             errors.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.eval_iters < 0:
         errors.append(f"--eval-iters must be >= 0, got {args.eval_iters}")
 
+    if args.vocab_size is not None and args.vocab_size < 1:
+        errors.append(f"--vocab-size must be a positive integer, got {args.vocab_size}")
     if args.mock_data:
         if args.vocab_size is None:
             errors.append("--mock-data needs --vocab-size")
     elif args.data_path is None:
         errors.append("--data-path is required (or --mock-data --vocab-size N)")
-    elif args.tokenizer_type == "GPT2BPETokenizer" and (args.vocab_file is None or args.merge_file is None):
-        errors.append(f"GPT2BPETokenizer needs --vocab-file ({args.vocab_file}) and --merge-file ({args.merge_file})")
-    elif args.tokenizer_type == "NullTokenizer" and args.vocab_size is None:
-        errors.append("NullTokenizer needs --vocab-size")
+    else:
+        errors += _data_problems(args)
 
     if errors:
         raise ValueError("inconsistent arguments:\n  " + "\n  ".join(errors))
     args.world_size = world_size
     return args
+
+
+def _data_problems(args: argparse.Namespace) -> list[str]:
+    """Missing data or tokenizer files and an unreadable --split, found before any process starts work."""
+    from lessons_pkg.data.gpt_dataset import get_train_valid_test_split
+
+    problems = [f"--data-path {args.data_path}: no {args.data_path}{ext}"
+                for ext in (".bin", ".idx") if not os.path.isfile(args.data_path + ext)]
+    if args.tokenizer_type == "GPT2BPETokenizer":
+        if args.vocab_file is None or args.merge_file is None:
+            problems.append(f"GPT2BPETokenizer needs --vocab-file ({args.vocab_file}) and "
+                            f"--merge-file ({args.merge_file})")
+        else:
+            problems += [f"--{flag} {path}: no such file" for flag, path in
+                         (("vocab-file", args.vocab_file), ("merge-file", args.merge_file)) if not os.path.isfile(path)]
+    elif args.vocab_size is None:
+        problems.append("NullTokenizer needs --vocab-size")
+    try:
+        get_train_valid_test_split(args.split, 1)
+    except ValueError as e:
+        problems.append(str(e))
+    return problems
 
 
 def format_args(args: argparse.Namespace) -> str:

@@ -1,76 +1,60 @@
-"""Checkpoints in Megatron-LM's layout, written so that a crash never leaves a broken ``latest``.
+"""Checkpoints in Megatron-LM's layout and format, written so that a crash never leaves a broken ``latest``.
 
 ::
 
     <save>/latest_checkpointed_iteration.txt         "200": the newest COMPLETE checkpoint
+    <save>/vocab.json, merges.txt                     the tokenizer (copied once), so the folder is self-contained
     <save>/iter_0000200/mp_rank_00/model_optim_rng.pt           PP = 1: one folder per tensor rank
     <save>/iter_0000200/mp_rank_01_003/model_optim_rng.pt       PP > 1: mp_rank_{tp:02d}_{pp:03d}
     <save>/iter_0000200/mp_rank_01_003/distrib_optim_dp_rank_002.pt   with --use-distributed-optimizer
 
 ``model_optim_rng.pt`` (written by data-parallel rank 0 of each (tensor,
-pipeline) position) holds the model shard (``model``, or ``model0``,
-``model1``... for interleaved chunks), the optimizer state (plain optimizer),
-the scheduler position, the iteration, consumed samples, the arguments (a plain
-dict) and the RNG states of every data-parallel rank (``rng_state[d]``: python,
-numpy, torch, cuda). With the distributed optimizer, every data-parallel rank
-writes its own slice of the Adam state to ``distrib_optim_dp_rank_XXX.pt``
-(not gathered: resuming needs the same data-parallel size).
+pipeline) position) is Megatron-LM's legacy GPT file, so Megatron's tools read
+it (see :mod:`lessons_pkg.checkpoint.megatron_format` for the tree):
+``model`` (``model0``, ``model1``... for interleaved chunks) -> ``language_model``
+-> ``embedding`` / ``encoder``, ``word_embeddings_for_head`` on a last stage,
+``checkpoint_version`` 3.0, ``iteration``, ``args`` (an ``argparse.Namespace``
+of Megatron's argument names, with ``padded_vocab_size`` and our
+``true_vocab_size``), ``optimizer`` (plain optimizer; ``--no-save-optim``
+leaves it out), ``opt_param_scheduler``, ``consumed_train_samples`` and
+``rng_state`` (one entry per data-parallel rank; ``--no-save-rng`` leaves it
+out). With the distributed optimizer, every data-parallel rank writes its own
+slice of the Adam state to ``distrib_optim_dp_rank_XXX.pt``.
 
-Atomicity: every file is written to ``<name>.tmp`` and renamed (a rename is
-atomic); ``latest_checkpointed_iteration.txt`` is rewritten (also tmp + rename)
-by global rank 0 only after a barrier, i.e. after EVERY rank has renamed its
-files. A crash mid-save leaves a partial ``iter_XXXXXXX`` folder that nothing
-points to; ``--load`` resumes from the previous complete one.
+Atomicity, power loss included: every file is written to ``<name>.tmp``,
+flushed to disk (``fsync``), renamed (atomic), and its folder is fsynced so the
+rename itself is durable; ``latest_checkpointed_iteration.txt`` is rewritten
+the same way by global rank 0 only after a barrier, i.e. after EVERY rank's
+files are durable. A crash mid-save leaves a partial ``iter_XXXXXXX`` folder
+that nothing points to; ``--load`` resumes from the previous complete one.
 
-Everything is saved as tensors, numbers, strings, lists and dicts, so it loads
-with ``torch.load(..., weights_only=True)``.
+Loading (:func:`load_checkpoint`) accepts a checkpoint of ANY layout: the same
+layout loads its own files; any other tensor/pipeline/virtual/data-parallel
+layout is resharded on the fly by :mod:`lessons_pkg.checkpoint.reshard`
+(weights and Adam state), exactly as ``src/ch6/checkpoint_util.py`` would
+convert it first. Files load with ``torch.load(weights_only=True)`` and an
+explicit allowlist (:data:`lessons_pkg.checkpoint.megatron_format.SAFE_GLOBALS`).
 """
 from __future__ import annotations
 
 import os
 import random
-import re
+import shutil
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-TRACKER = "latest_checkpointed_iteration.txt"
-CHECKPOINT_VERSION = 3.0
+from lessons_pkg.checkpoint import megatron_format as mf
+from lessons_pkg.checkpoint.layout import TRACKER, checkpoint_dir, find_checkpoint, mp_rank_dirname, read_tracker
+from lessons_pkg.utils import print_rank_0
+
+__all__ = ["CRASH_ENV", "TRACKER", "checkpoint_dir", "get_rng_state", "load_checkpoint", "mp_rank_dirname",
+           "read_tracker", "save_checkpoint", "set_rng_state", "save_atomic", "write_text_atomic"]
+
 # Fault injection for the tests (see tests/training): the save at this iteration raises on
 # the upper half of the ranks before they write, after the lower half have written theirs.
 CRASH_ENV = "LESSONS_CRASH_DURING_SAVE_AT_ITER"
-
-
-def mp_rank_dirname(tp_rank: int, pp_rank: int, pp_size: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
-
-
-def checkpoint_dir(root: str, iteration: int, tp_rank: int, pp_rank: int, pp_size: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}", mp_rank_dirname(tp_rank, pp_rank, pp_size))
-
-
-def read_tracker(root: str) -> int | None:
-    """The iteration in ``latest_checkpointed_iteration.txt``, or None when there is no checkpoint."""
-    path = os.path.join(root, TRACKER)
-    if not os.path.isfile(path):
-        return None
-    text = open(path).read().strip()
-    if not text.isdigit():
-        raise ValueError(f"{path} should hold an iteration number, found {text!r}")
-    return int(text)
-
-
-def saved_layout(root: str, iteration: int) -> tuple[int, int]:
-    """``(tp, pp)`` of a saved checkpoint, read from its ``mp_rank_*`` folder names."""
-    folder = os.path.join(root, f"iter_{iteration:07d}")
-    names = [n for n in os.listdir(folder) if n.startswith("mp_rank_")]
-    matches = [re.fullmatch(r"mp_rank_(\d{2})(?:_(\d{3}))?", n) for n in names]
-    if not names or not all(matches):
-        raise ValueError(f"{folder} holds no mp_rank_XX[_YYY] folders: {sorted(names)}")
-    tps = {int(m.group(1)) for m in matches}
-    pps = {int(m.group(2)) if m.group(2) else 0 for m in matches}
-    return max(tps) + 1, max(pps) + 1
 
 
 # --- random-number generators ------------------------------------------------------------------
@@ -96,37 +80,63 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _plain(value):
-    """Arguments as plain Python values (so the checkpoint loads with weights_only=True)."""
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return str(value)
+# --- durable, atomic writes ---------------------------------------------------------------------
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def _save_atomic(obj, path: str) -> None:
-    torch.save(obj, path + ".tmp")
+def save_atomic(obj, path: str) -> None:
+    """``torch.save`` to ``path.tmp``, fsync it, rename it to ``path``, fsync the folder (the rename is durable)."""
+    with open(path + ".tmp", "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def _write_text_atomic(path: str, text: str) -> None:
+def write_text_atomic(path: str, text: str) -> None:
     with open(path + ".tmp", "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def copy_tokenizer_files(args, root: str) -> None:
+    """Copy ``--vocab-file``/``--merge-file`` into the checkpoint folder once (atomically), if they exist."""
+    for src, name in ((getattr(args, "vocab_file", None), "vocab.json"), (getattr(args, "merge_file", None),
+                                                                            "merges.txt")):
+        dst = os.path.join(root, name)
+        if src and os.path.isfile(src) and not os.path.exists(dst):
+            shutil.copyfile(src, dst + ".tmp")
+            os.replace(dst + ".tmp", dst)
 
 
 # --- save --------------------------------------------------------------------------------------
+def checkpoint_args(args, model_chunks, consumed_samples: int, iteration: int):
+    """The ``args`` Namespace a checkpoint stores: Megatron's names, the padded and the true vocabulary."""
+    first = model_chunks[0]
+    return mf.megatron_args(args, padded_vocab_size=first.padded_vocab_size, true_vocab_size=first.config.vocab_size,
+                            consumed_train_samples=consumed_samples, iteration=iteration,
+                            virtual_pipeline_model_parallel_size=len(model_chunks) if len(model_chunks) > 1 else None)
+
+
 def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, scheduler, args, consumed_samples: int,
                     ranks: dict, dp_group) -> str:
     """Every rank calls this. ``ranks``: ``tp``, ``pp``, ``pp_size``, ``dp`` of this rank. Returns the folder."""
     folder = checkpoint_dir(root, iteration, ranks["tp"], ranks["pp"], ranks["pp_size"])
     distributed_optim = bool(args.use_distributed_optimizer)
+    save_optim, save_rng = not getattr(args, "no_save_optim", False), not getattr(args, "no_save_rng", False)
     # RNG states of every data-parallel rank, so each resumes its own dropout stream
     rng_states = [None] * dist.get_world_size(dp_group)
-    dist.all_gather_object(rng_states, get_rng_state(), group=dp_group)
+    if save_rng:
+        dist.all_gather_object(rng_states, get_rng_state(), group=dp_group)
 
     crash_at = os.environ.get(CRASH_ENV)
     if crash_at is not None and int(crash_at) == iteration and dist.get_rank() >= dist.get_world_size() // 2:
@@ -136,69 +146,112 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
     if ranks["dp"] == 0:
         os.makedirs(folder, exist_ok=True)
         state = {
-            "checkpoint_version": CHECKPOINT_VERSION,
+            "checkpoint_version": mf.CHECKPOINT_VERSION,
             "iteration": iteration,
-            "args": {k: _plain(v) for k, v in vars(args).items()},
+            "args": checkpoint_args(args, model_chunks, consumed_samples, iteration),
             "consumed_train_samples": consumed_samples,
-            "opt_param_scheduler": scheduler.state_dict(),
-            "rng_state": rng_states,
         }
-        if len(model_chunks) == 1:
-            state["model"] = model_chunks[0].state_dict()
-        else:
-            for i, chunk in enumerate(model_chunks):
-                state[f"model{i}"] = chunk.state_dict()
-        if not distributed_optim:
-            state["optimizer"] = optimizer.state_dict()
-        _save_atomic(state, os.path.join(folder, "model_optim_rng.pt"))
-    if distributed_optim:
+        for i, chunk in enumerate(model_chunks):
+            state["model" if len(model_chunks) == 1 else f"model{i}"] = mf.to_megatron(chunk.state_dict())
+        if save_optim:
+            state["opt_param_scheduler"] = scheduler.state_dict()
+            if not distributed_optim:
+                state["optimizer"] = optimizer.state_dict()
+        if save_rng:
+            state["rng_state"] = rng_states
+        save_atomic(state, os.path.join(folder, "model_optim_rng.pt"))
+    if distributed_optim and save_optim:
         os.makedirs(folder, exist_ok=True)
-        _save_atomic(optimizer.state_dict(), os.path.join(folder, f"distrib_optim_dp_rank_{ranks['dp']:03d}.pt"))
+        save_atomic(optimizer.state_dict(), os.path.join(folder, f"distrib_optim_dp_rank_{ranks['dp']:03d}.pt"))
 
-    dist.barrier()  # every rank's files are in place ...
+    dist.barrier()  # every rank's files are in place and on disk ...
     if dist.get_rank() == 0:  # ... only now does `latest` move
-        _write_text_atomic(os.path.join(root, TRACKER), str(iteration))
+        _fsync_dir(os.path.dirname(folder))
+        copy_tokenizer_files(args, root)
+        write_text_atomic(os.path.join(root, TRACKER), str(iteration))
     dist.barrier()
     return folder
 
 
 # --- load --------------------------------------------------------------------------------------
+def _same_layout(files, state: dict, args, model_chunks) -> bool:
+    """True when this run can read its own files as they are (no resharding needed)."""
+    if (files.tp, files.pp) != (args.tensor_model_parallel_size, args.pipeline_model_parallel_size):
+        return False
+    if len(mf.model_keys(state)) != len(model_chunks):
+        return False
+    if args.no_load_optim:
+        return True
+    zero_saved = bool(files.zero_files(0, 0))
+    if zero_saved != bool(args.use_distributed_optimizer):
+        return False
+    saved_dp = getattr(state["args"], "data_parallel_size", None)
+    return not zero_saved or saved_dp == args.data_parallel_size
+
+
+def _check_model_args(saved, config, where: str) -> None:
+    """The checkpoint's model must be this run's model: name every size that differs."""
+    if saved is None:
+        return
+    mine = dict(num_layers=config.num_layers, hidden_size=config.hidden_size,
+                num_attention_heads=config.num_attention_heads, max_position_embeddings=config.max_position_embeddings,
+                true_vocab_size=config.vocab_size)
+    diffs = [f"{k} {getattr(saved, k)} (this run: {v})" for k, v in mine.items()
+             if getattr(saved, k, None) is not None and getattr(saved, k) != v]
+    if diffs:
+        raise ValueError(f"{where} holds another model than this run builds: " + ", ".join(diffs))
+
+
 def load_checkpoint(root: str, model_chunks, optimizer, scheduler, args, ranks: dict) -> tuple[int, int]:
     """Restore from the newest complete checkpoint under ``root``; return ``(iteration, consumed_samples)``.
 
     ``(0, 0)`` when ``root`` holds no checkpoint yet (a fresh start with ``--load``).
+    A checkpoint of another layout is resharded for this rank on the fly.
+    ``--finetune`` (and a ``release`` checkpoint) loads the weights only and starts at iteration 0.
     """
-    iteration = read_tracker(root)
-    if iteration is None:
+    if read_tracker(root) is None:
         return 0, 0
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    saved_tp, saved_pp = saved_layout(root, iteration)
-    if (saved_tp, saved_pp) != (tp, pp):
-        raise ValueError(
-            f"checkpoint {root} (iteration {iteration}) was saved with tensor-model-parallel-size {saved_tp} and "
-            f"pipeline-model-parallel-size {saved_pp}, but this run uses tensor-model-parallel-size {tp} and "
-            f"pipeline-model-parallel-size {pp}: resume with the same layout (or convert the checkpoint first)")
-    folder = checkpoint_dir(root, iteration, ranks["tp"], ranks["pp"], ranks["pp_size"])
-    state = torch.load(os.path.join(folder, "model_optim_rng.pt"), map_location="cpu", weights_only=True)
-    saved_dp = state["args"].get("data_parallel_size")
-    if args.use_distributed_optimizer and saved_dp != args.data_parallel_size and not args.no_load_optim:
-        raise ValueError(f"checkpoint {folder} holds distributed-optimizer shards of data-parallel size {saved_dp}, "
-                         f"this run has data-parallel size {args.data_parallel_size} (use --no-load-optim)")
+    files = find_checkpoint(root)
+    finetune = getattr(args, "finetune", False) or files.iteration is None
+    no_optim = args.no_load_optim or finetune
+    state = mf.safe_load(files.model_file(ranks["tp"] % files.tp, ranks["pp"] % files.pp))
+    if _same_layout(files, state, args, model_chunks):
+        zero_file = os.path.join(files.rank_dir(ranks["tp"], ranks["pp"]), f"distrib_optim_dp_rank_{ranks['dp']:03d}.pt")
+        optim_state = (mf.safe_load(zero_file) if args.use_distributed_optimizer and os.path.exists(zero_file)
+                       else state.get("optimizer"))
+    else:
+        from lessons_pkg.checkpoint.reshard import Layout, SourceCheckpoint, build_rank_state
 
-    for i, chunk in enumerate(model_chunks):
-        chunk.load_state_dict(state["model"] if len(model_chunks) == 1 else state[f"model{i}"])
-    if not args.no_load_optim:
-        if args.use_distributed_optimizer:
-            path = os.path.join(folder, f"distrib_optim_dp_rank_{ranks['dp']:03d}.pt")
-            optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        elif "optimizer" in state:
-            optimizer.load_state_dict(state["optimizer"])
-        else:
-            raise ValueError(f"{folder} holds no optimizer state (saved with --use-distributed-optimizer?); "
-                             "pass the same flag or --no-load-optim")
-        scheduler.load_state_dict(state["opt_param_scheduler"])
+        src = SourceCheckpoint.open(root)
+        target = Layout(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, len(model_chunks))
+        print_rank_0(f" > resharding checkpoint {root} (TP={files.tp} x PP={files.pp} x {src.layout.vp} chunks) "
+                     f"to TP={target.tp} x PP={target.pp} x {target.vp} chunks while loading")
+        state = build_rank_state(src, target, ranks["tp"], ranks["pp"], with_optim=not no_optim)
+        optim_state = state.get("optimizer")
+
+    _check_model_args(state.get("args"), model_chunks[0].config, files.model_file(0, 0))
+    version = float(state.get("checkpoint_version", 0.0))
+    heads = model_chunks[0].config.num_attention_heads // model_chunks[0].tp_size
+    for chunk, key in zip(model_chunks, mf.model_keys(state)):
+        chunk.load_state_dict(mf.from_megatron(state[key], version, heads))
     if hasattr(optimizer, "reload_model_params"):  # ZeRO-1's master slice must follow the loaded weights
         optimizer.reload_model_params()
+    if finetune:
+        print_rank_0(" > --finetune (or a release checkpoint): weights only, starting at iteration 0")
+        return 0, 0
+    if not no_optim:
+        if optim_state is None:
+            raise ValueError(f"{files.folder} holds no optimizer state (saved with --no-save-optim?): "
+                             "pass --no-load-optim (or --finetune) to load the weights only")
+        optimizer.load_state_dict(optim_state)
+        if "opt_param_scheduler" in state:
+            scheduler.load_state_dict(state["opt_param_scheduler"])
     if not args.no_load_rng:
-        set_rng_state(state["rng_state"][ranks["dp"]])
-    return state["iteration"], state["consumed_train_samples"]
+        rng = state.get("rng_state")
+        if rng and len(rng) == args.data_parallel_size and isinstance(rng[ranks["dp"]], dict) and "torch" in rng[ranks["dp"]]:
+            set_rng_state(rng[ranks["dp"]])
+        else:
+            saved = "none saved" if not rng else f"{len(rng)} saved, this run has data-parallel size {args.data_parallel_size}"
+            print_rank_0(f" > random-number generators not restored ({saved}): they continue from --seed")
+    consumed = state.get("consumed_train_samples", getattr(state.get("args"), "consumed_train_samples", 0) or 0)
+    return int(state["iteration"]), int(consumed)

@@ -34,13 +34,15 @@ import torch.distributed as dist
 
 from lessons_pkg.training import grads as G
 from lessons_pkg.training.loss_scaler import DynamicLossScaler
-from lessons_pkg.training.optimizer import Groups, adam_kwargs, split_by_weight_decay
+from lessons_pkg.training.optimizer import Groups, adam_kwargs, param_names, split_by_weight_decay
 
 
 class DistributedOptimizer:
     def __init__(self, named_params, args, groups: Groups, loss_scaler: DynamicLossScaler | None = None):
+        named_params = list(named_params)
         decay, no_decay = split_by_weight_decay(named_params)
         self.params = decay + no_decay
+        self.names = param_names(self.params, named_params)
         self.groups, self.clip_grad, self.loss_scaler = groups, args.clip_grad, loss_scaler
         self.dp_size = dist.get_world_size(groups.dp_group)
         self.dp_rank = dist.get_rank(groups.dp_group)
@@ -130,12 +132,16 @@ class DistributedOptimizer:
     def state_dict(self) -> dict:
         """This data-parallel rank's slice of the Adam state (and where the slice lies)."""
         state = {"adam": self.adam.state_dict(), "dp_rank": self.dp_rank, "dp_size": self.dp_size,
-                 "shard": [self.start, self.end]}
+                 "shard": [self.start, self.end], "param_names": self.names, "numels": self._numels,
+                 "shapes": [list(p.shape) for p in self.params]}
         if self.loss_scaler is not None:
             state["loss_scaler"] = self.loss_scaler.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        if "dp_rank" not in state:  # the plain per-parameter form (a resharded checkpoint): cut my slice of it
+            self._load_full_state(state)
+            return
         if (state["dp_size"], state["dp_rank"]) != (self.dp_size, self.dp_rank):
             raise ValueError(f"distributed-optimizer state of data-parallel rank {state['dp_rank']} of "
                              f"{state['dp_size']} cannot be loaded on rank {self.dp_rank} of {self.dp_size}")
@@ -150,3 +156,33 @@ class DistributedOptimizer:
         flat = torch.zeros(self._padded, device=self.main_shard.device)
         flat[:self._total] = torch.cat([p.detach().reshape(-1).float() for p in self.params])
         self.main_shard.copy_(flat[self.start:self.end])
+
+    @torch.no_grad()
+    def _load_full_state(self, state: dict) -> None:
+        """Load Adam's moments from per-parameter tensors (any data-parallel size saved them)."""
+        from lessons_pkg.checkpoint.reshard import moments_by_name
+
+        moments = moments_by_name(state)
+        missing = [n for n in self.names if n not in moments]
+        if missing:
+            raise ValueError(f"optimizer state has no moments for {missing[:3]} ({len(missing)} parameters)")
+        template = self.adam.state_dict()
+        flat = {}
+        for k in ("exp_avg", "exp_avg_sq"):
+            full = torch.zeros(self._padded)
+            full[:self._total] = torch.cat([moments[n][k].reshape(-1).float() for n in self.names])
+            flat[k] = full[self.start:self.end]                          # [S]: my slice
+        step = moments[self.names[0]]["step"]
+        new_state, offset = {}, 0
+        for group, live in zip(template["param_groups"], self.adam.param_groups):
+            for i, p in zip(group["params"], live["params"]):
+                n = p.numel()
+                new_state[i] = {"step": step.clone(), "exp_avg": flat["exp_avg"][offset:offset + n].clone(),
+                                "exp_avg_sq": flat["exp_avg_sq"][offset:offset + n].clone()}
+                offset += n
+        groups = [dict(saved, params=t["params"]) for saved, t in zip(state["adam"]["param_groups"],
+                                                                       template["param_groups"])]
+        self.adam.load_state_dict({"state": new_state, "param_groups": groups})
+        if self.loss_scaler is not None and "loss_scaler" in state:
+            self.loss_scaler.load_state_dict(state["loss_scaler"])
+        self.reload_model_params()

@@ -52,6 +52,14 @@ def split_by_weight_decay(named_params) -> tuple[list, list]:
     return decay, no_decay
 
 
+def param_names(params: list, named_params) -> list[str]:
+    """The name of each parameter of ``params`` (first name it has in ``named_params``): checkpoints key Adam by it."""
+    names = {}
+    for name, p in named_params:
+        names.setdefault(id(p), name)
+    return [names[id(p)] for p in params]
+
+
 def adam_kwargs(args) -> dict:
     return dict(lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, foreach=True)
 
@@ -60,8 +68,10 @@ class Optimizer:
     """AdamW on the full (local shard of the) model; gradients all-reduced over data-parallel ranks."""
 
     def __init__(self, named_params, args, groups: Groups, loss_scaler: DynamicLossScaler | None = None):
+        named_params = list(named_params)
         decay, no_decay = split_by_weight_decay(named_params)
         self.params = decay + no_decay
+        self.names = param_names(self.params, named_params)
         self.groups, self.clip_grad, self.loss_scaler = groups, args.clip_grad, loss_scaler
         self.adam = torch.optim.AdamW(
             [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -90,12 +100,17 @@ class Optimizer:
         return norm
 
     def state_dict(self) -> dict:
-        state = {"adam": self.adam.state_dict()}
+        state = {"adam": self.adam.state_dict(), "param_names": self.names}
         if self.loss_scaler is not None:
             state["loss_scaler"] = self.loss_scaler.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        saved = state.get("param_names", self.names)
+        if saved != self.names:
+            bad = next(((a, b) for a, b in zip(saved, self.names) if a != b), (len(saved), len(self.names)))
+            raise ValueError(f"optimizer state was saved for other parameters: {bad[0]!r} where this model has "
+                             f"{bad[1]!r} (a checkpoint of another layout must be resharded, see lessons_pkg.checkpoint)")
         self.adam.load_state_dict(state["adam"])
         if self.loss_scaler is not None and "loss_scaler" in state:
             self.loss_scaler.load_state_dict(state["loss_scaler"])

@@ -1,0 +1,195 @@
+"""Whole conversions, written atomically: Megatron <-> Megatron (another layout), Megatron <-> transformers.
+
+Used by ``src/ch6/checkpoint_util.py``. Every conversion checks its input and
+the target layout before it writes anything, writes into a temporary sibling
+folder, and only then renames it to ``--save-dir`` (tracker written last
+inside it), so a failed or interrupted conversion never leaves a half-written
+checkpoint under the requested name, and an existing checkpoint is replaced
+only with ``overwrite=True``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from lessons_pkg.checkpoint import megatron_format as mf
+from lessons_pkg.checkpoint.layout import TRACKER, checkpoint_dir, iteration_dirname
+from lessons_pkg.checkpoint.reshard import Layout, SourceCheckpoint, build_rank_state, read_full_checkpoint
+from lessons_pkg.tensor_parallel.config import GPTConfig
+
+
+@dataclass
+class InMemorySource:
+    """Full-size weights (e.g. imported from ``transformers``) offered with :class:`SourceCheckpoint`'s interface."""
+    config: GPTConfig
+    state_dict: dict[str, torch.Tensor]
+    args: argparse.Namespace
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    scheduler: dict | None = None
+    layout: Layout = field(default_factory=Layout)
+
+    def full(self, key: str) -> torch.Tensor:
+        return self.state_dict[key]
+
+    def has_optimizer(self) -> bool:
+        return False
+
+    def release(self) -> None:
+        pass
+
+
+def megatron_args_for(config: GPTConfig, **extra) -> argparse.Namespace:
+    """Megatron arguments describing ``config`` (for weights that come from outside Megatron)."""
+    return mf.megatron_args(dict(
+        num_layers=config.num_layers, hidden_size=config.hidden_size, num_attention_heads=config.num_attention_heads,
+        max_position_embeddings=config.max_position_embeddings, seq_length=config.max_position_embeddings,
+        make_vocab_size_divisible_by=config.make_vocab_size_divisible_by, init_method_std=config.init_method_std,
+        hidden_dropout=config.hidden_dropout, attention_dropout=config.attention_dropout,
+        layernorm_epsilon=config.layernorm_epsilon, true_vocab_size=config.vocab_size, **extra))
+
+
+def _prepare_output(save_dir: str, overwrite: bool) -> str:
+    """Refuse an existing non-empty ``save_dir`` unless ``overwrite``; return a fresh temporary sibling folder."""
+    if os.path.exists(save_dir) and (not os.path.isdir(save_dir) or os.listdir(save_dir)) and not overwrite:
+        raise FileExistsError(f"--save-dir {save_dir} exists and is not empty: choose another folder or pass "
+                              "--overwrite to replace it")
+    parent = os.path.dirname(os.path.abspath(save_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(save_dir))}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def _publish(tmp: str, save_dir: str) -> None:
+    """Move the finished temporary folder to ``save_dir`` (replacing an old one only now)."""
+    old = None
+    if os.path.exists(save_dir):
+        old = save_dir.rstrip("/") + f".old-{os.getpid()}"
+        os.replace(save_dir, old)
+    os.replace(tmp, save_dir)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _tokenizer_files(root: str, args) -> tuple[str | None, str | None]:
+    for v, m in ((os.path.join(root, "vocab.json"), os.path.join(root, "merges.txt")),
+                 (getattr(args, "vocab_file", None), getattr(args, "merge_file", None))):
+        if v and m and os.path.isfile(v) and os.path.isfile(m):
+            return v, m
+    return None, None
+
+
+def write_megatron(src, save_dir: str, target: Layout, with_optim: bool = True, overwrite: bool = False,
+                   release: bool = False, tokenizer: tuple[str | None, str | None] = (None, None),
+                   log=print, progress: bool = True) -> dict:
+    """Write ``src`` (a :class:`SourceCheckpoint` or :class:`InMemorySource`) at ``target``; return a summary."""
+    from tqdm import tqdm
+
+    target.check(src.config)
+    tmp = _prepare_output(save_dir, overwrite)
+    start = time.perf_counter()
+    iteration = None if release else src.iteration
+    summary = {"files": {}, "parameters": {}}
+    try:
+        ranks = [(t, p) for p in range(target.pp) for t in range(target.tp)]
+        bar = tqdm(ranks, desc="writing shards", unit="shard", disable=not progress)
+        for t, p in bar:
+            state = build_rank_state(src, target, t, p, with_optim=with_optim,
+                                     args_updates=dict(iteration=iteration or 0))
+            if release:
+                state["iteration"] = 0
+            n = sum(v.numel() for key in mf.model_keys(state)
+                    for v in mf.from_megatron(state[key]).values())
+            log(f" > number of parameters on (tensor, pipeline) model parallel rank ({t}, {p}): {n}")
+            folder = checkpoint_dir(tmp, iteration, t, p, target.pp)
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, "model_optim_rng.pt")
+            from lessons_pkg.training.checkpointing import save_atomic
+
+            save_atomic(state, path)
+            summary["files"][os.path.relpath(path, tmp)] = os.path.getsize(path)
+            summary["parameters"][(t, p)] = n
+            del state
+        for f, name in zip(tokenizer, ("vocab.json", "merges.txt")):
+            if f:
+                shutil.copyfile(f, os.path.join(tmp, name))
+        from lessons_pkg.training.checkpointing import write_text_atomic
+
+        write_text_atomic(os.path.join(tmp, TRACKER), "release" if release else str(iteration))
+        _publish(tmp, save_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary["seconds"] = time.perf_counter() - start
+    summary["iteration_dir"] = iteration_dirname(iteration)
+    return summary
+
+
+def megatron_to_megatron(load_dir: str, save_dir: str, target: Layout, with_optim: bool = True,
+                         overwrite: bool = False, true_vocab_size: int | None = None, log=print,
+                         progress: bool = True) -> dict:
+    src = SourceCheckpoint.open(load_dir, true_vocab_size)
+    target.check(src.config)
+    log(f"loaded {load_dir}: iteration {src.iteration}, TP={src.layout.tp} x PP={src.layout.pp} x "
+        f"{src.layout.vp} chunks, {src.config.num_layers} layers, hidden {src.config.hidden_size}, "
+        f"vocabulary {src.config.vocab_size} (padded {src.padded_vocab_size})")
+    if with_optim and not src.has_optimizer():
+        log(" > the source holds no optimizer state we can reshard: writing weights (and scheduler) only")
+    log(f"saving at TP={target.tp} x PP={target.pp} x {target.vp} chunks to {save_dir}")
+    return write_megatron(src, save_dir, target, with_optim, overwrite,
+                          tokenizer=_tokenizer_files(load_dir, src.args), log=log, progress=progress)
+
+
+def megatron_to_hf(load_dir: str, save_dir: str, overwrite: bool = False, true_vocab_size: int | None = None,
+                   log=print) -> dict:
+    from lessons_pkg.checkpoint.hf_io import save_hf_folder
+
+    full = read_full_checkpoint(load_dir, true_vocab_size)
+    tmp = _prepare_output(save_dir, overwrite)
+    try:
+        vocab, merges = _tokenizer_files(load_dir, full.args)
+        save_hf_folder(tmp, full.state_dict, full.config, vocab, merges)
+        _publish(tmp, save_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"saved a transformers GPT-2 folder to {save_dir} (tokenizer: {'yes' if vocab else 'not known'})")
+    return {"files": {n: os.path.getsize(os.path.join(save_dir, n)) for n in sorted(os.listdir(save_dir))}}
+
+
+def hf_to_megatron(load_dir: str, save_dir: str, target: Layout, overwrite: bool = False, log=print,
+                   progress: bool = True) -> dict:
+    """A ``transformers`` GPT-2 folder (or hub name, with network) -> a ``release`` Megatron checkpoint."""
+    from lessons_pkg.checkpoint.hf_io import load_hf_folder
+
+    folder = load_dir
+    if not os.path.isdir(load_dir):
+        folder = _download_hf(load_dir)
+    config, state_dict = load_hf_folder(folder)
+    vocab, merges = _tokenizer_files(folder, None)
+    args = megatron_args_for(config, tensor_model_parallel_size=target.tp, pipeline_model_parallel_size=target.pp,
+                             vocab_file=os.path.join(os.path.abspath(save_dir), "vocab.json") if vocab else None,
+                             merge_file=os.path.join(os.path.abspath(save_dir), "merges.txt") if merges else None)
+    log(f"loaded transformers GPT-2 {load_dir}: {config.num_layers} layers, hidden {config.hidden_size}, "
+        f"{config.num_attention_heads} heads, vocabulary {config.vocab_size}")
+    src = InMemorySource(config, state_dict, args)
+    return write_megatron(src, save_dir, target, with_optim=False, overwrite=overwrite, release=True,
+                          tokenizer=(vocab, merges), log=log, progress=progress)
+
+
+def _download_hf(name: str) -> str:
+    """A hub model name (e.g. ``gpt2``) -> its local snapshot folder; needs network."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, allow_patterns=["config.json", "*.safetensors", "vocab.json", "merges.txt"])
+    except Exception as e:  # noqa: BLE001 - offline, unknown name, ...
+        raise FileNotFoundError(f"--load-dir {name!r} is not a local folder and could not be downloaded from the "
+                                f"Hugging Face hub ({type(e).__name__}: {e})") from e
