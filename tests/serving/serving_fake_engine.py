@@ -36,6 +36,7 @@ class FakeEngine:
     def __init__(self, tokenizer, max_positions: int = 64, step_delay: float = 0.0, eod_after: int | None = None):
         self.tokenizer, self.max_positions, self.step_delay, self.eod_after = tokenizer, max_positions, step_delay, eod_after
         self.calls: list[tuple[list[str], FakeSamplingParams]] = []
+        self.steps: list[int] = []   # steps each call ran (cancelled prompts end a call early)
         self.fail_next = False
         self.lock = threading.Lock()
 
@@ -62,7 +63,9 @@ class FakeEngine:
         tok = self.tokenizer
         tokens = [([tok.eod] if params.add_BOS else []) + tok.tokenize(p) for p in prompts]
         active = [True] * len(prompts)
+        self.steps.append(0)
         for step in range(params.tokens_to_generate):
+            self.steps[-1] = step + 1
             new = []
             for i, seq in enumerate(tokens):
                 if not active[i]:
