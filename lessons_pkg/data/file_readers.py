@@ -52,7 +52,7 @@ class LazyIndexedDataset:
     def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
         size = int(self.index.sizes[i])
         length = size - offset if length is None else length
-        if not (0 <= offset and offset + length <= size):
+        if not (0 <= offset and 0 <= length and offset + length <= size):
             raise IndexError(f"tokens [{offset}, {offset + length}) out of sequence {i} of {size} tokens")
         return self._read(int(self.index.pointers[i]) + offset * self.dtype.itemsize, length)
 
@@ -115,7 +115,7 @@ class CachedIndexedDataset(LazyIndexedDataset):
             raise KeyError(f"sequence {i} was not prefetched into the cache of {self.prefix}")
         size = int(self.index.sizes[i])
         length = size - offset if length is None else length
-        if not (0 <= offset and offset + length <= size):
+        if not (0 <= offset and 0 <= length and offset + length <= size):
             raise IndexError(f"tokens [{offset}, {offset + length}) out of sequence {i} of {size} tokens")
         start = self.cache_index[i] + offset
         return self.cache[start:start + length].copy()

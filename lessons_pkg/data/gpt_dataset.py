@@ -248,18 +248,43 @@ class GPTDataset:
         return {"text": np.concatenate(pieces).astype(np.int64)}  # [seq_length + 1]
 
 
+def check_token_ids(indexed: MMapIndexedDataset, vocab_size: int, chunk_tokens: int = 1 << 24) -> None:
+    """Raise ``ValueError`` naming the first token id outside ``[0, vocab_size)`` and its document.
+
+    One pass over the ``.bin`` (memory-mapped, ``chunk_tokens`` at a time): at
+    memory speed, a second or two per GB, once per build. Ids the model has no
+    row for would otherwise fail inside the embedding (one rank) or, split over
+    ranks, silently become zero vectors and wrong losses.
+    """
+    tokens = np.frombuffer(indexed._bin, dtype=indexed.dtype) if len(indexed._bin) else np.zeros(0, indexed.dtype)
+    for start in range(0, len(tokens), chunk_tokens):
+        chunk = tokens[start:start + chunk_tokens]
+        if chunk.min() >= 0 and chunk.max() < vocab_size:
+            continue
+        at = start + int(np.flatnonzero((chunk < 0) | (chunk >= vocab_size))[0])
+        ends = np.cumsum(indexed.sizes.astype(np.int64))
+        sequence = int(np.searchsorted(ends, at, side="right"))
+        document = int(np.searchsorted(indexed.document_indices, sequence, side="right")) - 1
+        raise ValueError(f"{indexed.prefix}: token id {int(tokens[at])} (document {document}, token "
+                         f"{at - (int(ends[sequence - 1]) if sequence else 0)} of sequence {sequence}) is outside "
+                         f"the vocabulary of size {vocab_size}; were these data made with another tokenizer?")
+
+
 def build_train_valid_test_datasets(data_prefix: str, splits_string: str, train_valid_test_num_samples,
-                                    seq_length: int, seed: int, verbose: bool = True):
+                                    seq_length: int, seed: int, verbose: bool = True, vocab_size: int | None = None):
     """Megatron's entry point: split ``<data_prefix>.bin/.idx`` by documents, one :class:`GPTDataset` each.
 
     ``data_prefix`` is the path without ``.bin``/``.idx`` (``data/my-gpt2_text_document``).
     Returns ``(train, valid, test)``; a split that receives no documents is ``None``,
     as in Megatron. Every rank may call this: the indices are built once and
-    reused from ``<data_prefix>_<split>_indexmap_*.npy`` afterwards.
+    reused from ``<data_prefix>_<split>_indexmap_*.npy`` afterwards. With
+    ``vocab_size``, every token id is first checked to be below it (:func:`check_token_ids`).
     """
     if len(train_valid_test_num_samples) != 3:
         raise ValueError(f"train_valid_test_num_samples needs 3 numbers, got {train_valid_test_num_samples}")
     indexed = MMapIndexedDataset(data_prefix)
+    if vocab_size is not None:
+        check_token_ids(indexed, vocab_size)
     bounds = get_train_valid_test_split(splits_string, len(indexed))
     if verbose:
         print(f" > {data_prefix}: {len(indexed)} documents, split {splits_string} -> "

@@ -263,7 +263,7 @@ class MMapIndexedDataset:
         size = int(self.index.sizes[i])
         if length is None:
             length = size - offset
-        if not (0 <= offset and offset + length <= size):
+        if not (0 <= offset and 0 <= length and offset + length <= size):  # numpy reads count=-1 to the file's end
             raise IndexError(f"tokens [{offset}, {offset + length}) out of sequence {i} of {size} tokens")
         start = int(self.index.pointers[i]) + offset * self.dtype.itemsize
         return np.frombuffer(self._bin, dtype=self.dtype, count=length, offset=start)

@@ -33,7 +33,10 @@ EOD_TOKEN = "<|endoftext|>"
 def load_vocab_and_merges(vocab_file: str, merge_file: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Read GPT-2's two files; raise naming the file if either is empty or malformed."""
     with open(vocab_file, encoding="utf-8") as f:
-        vocab = json.load(f)
+        try:
+            vocab = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{vocab_file}: not GPT-2's vocab.json ({e})") from None
     if not isinstance(vocab, dict) or not vocab:
         raise ValueError(f"{vocab_file}: expected a non-empty JSON object token -> id")
     merges = []

@@ -66,9 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     is_rank_0 = os.environ.get("RANK", "0") == "0"
     try:  # every check before any process group, weight or dataset exists
         validate_args(args, world_size, "cuda" if backend == "nccl" else "cpu")
-        if args.ffn_hidden_size != 4 * args.hidden_size:
-            raise ValueError(f"inconsistent arguments:\n  ffn-hidden-size ({args.ffn_hidden_size}) must be "
-                             f"4 x hidden-size ({4 * args.hidden_size}) for ParallelGPT")
+        vocab_size = vocab_size_of(args)  # reads --vocab-file: a broken file is reported here too
     except ValueError as e:
         if is_rank_0:
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -94,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     print_rank_0(format_args(args))
 
     print_rank_0(f"> building {'mock' if args.mock_data else args.tokenizer_type} tokenizer ...")
-    vocab_size = vocab_size_of(args)
     padded, dummy = vocab_size_with_padding(vocab_size, args.tensor_model_parallel_size,
                                             args.make_vocab_size_divisible_by)
     print_rank_0(f" > padded vocab (size: {vocab_size}) with {dummy} dummy tokens (new size: {padded})")
@@ -129,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         datasets = None
         if dist.get_rank() == 0:
             datasets = build_train_valid_test_datasets(args.data_path, args.split, num_samples, args.seq_length,
-                                                       args.seed, verbose=True)
+                                                       args.seed, verbose=True, vocab_size=vocab_size)
         dist.barrier()
         if dist.get_rank() != 0:
             datasets = build_train_valid_test_datasets(args.data_path, args.split, num_samples, args.seq_length,

@@ -128,6 +128,16 @@ def test_train_valid_test_do_not_overlap_and_indices_are_cached(corpus):
         assert changed[0].index_prefix != train.index_prefix
 
 
+def test_token_ids_outside_the_vocabulary_are_named_when_datasets_are_built(corpus):
+    prefix, documents = corpus
+    largest = max(int(d.max()) for d in documents)          # 1000 * 59 + position
+    build_train_valid_test_datasets(prefix, "1,0,0", [5, 0, 0], 8, 1, verbose=False, vocab_size=largest + 1)
+    document = next(k for k, d in enumerate(documents) if d.max() >= 30000)
+    with pytest.raises(ValueError, match=rf"token id {1000 * document} \(document {document}, token 0 of "
+                                         rf"sequence {document}\) is outside the vocabulary of size 30000"):
+        build_train_valid_test_datasets(prefix, "1,0,0", [5, 0, 0], 8, 1, verbose=False, vocab_size=30000)
+
+
 def test_empty_split_is_none_and_bad_arguments_are_named(corpus):
     prefix, _ = corpus
     train, valid, test = build_train_valid_test_datasets(prefix, "100,0,0", [10, 0, 0], 8, 1, verbose=False)

@@ -72,6 +72,8 @@ def test_round_trip_and_the_three_readers_agree(tmp_path):
             reader[len(documents)]
         with pytest.raises(IndexError):
             reader.get(0, offset=0, length=len(documents[0]) + 1)
+        with pytest.raises(IndexError):  # not "to the end of the file" (the following documents)
+            reader.get(3, offset=1, length=-1)
 
 
 def test_cached_reader_reads_only_what_was_prefetched(tmp_path):

@@ -42,11 +42,27 @@ def test_valid_arguments_derive_megatron_sizes():
      "seq-length (64) is larger than max-position-embeddings (32)"),
     (("--bf16",), 1, "--bf16 needs CUDA GPUs"),
     (("--save-interval", "5"), 1, "save-interval (5) is set but --save"),
+    (("--exit-interval", "0"), 1, "--exit-interval must be >= 1, got 0"),
+    (("--lr-warmup-iters", "20"), 1, "lr-warmup-iters (20) must be between 0 and lr-decay-iters (10"),
+    (("--vocab-size", "0"), 1, "--vocab-size must be a positive integer, got 0"),
+    (("--ffn-hidden-size", "64"), 1, "ffn-hidden-size (64) must be 4 x hidden-size (128)"),
 ])
 def test_inconsistent_arguments_are_named(extra, world, message):
     with pytest.raises(ValueError) as err:
         validate_args(args_with(*extra), world, "cpu")
     assert message in str(err.value)
+
+
+def test_missing_data_files_and_a_bad_split_are_named(tmp_path):
+    args = parse_args(BASE[:-3] + ["--data-path", str(tmp_path / "nothing"), "--vocab-file", str(tmp_path / "v.json"),
+                                   "--merge-file", str(tmp_path / "m.txt"), "--split", ""])
+    with pytest.raises(ValueError) as err:
+        validate_args(args, 1, "cpu")
+    text = str(err.value)
+    for message in (f"no {tmp_path / 'nothing'}.bin", f"no {tmp_path / 'nothing'}.idx",
+                    f"--vocab-file {tmp_path / 'v.json'}: no such file", f"--merge-file {tmp_path / 'm.txt'}: no such file",
+                    "--split '' must be numbers"):
+        assert message in text, text
 
 
 def test_all_problems_reported_at_once():
@@ -134,3 +150,21 @@ def test_dynamic_loss_scaler_unscales_skips_and_grows():
     assert scaler.unscale_and_check([torch.tensor([1.0, float("inf")])])
     scaler.update(True)
     assert scaler.scale == 1024.0 and scaler.clean_steps == 0  # overflow: halved, step to be skipped
+
+
+def test_pretrain_gpt_reports_a_broken_vocab_file_before_any_process_group(tmp_path, capsys, monkeypatch, repo_root):
+    import importlib.util
+
+    import torch.distributed as dist
+
+    spec = importlib.util.spec_from_file_location("pretrain_gpt", repo_root / "src/ch6/pretrain_gpt.py")
+    pretrain_gpt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pretrain_gpt)
+    for name in ("d.bin", "d.idx", "merges.txt"):
+        (tmp_path / name).write_text("")
+    (tmp_path / "vocab.json").write_text('{"a": 0,')  # cut short
+    monkeypatch.delenv("RANK", raising=False)
+    status = pretrain_gpt.main(BASE[:-3] + ["--data-path", str(tmp_path / "d"), "--vocab-file", str(tmp_path / "vocab.json"),
+                                            "--merge-file", str(tmp_path / "merges.txt")])
+    assert status == 2 and not dist.is_initialized()
+    assert f"error: {tmp_path / 'vocab.json'}: not GPT-2's vocab.json" in capsys.readouterr().err
