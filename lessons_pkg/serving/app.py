@@ -38,6 +38,18 @@ class ServingState:
     model_name: str
     info: dict = field(default_factory=dict)      # shown by /health
     request_timeout_s: float = 600.0
+    params_cls: type | None = None                # the engine's SamplingParams: its own validate() runs here too
+
+    def submit(self, req, stream: bool = False) -> Job:
+        """Check ``req`` with the engine's own rules too (400, never a collective), then queue it."""
+        if self.params_cls is not None and req.beam_width is None and hasattr(self.params_cls, "validate"):
+            try:
+                self.params_cls(**req.sampling).validate(self.max_positions, req.prompt_lengths)
+            except ValueError as e:
+                raise BadRequest(str(e)) from None
+        job = Job(req, stream=stream)
+        self.queue.submit(job)
+        return job
 
 
 def _error(status: int, message: str, openai: bool = False, param: str | None = None):
@@ -93,8 +105,7 @@ def create_app(state: ServingState) -> Flask:
             print(f"request IP: {request.remote_addr} prompts: {len(req.prompts)} "
                   f"tokens_to_generate: {req.sampling['tokens_to_generate']} start time: {datetime.datetime.now()}",
                   flush=True)
-        job = Job(req)
-        state.queue.submit(job)
+        job = state.submit(req)
         error = _wait(job, state)
         if error:
             return _error(*error)
@@ -106,8 +117,7 @@ def create_app(state: ServingState) -> Flask:
     @app.post("/v1/completions")
     def completions():
         c = parse_completion_request(parse_json(request.get_data()), tok, state.max_positions, state.model_name)
-        job = Job(c.request, stream=c.stream)
-        state.queue.submit(job)
+        job = state.submit(c.request, stream=c.stream)
         if c.stream:
             return Response(_stream(job, c, state), mimetype="text/event-stream",
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -220,7 +220,9 @@ def run_batch(batch: list[Job], engine, channel: ControlChannel, params_cls, tok
     errors = channel.agree(error)
     failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
     if failed:
-        message = "; ".join(f"rank {rank}: {e}" for rank, e in failed)
+        # the ranks where it happened, not those that only heard of it at the engine's next exchange
+        origin = [(rank, e) for rank, e in failed if "see that rank's error" not in e] or failed
+        message = "; ".join(f"rank {rank}: {e}" for rank, e in origin)
         for job in batch:
             job.finish(error=(500, f"generation failed: {message}"))
         return

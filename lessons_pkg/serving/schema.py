@@ -213,6 +213,8 @@ def parse_api_request(req: object, tokenizer, max_positions: int) -> GenerateReq
     elif not 0 <= stop_token < tokenizer.vocab_size:
         raise BadRequest(f"stop_token must be a token id in [0, {tokenizer.vocab_size}), got {stop_token}", "stop_token")
 
+    if s["top_k"] >= tokenizer.vocab_size:
+        raise BadRequest(f"top_k ({s['top_k']}) must be smaller than the vocabulary ({tokenizer.vocab_size})", "top_k")
     lengths = check_lengths(prompts, s["add_BOS"], s["tokens_to_generate"], tokenizer, max_positions)
     return GenerateRequest(prompts, s, lengths, beam_width, length_penalty, stop_token, no_log)
 

@@ -37,7 +37,7 @@ class ServingLoop:
         self.queue = RequestQueue(max_batch_size)
         self.state = ServingState(self.queue, tokenizer, max_positions, model_name,
                                   dict(info or {}, started=time.time(), max_batch_size=max_batch_size),
-                                  request_timeout_s)
+                                  request_timeout_s, params_cls)
         self.app = create_app(self.state)
         self.host, self.port, self.heartbeat_s = host, port, heartbeat_s
         self.stopping = threading.Event()

@@ -49,23 +49,33 @@ def parse_args(argv=None):
 
 
 class FaultInjectingEngine:
-    """Test double around the real engine: a prompt equal to ``fault_prompt`` fails on every rank.
+    """Test double around the real engine: a prompt equal to ``fault_prompt`` makes the last stage's forward fail.
 
-    The failure comes after the real collective generation, identically on all
-    ranks, as a deterministic bug in generation would; the server must answer
-    500 and stay in step for the next request.
+    Only the ranks of the last pipeline stage arm a forward hook on their
+    model stage, so with PP > 1 the error happens inside generation on some
+    ranks only; the engine shares it at its next per-step exchange, every rank
+    raises ``GenerationError``, the server answers 500, and the next request
+    must be answered correctly. (All TP ranks of the stage fail together: a
+    failure on one TP rank alone, in the middle of a forward, leaves its peers
+    in an all-reduce that only the collective timeout ends.)
     """
 
-    def __init__(self, engine, fault_prompt: str):
-        self.engine, self.fault_prompt = engine, fault_prompt
+    def __init__(self, engine, fault_prompt: str, failing: bool):
+        self.engine, self.fault_prompt, self.armed = engine, fault_prompt, False
         self.max_positions = engine.max_positions
+        if failing:
+            engine.model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, inputs):
+        if self.armed:
+            raise RuntimeError(f"injected fault in the forward pass (prompt {self.fault_prompt!r})")
 
     def generate(self, prompts, params, callback=None):
-        out = self.engine.generate(prompts, params, callback=callback)
-        if self.fault_prompt in prompts:
-            from lessons_pkg.inference import GenerationError
-            raise GenerationError(f"injected fault for prompt {self.fault_prompt!r}")
-        return out
+        self.armed = self.fault_prompt in prompts
+        try:
+            return self.engine.generate(prompts, params, callback=callback)
+        finally:
+            self.armed = False
 
     def beam_search(self, prompts, **kwargs):
         return self.engine.beam_search(prompts, **kwargs)
@@ -120,7 +130,7 @@ def main(argv=None) -> int:
     engine = InferenceEngine(model, pre.tokenizer, ps.get_tensor_model_parallel_group(),
                              ps.get_pipeline_model_parallel_group())
     if args.inject_fault_prompt is not None:
-        engine = FaultInjectingEngine(engine, args.inject_fault_prompt)
+        engine = FaultInjectingEngine(engine, args.inject_fault_prompt, failing=p_rank == pp - 1)
     channel = ControlChannel(timeout_s=args.control_timeout)
     status = 0
     with torch.inference_mode():
