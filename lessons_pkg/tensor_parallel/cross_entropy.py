@@ -13,14 +13,16 @@ Label smoothing ``eps`` (as in :func:`torch.nn.functional.cross_entropy`)
 mixes in the mean of ``-log p`` over the whole vocabulary, which needs a fourth
 all-reduce (the sum of the logits). The gradient with respect to the logits is
 ``softmax - (1 - eps) onehot(target) - eps / V``, computed from the softmax
-kept from the forward pass.
+kept from the forward pass. A target equal to ``ignore_index`` (if given)
+gets loss 0 and gradient 0, as in ``F.cross_entropy``; any other target
+outside the (padded) vocabulary is an error.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from lessons_pkg.tensor_parallel.utils import vocab_range
+from lessons_pkg.tensor_parallel.utils import check_token_ids, vocab_range
 
 
 def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
@@ -31,7 +33,7 @@ def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, label_smoothing, group):
+    def forward(ctx, logits, target, label_smoothing, group, ignore_index):
         # logits [b, s, V/tp] (this rank's vocabulary slice), target [b, s] (global ids)
         rank = dist.get_rank(group) if dist.is_initialized() else 0
         world = dist.get_world_size(group) if dist.is_initialized() else 1
@@ -45,7 +47,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
         # (2) the target's logit: looked up on the rank owning the id, zero on the others
         start, end = vocab_range(partition, rank)
-        outside = (target < start) | (target >= end)                            # [b, s]
+        ignored = torch.zeros_like(target, dtype=torch.bool) if ignore_index is None else target == ignore_index
+        outside = (target < start) | (target >= end) | ignored                  # [b, s]
         local_target = (target - start).masked_fill(outside, 0)
         predicted = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)  # [b, s]
         predicted = predicted.masked_fill(outside, 0.0)
@@ -64,8 +67,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             mean_neg_log_p = sum_exp.log() - sum_shifted / vocab_size
             loss = (1.0 - label_smoothing) * loss + label_smoothing * mean_neg_log_p
 
+        loss = loss.masked_fill(ignored, 0.0)
         softmax = exp_logits.div_(sum_exp.unsqueeze(-1))                         # reuse the buffer
-        ctx.save_for_backward(softmax, local_target, outside)
+        ctx.save_for_backward(softmax, local_target, outside, ignored)
         ctx.label_smoothing, ctx.vocab_size = label_smoothing, vocab_size
         ctx.backward_done = False
         return loss
@@ -77,23 +81,23 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             raise RuntimeError("vocab_parallel_cross_entropy reuses its saved softmax as the gradient: "
                                "its backward can run only once (do not use retain_graph=True through it)")
         ctx.backward_done = True
-        softmax, local_target, outside = ctx.saved_tensors
+        softmax, local_target, outside, ignored = ctx.saved_tensors
         grad = softmax                                                           # in place: saves [b, s, V/tp]
         hit = (1.0 - ctx.label_smoothing) * (~outside).to(grad.dtype)            # 0 where the target is elsewhere
         grad.scatter_add_(-1, local_target.unsqueeze(-1), -hit.unsqueeze(-1))
         if ctx.label_smoothing > 0:
             grad.sub_(ctx.label_smoothing / ctx.vocab_size)
-        grad.mul_(grad_loss.unsqueeze(-1))
-        return grad, None, None, None
+        grad.mul_(grad_loss.masked_fill(ignored, 0.0).unsqueeze(-1))
+        return grad, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(vocab_parallel_logits: torch.Tensor, target: torch.Tensor,
-                                 label_smoothing: float = 0.0, tp_group: dist.ProcessGroup | None = None
-                                 ) -> torch.Tensor:
+                                 label_smoothing: float = 0.0, tp_group: dist.ProcessGroup | None = None,
+                                 ignore_index: int | None = None) -> torch.Tensor:
     """Per-token loss ``[b, s]`` from this rank's logits ``[b, s, V/tp]`` and global target ids ``[b, s]``.
 
     Equal to ``F.cross_entropy(all_gathered_logits, target, reduction="none",
-    label_smoothing=label_smoothing)`` without gathering. ``tp_group=None``
+    label_smoothing=label_smoothing[, ignore_index=ignore_index])`` without gathering. ``tp_group=None``
     uses the tensor-parallel group of :mod:`lessons_pkg.parallel_state` (or a
     single process). The caller's logits are not modified.
     """
@@ -106,4 +110,7 @@ def vocab_parallel_cross_entropy(vocab_parallel_logits: torch.Tensor, target: to
         from lessons_pkg.tensor_parallel.layers import resolve_tp_group
 
         tp_group = resolve_tp_group(None)[0]
-    return _VocabParallelCrossEntropy.apply(vocab_parallel_logits, target, label_smoothing, tp_group)
+    world = dist.get_world_size(tp_group) if dist.is_initialized() else 1
+    check_token_ids(target, vocab_parallel_logits.size(-1) * world, "vocab_parallel_cross_entropy target",
+                    ignore_index)
+    return _VocabParallelCrossEntropy.apply(vocab_parallel_logits, target, label_smoothing, tp_group, ignore_index)

@@ -28,7 +28,7 @@ from lessons_pkg.tensor_parallel.mappings import (
     reduce_from_tensor_model_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
-from lessons_pkg.tensor_parallel.utils import divide, vocab_range
+from lessons_pkg.tensor_parallel.utils import check_token_ids, divide, vocab_range
 
 InitMethod = Callable[[torch.Tensor], object]
 
@@ -210,6 +210,8 @@ class VocabParallelEmbedding(nn.Module):
         mark_partitioned(self.weight, 0)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # an id no rank owns would silently become a zero vector at tp > 1: refuse it
+        check_token_ids(input_ids, self.num_embeddings, "VocabParallelEmbedding input")
         if self.tp_size == 1:
             return F.embedding(input_ids, self.weight)                        # [b, s] -> [b, s, h]
         outside = (input_ids < self.vocab_start_index) | (input_ids >= self.vocab_end_index)

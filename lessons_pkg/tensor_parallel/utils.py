@@ -23,6 +23,25 @@ def vocab_range(partition_vocab_size: int, rank: int) -> tuple[int, int]:
     return start, start + partition_vocab_size
 
 
+def check_token_ids(ids: torch.Tensor, size: int, what: str, ignore_index: int | None = None) -> None:
+    """Raise ``ValueError`` naming an id of ``ids`` outside ``[0, size)`` (``ignore_index`` excepted).
+
+    Cheap: a min/max over the ``[b, s]`` ids (nothing over the vocabulary), and
+    one device synchronisation on a GPU. Every rank of a tensor-parallel group
+    sees the same ids, so all of them raise together, before any collective.
+    """
+    if ids.numel() == 0:
+        return
+    kept = ids if ignore_index is None else ids[ids != ignore_index]
+    if kept.numel() == 0:
+        return
+    low, high = torch.aminmax(kept)
+    if low < 0 or high >= size:
+        bad = int(low) if low < 0 else int(high)
+        also = f" (and not the ignore index {ignore_index})" if ignore_index is not None else ""
+        raise ValueError(f"{what}: token id {bad} is outside [0, {size}){also}; the vocabulary has {size} ids")
+
+
 def vocab_size_with_padding(
     vocab_size: int, tensor_model_parallel_size: int = 1, make_vocab_size_divisible_by: int = 128
 ) -> tuple[int, int]:

@@ -129,6 +129,9 @@ def check_vocab_embedding(rank: int, tp: int, group) -> None:
     _close(y, y_ref.detach(), "vocab embedding output")
     y.backward(dy)
     assert_shards_close(emb.named_parameters(), {"weight": ref_w.grad}, rank, tp, "vocab embedding")
+    for bad in (vocab, -1):  # no rank owns them: refused on every rank, before the all-reduce
+        with pytest.raises(ValueError, match=rf"token id {bad} is outside \[0, {vocab}\)"):
+            emb(torch.tensor([[1, bad]]))
 
 
 def check_cross_entropy(rank: int, tp: int, group) -> None:
@@ -153,6 +156,23 @@ def check_cross_entropy(rank: int, tp: int, group) -> None:
         loss.backward(dloss)
         _close(mine.grad, ref.grad.chunk(tp, -1)[rank], f"cross entropy grad (smoothing {smoothing})")
         assert torch.equal(mine.detach(), before), "vocab_parallel_cross_entropy modified the caller's logits"
+
+    # an explicit ignore index: loss 0 and gradient 0 there, as F.cross_entropy; any other stray id is refused
+    ignored = target.clone()
+    ignored[0, 1] = ignored[2, 3] = -100
+    ref = full_logits.clone().requires_grad_()
+    loss_ref = F.cross_entropy(ref.view(-1, vocab), ignored.view(-1), reduction="none", ignore_index=-100).view(b, s)
+    loss_ref.backward(dloss)
+    mine = full_logits.chunk(tp, -1)[rank].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(mine, ignored, tp_group=group, ignore_index=-100)
+    _close(loss, loss_ref.detach(), "cross entropy loss with ignore_index")
+    loss.backward(dloss)
+    _close(mine.grad, ref.grad.chunk(tp, -1)[rank], "cross entropy grad with ignore_index")
+    for bad, kwargs in ((vocab, {}), (-100, {}), (-1, {"ignore_index": -100})):
+        stray = target.clone()
+        stray[1, 2] = bad
+        with pytest.raises(ValueError, match=rf"target: token id {bad} is outside \[0, {vocab}\)"):
+            vocab_parallel_cross_entropy(full_logits.chunk(tp, -1)[rank], stray, tp_group=group, **kwargs)
 
 
 def check_transformer_pieces(rank: int, tp: int, group) -> None:
