@@ -40,7 +40,7 @@ class InMemorySource:
     def has_optimizer(self) -> bool:
         return False
 
-    def release(self) -> None:
+    def release(self, force: bool = False) -> None:
         pass
 
 

@@ -37,7 +37,6 @@ form, which loads into the plain optimizer or ZeRO-1 at any data-parallel size.
 from __future__ import annotations
 
 import argparse
-import gc
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +46,7 @@ from lessons_pkg.checkpoint.layout import CheckpointFiles, find_checkpoint
 from lessons_pkg.tensor_parallel.config import GPTConfig
 from lessons_pkg.tensor_parallel.utils import vocab_size_with_padding
 
+STREAM_BYTES = 256 * 2**20
 _COLUMN = ("query_key_value.weight", "query_key_value.bias", "dense_h_to_4h.weight", "dense_h_to_4h.bias")
 _ROW = ("self_attention.dense.weight", "dense_4h_to_h.weight")
 
@@ -192,9 +192,21 @@ class SourceCheckpoint:
             self._open[key] = mf.safe_load(self.files.model_file(tp_rank, pp_rank), mmap=True)
         return self._open[key]
 
-    def release(self) -> None:
-        self._open.clear()
-        gc.collect()
+    def release(self, force: bool = False) -> None:
+        """Unmap the source files (their pages leave memory); per layer only for checkpoints worth streaming."""
+        if force or self.streaming:
+            self._open.clear()
+
+    @property
+    def streaming(self) -> bool:
+        """Re-open the files per layer only above 256 MiB: below it, re-reading their indexes costs more."""
+        if not hasattr(self, "_streaming"):
+            import os
+
+            total = sum(os.path.getsize(self.files.model_file(t, p))
+                        for t in range(self.files.tp) for p in range(self.files.pp))
+            self._streaming = total > STREAM_BYTES
+        return self._streaming
 
     def _chunk(self, tp_rank: int, pp_rank: int, chunk: int) -> dict[str, torch.Tensor]:
         state = self._file(tp_rank, pp_rank)
@@ -250,10 +262,7 @@ class SourceCheckpoint:
         return None
 
     def has_optimizer(self) -> bool:
-        try:
-            return self._moments_of_rank(0, 0) is not None
-        finally:
-            self.release()
+        return self._moments_of_rank(0, 0) is not None
 
     def optimizer_hyper(self) -> tuple[list[dict], dict | None]:
         """The saved Adam param-group hyper-parameters (without ``params``) and the loss-scaler state."""
@@ -417,7 +426,7 @@ class _ShapeOnly:
 
 
 def build_rank_state(src: SourceCheckpoint, target: Layout, tp_rank: int, pp_rank: int, with_optim: bool = True,
-                     args_updates: dict | None = None) -> dict:
+                     args_updates: dict | None = None, padded_vocab_size: int | None = None) -> dict:
     """The ``model_optim_rng.pt`` contents of target rank ``(tp_rank, pp_rank)``, in Megatron's format.
 
     Streams: each tensor is read full-size from the source, fitted to the
@@ -426,7 +435,11 @@ def build_rank_state(src: SourceCheckpoint, target: Layout, tp_rank: int, pp_ran
     """
     config = src.config
     target.check(config)
-    padded, _ = vocab_size_with_padding(config.vocab_size, target.tp, config.make_vocab_size_divisible_by)
+    padded = padded_vocab_size or vocab_size_with_padding(config.vocab_size, target.tp,
+                                                          config.make_vocab_size_divisible_by)[0]
+    if padded < config.vocab_size or padded % target.tp:
+        raise ValueError(f"padded vocabulary {padded} cannot hold {config.vocab_size} tokens in {target.tp} equal "
+                         "slices")
     chunks = stage_param_names(config, target, tp_rank, pp_rank)
     layouts = target.chunks(config, pp_rank)
     with_optim = with_optim and src.has_optimizer()
@@ -446,6 +459,9 @@ def build_rank_state(src: SourceCheckpoint, target: Layout, tp_rank: int, pp_ran
             if source_key == mf.WORD:
                 full = fit_vocab(full, config.vocab_size, padded)
             stage[local] = split(key, full, target.tp, tp_rank)
+            if tuple(stage[local].shape) != tuple(_shape) and source_key != mf.WORD:
+                raise ValueError(f"{key}: the source gives shape {tuple(stage[local].shape)} at TP={target.tp}, "
+                                 f"the model expects {tuple(_shape)}")
             if with_optim:
                 m = src.full_moments(source_key)
                 if source_key == mf.WORD:
@@ -455,7 +471,7 @@ def build_rank_state(src: SourceCheckpoint, target: Layout, tp_rank: int, pp_ran
                 names.append(name)
                 shapes[name] = _ShapeOnly(stage[local].shape)
         state["model" if target.vp == 1 else f"model{c}"] = mf.to_megatron(stage)
-    src.release()
+    src.release(force=True)
     updates = dict(tensor_model_parallel_size=target.tp, pipeline_model_parallel_size=target.pp,
                    virtual_pipeline_model_parallel_size=target.vp if target.vp > 1 else None,
                    num_layers_per_virtual_pipeline_stage=(config.num_layers // target.stages()
@@ -494,5 +510,5 @@ def read_full_checkpoint(root: str, true_vocab_size: int | None = None) -> FullC
         state[key] = full[: src.config.vocab_size].clone() if key == mf.WORD else full
         if key.startswith("layers.") and key.endswith("mlp.dense_4h_to_h.bias"):
             src.release()
-    src.release()
+    src.release(force=True)
     return FullCheckpoint(src.config, state, src.args, src.iteration)

@@ -174,19 +174,20 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
 
 
 # --- load --------------------------------------------------------------------------------------
-def _same_layout(files, state: dict, args, model_chunks) -> bool:
-    """True when this run can read its own files as they are (no resharding needed)."""
+def _can_read_own_files(files, state: dict, args, model_chunks, ranks: dict, no_optim: bool) -> bool:
+    """True when this rank can load its own files as they are (no resharding needed)."""
     if (files.tp, files.pp) != (args.tensor_model_parallel_size, args.pipeline_model_parallel_size):
         return False
     if len(mf.model_keys(state)) != len(model_chunks):
         return False
-    if args.no_load_optim:
+    if no_optim:
         return True
-    zero_saved = bool(files.zero_files(0, 0))
-    if zero_saved != bool(args.use_distributed_optimizer):
-        return False
-    saved_dp = getattr(state["args"], "data_parallel_size", None)
-    return not zero_saved or saved_dp == args.data_parallel_size
+    plain = isinstance(state.get("optimizer"), dict)
+    zero = bool(files.zero_files(ranks["tp"], ranks["pp"]))
+    same_dp = getattr(state["args"], "data_parallel_size", None) == args.data_parallel_size
+    if args.use_distributed_optimizer:  # ZeRO-1 reads its own slice (same DP) or cuts it from the plain form
+        return (zero and same_dp) or plain
+    return plain or not zero
 
 
 def _check_model_args(saved, config, where: str) -> None:
@@ -215,10 +216,11 @@ def load_checkpoint(root: str, model_chunks, optimizer, scheduler, args, ranks: 
     finetune = getattr(args, "finetune", False) or files.iteration is None
     no_optim = args.no_load_optim or finetune
     state = mf.safe_load(files.model_file(ranks["tp"] % files.tp, ranks["pp"] % files.pp))
-    if _same_layout(files, state, args, model_chunks):
+    if _can_read_own_files(files, state, args, model_chunks, ranks, no_optim):
         zero_file = os.path.join(files.rank_dir(ranks["tp"], ranks["pp"]), f"distrib_optim_dp_rank_{ranks['dp']:03d}.pt")
-        optim_state = (mf.safe_load(zero_file) if args.use_distributed_optimizer and os.path.exists(zero_file)
-                       else state.get("optimizer"))
+        optim_state = state.get("optimizer")
+        if args.use_distributed_optimizer and optim_state is None and os.path.exists(zero_file):
+            optim_state = mf.safe_load(zero_file)
     else:
         from lessons_pkg.checkpoint.reshard import Layout, SourceCheckpoint, build_rank_state
 
@@ -226,7 +228,8 @@ def load_checkpoint(root: str, model_chunks, optimizer, scheduler, args, ranks: 
         target = Layout(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, len(model_chunks))
         print_rank_0(f" > resharding checkpoint {root} (TP={files.tp} x PP={files.pp} x {src.layout.vp} chunks) "
                      f"to TP={target.tp} x PP={target.pp} x {target.vp} chunks while loading")
-        state = build_rank_state(src, target, ranks["tp"], ranks["pp"], with_optim=not no_optim)
+        state = build_rank_state(src, target, ranks["tp"], ranks["pp"], with_optim=not no_optim,
+                                 padded_vocab_size=model_chunks[0].padded_vocab_size)
         optim_state = state.get("optimizer")
 
     _check_model_args(state.get("args"), model_chunks[0].config, files.model_file(0, 0))

@@ -217,13 +217,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_loading_another_layout_names_both(data, tp2pp2):
-    _, save, _ = tp2pp2
-    result = run_script(data, "--make-vocab-size-divisible-by", "64", "--load", str(save))
-    assert result.returncode != 0
-    assert ("saved with tensor-model-parallel-size 2 and pipeline-model-parallel-size 2, but this run uses "
-            "tensor-model-parallel-size 1 and pipeline-model-parallel-size 1") in result.stderr
-    assert "iteration        1/" not in result.stdout
+def _checkpoint_at(save, iteration, dest):
+    """A folder holding only ``save``'s checkpoint of ``iteration``, as a job stopped after it would leave."""
+    shutil.copytree(save / f"iter_{iteration:07d}", dest / f"iter_{iteration:07d}")
+    (dest / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+    return dest
+
+
+def test_resume_at_another_layout_follows_the_uninterrupted_run(data, tp2pp2):
+    """TP2 x PP2's iteration-3 checkpoint continues at TP=1 x DP=2 with ZeRO-1: resharded on load, or converted first.
+
+    Weights, Adam moments and step, scheduler and consumed samples all travel, so iterations 4-6 follow
+    the uninterrupted TP2 x PP2 run within LOSS_TOL (the layouts sum in another order, see above), and
+    loading the converted checkpoint gives bit for bit what resharding on load gives.
+    """
+    ref_log, save, _ = tp2pp2
+    resume = _checkpoint_at(save, 3, data["root"] / "ckpt-relayout-from-3")
+    log = data["root"] / "relayout.jsonl"
+    result = launch(2, data, log, "--use-distributed-optimizer", "--load", str(resume))
+    assert "resharding checkpoint" in result.output and "at iteration 3" in result.output
+    reference, got = losses(ref_log), losses(log)
+    assert sorted(got) == [4, 5, 6]
+    for i in got:
+        assert abs(got[i] - reference[i]) <= LOSS_TOL, f"iteration {i}: {got[i]} vs uninterrupted {reference[i]}"
+
+    converted = data["root"] / "ckpt-relayout-tp1"
+    tool = subprocess.run([sys.executable, "src/ch6/checkpoint_util.py", "--load-dir", str(resume), "--save-dir",
+                           str(converted), "--target-tensor-parallel-size", "1", "--target-pipeline-parallel-size",
+                           "1", "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert tool.returncode == 0, tool.stderr
+    log2 = data["root"] / "relayout-converted.jsonl"
+    result2 = launch(2, data, log2, "--use-distributed-optimizer", "--load", str(converted))
+    assert "resharding checkpoint" not in result2.output  # the same TP x PP: its own files
+    assert losses(log2) == got
 
 
 def test_inconsistent_arguments_stop_before_training(data):
