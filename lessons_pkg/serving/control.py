@@ -61,6 +61,14 @@ class ControlChannel:
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
+    def all_gather(self, obj) -> list:
+        """``obj`` of every rank, on every rank (e.g. the process ids /health shows)."""
+        if self.group is None:
+            return [obj]
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
     def agree(self, error: str | None) -> list[str | None]:
         """Every rank's error for the item just run (``None`` = fine), on every rank."""
         if self.group is None:

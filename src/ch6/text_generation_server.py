@@ -132,13 +132,15 @@ def main(argv=None) -> int:
     if args.inject_fault_prompt is not None:
         engine = FaultInjectingEngine(engine, args.inject_fault_prompt, failing=p_rank == pp - 1)
     channel = ControlChannel(timeout_s=args.control_timeout)
+    pids = channel.all_gather(os.getpid())
     status = 0
     with torch.inference_mode():
         if rank == 0:
             name = args.model_name or os.path.basename(os.path.normpath(args.load))
             loop = ServingLoop(engine, pre.tokenizer, channel, SamplingParams, engine.max_positions, name,
                                args.host, args.port, args.max_batch_size, args.heartbeat,
-                               info={"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp})
+                               info={"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+                                     "rank_pids": pids})
             loop.install_signal_handlers()
             status = loop.run()
         else:

@@ -119,3 +119,36 @@ def server_factory():
     yield start
     for s in started:
         s.stop()
+
+
+@pytest.fixture(scope="session")
+def hf_greedy(tiny_gpt2_folder, tiny_tokenizer):
+    """``transformers``' greedy ``generate`` on the same folder: prompt -> prompt + n token ids."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(tiny_gpt2_folder).eval()
+    cache = {}
+
+    def generate(prompt: str, n: int) -> list[int]:
+        if (prompt, n) not in cache:
+            ids = torch.tensor([tiny_tokenizer.tokenize(prompt)])
+            with torch.no_grad():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                     pad_token_id=tiny_tokenizer.eod, eos_token_id=tiny_tokenizer.eod)
+            cache[prompt, n] = out[0].tolist()
+        return cache[prompt, n]
+
+    return generate
+
+
+@pytest.fixture(scope="session")
+def one_rank_server(server_factory, tiny_gpt2_folder):
+    """One server process (one rank) shared by the modules that need a plain server."""
+    return server_factory(tiny_gpt2_folder)
+
+
+def expected_api(hf_greedy, tokenizer, prompt: str, n: int) -> tuple[str, list[str]]:
+    """Megatron's answer for a greedy request, from transformers: (text, segments)."""
+    ids = hf_greedy(prompt, n)
+    return tokenizer.detokenize(ids), [tokenizer.detokenize([t]) for t in ids]

@@ -43,8 +43,10 @@ def served(tiny_tokenizer):
     loop.stopping.set()
     thread.join(10)
     assert not thread.is_alive()
-    with socket.socket() as s:   # the port is free again
+    with socket.socket() as s:   # the port is free again (SO_REUSEADDR, as every server sets it: TIME_WAIT)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
+        s.listen()
 
 
 def test_api_answer_is_the_engines(served, tiny_tokenizer):
