@@ -102,8 +102,9 @@ test: setup
 	$(PY) -m pytest --nbval --nbval-current-env --nbval-sanitize-with chapters/nbval_sanitize.cfg \
 		--nbval-cell-timeout 900 -p no:cacheprovider chapters
 
+# JupyterLab on chapters/, as a user or as root (adds --allow-root); LAB_IP, LAB_PORT, LAB_OPEN: see scripts/lab.sh
 lab: setup
-	$(VENV)/bin/jupyter lab chapters
+	JUPYTER=$(VENV)/bin/jupyter scripts/lab.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info outputs

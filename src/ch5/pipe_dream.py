@@ -3,6 +3,7 @@
     deepspeed --num_gpus 4 src/ch5/pipe_dream.py                        # 4 GPUs, 4 stages
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 src/ch5/pipe_dream.py     # CPU: 2 processes, gloo
     torchrun --nproc_per_node 4 src/ch5/pipe_dream.py                   # torchrun works too
+    python src/ch5/pipe_dream.py [--nproc 4]                            # and so does plain python (4 stages)
     deepspeed --num_gpus 4 src/ch5/pipe_dream.py --model-name gpt2 --dataset squad \\
         --micro-batch-size 4 --micro-batches 4 --seq-len 256 --steps 300    # the lesson's run (network)
 
@@ -47,6 +48,8 @@ import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from lessons_pkg.launch import add_nproc_argument, start_ranks
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpipe import build_model, build_tokens  # noqa: E402  (shared with the GPipe demo)
 from gpt2_sequential import CausalGPT2Block, dropout_disabled, lm_loss  # noqa: E402
@@ -81,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-interval", type=int, default=10)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by older launchers
+    add_nproc_argument(p, default=4)
     return p.parse_args(argv)
 
 
@@ -141,6 +145,7 @@ def hf_name(name: str, n_layer: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    start_ranks(args)  # plain python: start 4 ranks under torchrun; under a launcher: already a rank
     deepspeed.utils.logger.setLevel(logging.WARNING)  # keep the output to this script's lines
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()

@@ -1,6 +1,6 @@
 """Measure the activation memory of GPipe and 1F1B on every stage as the number of microbatches grows.
 
-    python -m lessons_pkg.launch --nproc 4 src/ch5/pipeline_memory.py [--microbatches 2 4 8 16]
+    python src/ch5/pipeline_memory.py [--nproc 4] [--microbatches 2 4 8 16]    # or under torchrun
 
 First the idea on one process: a custom ``autograd.Function`` that saves its
 input in ``ctx`` holds that memory until its backward; one that saves nothing
@@ -31,6 +31,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from lessons_pkg.launch import add_nproc_argument, start_ranks  # noqa: E402
 from lessons_pkg import parallel_state  # noqa: E402
 from lessons_pkg.pipeline import forward_backward  # noqa: E402
 from lessons_pkg.pipeline.memory import Double, SavedTensorMeter, Square  # noqa: E402
@@ -49,6 +50,7 @@ def parse_args():
     parser.add_argument("--microbatches", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=2)
     parser.add_argument("--out", default="outputs/ch5/pipeline_memory.png")
+    add_nproc_argument(parser, default=4)
     return parser.parse_args()
 
 
@@ -78,6 +80,7 @@ def peak_bytes(name: str, m: int, v: int, args, group) -> int:
 
 def main() -> int:
     args = parse_args()
+    start_ranks(args)
     parallel_state.initialize_model_parallel(pipeline_model_parallel_size=int(os.environ["WORLD_SIZE"]))
     group = parallel_state.get_pipeline_model_parallel_group()
     p, stage, v = dist.get_world_size(group), dist.get_rank(group), args.virtual_pipeline_model_parallel_size

@@ -1,6 +1,6 @@
 """Measure and draw the timeline of GPipe, 1F1B and interleaved 1F1B; compare the bubble with theory.
 
-    python -m lessons_pkg.launch --nproc 4 src/ch5/pipeline_timeline.py [--num-microbatches 8] [--cost-ms 4]
+    python src/ch5/pipeline_timeline.py [--nproc 4] [--num-microbatches 8] [--cost-ms 4]    # or under torchrun
 
 Each layer is Linear + tanh followed by a ``FixedCost`` of ``--cost-ms`` in
 forward and twice that in backward (a stand-in for GPU time, see
@@ -30,6 +30,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from lessons_pkg.launch import add_nproc_argument, start_ranks  # noqa: E402
 from lessons_pkg import parallel_state  # noqa: E402
 from lessons_pkg.pipeline import forward_backward, get_schedule, serial_forward_backward  # noqa: E402
 from lessons_pkg.pipeline.costs import FixedCost  # noqa: E402
@@ -52,6 +53,7 @@ def parse_args():
     parser.add_argument("--cost-ms", type=float, default=10.0, help="emulated forward time per layer (backward: 2x); 0: none")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per schedule; the fastest is drawn")
     parser.add_argument("--out", default="outputs/ch5/pipeline_timeline.png")
+    add_nproc_argument(parser, default=4)
     return parser.parse_args()
 
 
@@ -94,6 +96,7 @@ def run(name: str, v: int, args, group):
 
 def main() -> int:
     args = parse_args()
+    start_ranks(args)
     parallel_state.initialize_model_parallel(pipeline_model_parallel_size=int(os.environ["WORLD_SIZE"]))
     group = parallel_state.get_pipeline_model_parallel_group()
     p, m, v = dist.get_world_size(group), args.num_microbatches, args.virtual_pipeline_model_parallel_size

@@ -1,6 +1,6 @@
 """Train with our GPipe, 1F1B and interleaved 1F1B schedules and check every step against one process.
 
-    python -m lessons_pkg.launch --nproc 4 src/ch5/schedules_verify.py      # or torchrun --nproc_per_node 4
+    python src/ch5/schedules_verify.py [--nproc 2]      # 4 ranks by default; or torchrun --nproc_per_node 4
 
 Every rank builds the same full model (a stack of Linear + tanh layers, seeded)
 and a serial copy of it. For each schedule the pipeline trains its chunks with
@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from lessons_pkg.launch import add_nproc_argument, start_ranks
 from lessons_pkg import parallel_state
 from lessons_pkg.utils import largest, max_abs_error, within
 from lessons_pkg.pipeline import forward_backward, get_schedule, serial_forward_backward
@@ -40,6 +41,7 @@ def parse_args():
     parser.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=2, help="v of the interleaved schedule")
     parser.add_argument("--train-iters", type=int, default=4)
     parser.add_argument("--lr", type=float, default=0.5)
+    add_nproc_argument(parser, default=4)
     return parser.parse_args()
 
 
@@ -82,6 +84,7 @@ def train_and_compare(name: str, v: int, args, group) -> tuple[float, bool]:
 
 def main() -> int:
     args = parse_args()
+    start_ranks(args)
     parallel_state.initialize_model_parallel(pipeline_model_parallel_size=int(os.environ["WORLD_SIZE"]))
     group = parallel_state.get_pipeline_model_parallel_group()
     p, m, v = dist.get_world_size(group), args.num_microbatches, args.virtual_pipeline_model_parallel_size

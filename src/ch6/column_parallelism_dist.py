@@ -1,6 +1,7 @@
 """Column parallelism on real processes: broadcast X, split A's columns, all-gather Y.
 
-    torchrun --nproc_per_node 2 src/ch6/column_parallelism_dist.py    # or 1, 4
+    python src/ch6/column_parallelism_dist.py                            # 2 ranks (the lesson's); --nproc 1 or 4 for others
+    torchrun --nproc_per_node 2 src/ch6/column_parallelism_dist.py       # the same under torchrun (or srun)
 
 A here has 4 columns (the warm-up's A with two more), so it splits over 1, 2 or 4 ranks:
 
@@ -11,11 +12,13 @@ A here has 4 columns (the warm-up's A with two more), so it splits over 1, 2 or 
 
 Each rank checks the gathered Y against X @ A computed on one process.
 """
+import argparse
 import sys
 
 import torch
 import torch.distributed as dist
 
+from lessons_pkg.launch import add_nproc_argument, start_ranks
 from lessons_pkg.parallel_state import init_distributed
 
 X_FULL = torch.tensor([[0., 1., 2., 3.],
@@ -27,6 +30,9 @@ A_FULL = torch.tensor([[10., 14., 18., 22.],
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_nproc_argument(parser, default=2)
+    start_ranks(parser.parse_args())  # plain python: start the ranks; under torchrun: already one
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     if A_FULL.shape[1] % world:

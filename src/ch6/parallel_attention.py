@@ -1,6 +1,7 @@
 """Megatron's parallel self-attention on real processes: heads split across ranks.
 
-    torchrun --nproc_per_node 2 src/ch6/parallel_attention.py      # or 1, 4
+    python src/ch6/parallel_attention.py                            # 2 ranks (the lesson's); --nproc 1 or 4 for others
+    torchrun --nproc_per_node 2 src/ch6/parallel_attention.py       # the same under torchrun (or srun)
 
 The fused QKV weight [3h, h] stores its rows head by head ([q k v] of head 0,
 then of head 1, ...), so rank r's contiguous block of rows (column-parallel)
@@ -12,12 +13,14 @@ The reference is ordinary multi-head attention on one process
 (torch's scaled_dot_product_attention) with the full weights; outputs and every
 gradient must match, else the script exits with status 1.
 """
+import argparse
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
+from lessons_pkg.launch import add_nproc_argument, start_ranks
 from lessons_pkg import parallel_state
 from lessons_pkg.tensor_parallel import GPTConfig, ParallelAttention, shard_of
 from lessons_pkg.tensor_parallel.instrument import count_collectives
@@ -36,6 +39,9 @@ def serial_attention(x, w_qkv, b_qkv, w_out, b_out, heads):
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_nproc_argument(parser, default=2)
+    start_ranks(parser.parse_args())  # plain python: start the ranks; under torchrun: already one
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=int(os.environ["WORLD_SIZE"]))
     tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
     group = parallel_state.get_tensor_model_parallel_group()

@@ -1,6 +1,7 @@
 """A whole tensor-parallel GPT on real processes, with its LM head tied to the word embedding.
 
-    torchrun --nproc_per_node 2 src/ch6/parallel_gpt.py      # or 1, 4
+    python src/ch6/parallel_gpt.py                            # 2 ranks (the lesson's); --nproc 1 or 4 for others
+    torchrun --nproc_per_node 2 src/ch6/parallel_gpt.py       # the same under torchrun (or srun)
 
 Every rank builds the same full-size master weights from one seed and keeps
 its shards. The LM head reuses the vocab-parallel word embedding E_r
@@ -10,6 +11,7 @@ gathered. The reference is transformers' GPT2LMHeadModel on one process with
 the same weights (and the same padded vocabulary). A few SGD steps are taken on
 both; each step's loss must match, else the script exits with status 1.
 """
+import argparse
 import dataclasses
 import os
 import sys
@@ -17,6 +19,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from lessons_pkg.launch import add_nproc_argument, start_ranks
 from lessons_pkg import parallel_state
 from lessons_pkg.tensor_parallel import GPTConfig, ParallelGPT, master_state_dict
 from lessons_pkg.tensor_parallel.checkpointing import pad_word_embeddings
@@ -28,6 +31,9 @@ STEPS, LR = 4, 0.5
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_nproc_argument(parser, default=2)
+    start_ranks(parser.parse_args())  # plain python: start the ranks; under torchrun: already one
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=int(os.environ["WORLD_SIZE"]))
     tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
     config = GPTConfig(vocab_size=250, hidden_size=32, num_layers=2, num_attention_heads=4,

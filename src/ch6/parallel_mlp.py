@@ -1,6 +1,7 @@
 """Megatron's parallel MLP on real processes: column-parallel h->4h, GeLU, row-parallel 4h->h.
 
-    torchrun --nproc_per_node 2 src/ch6/parallel_mlp.py      # or 1, 4
+    python src/ch6/parallel_mlp.py                            # 2 ranks (the lesson's); --nproc 1 or 4 for others
+    torchrun --nproc_per_node 2 src/ch6/parallel_mlp.py       # the same under torchrun (or srun)
 
 Rank r holds rows r*4h/tp .. of the first weight (whole output features, so
 GeLU acts locally) and the matching columns of the second weight. The only
@@ -11,12 +12,14 @@ Every rank checks its output, the input's gradient and its shards of every
 weight gradient against the same MLP computed on one process from the same
 full weights; the script exits with status 1 if any differs.
 """
+import argparse
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
+from lessons_pkg.launch import add_nproc_argument, start_ranks
 from lessons_pkg import parallel_state
 from lessons_pkg.tensor_parallel import GPTConfig, ParallelMLP, shard_of
 from lessons_pkg.tensor_parallel.instrument import count_collectives
@@ -31,6 +34,9 @@ def serial_mlp(x, w1, b1, w2, b2):
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_nproc_argument(parser, default=2)
+    start_ranks(parser.parse_args())  # plain python: start the ranks; under torchrun: already one
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=int(os.environ["WORLD_SIZE"]))
     tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
     config = GPTConfig(hidden_size=16, num_attention_heads=4, num_layers=1)

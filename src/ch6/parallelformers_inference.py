@@ -1,8 +1,9 @@
 """Tensor replacement (Parallelformers' idea): shard an unmodified transformers GPT-2 and generate.
 
-    torchrun --nproc_per_node 2 src/ch6/parallelformers_inference.py                 # or 1, 4
-    torchrun --nproc_per_node 2 src/ch6/parallelformers_inference.py --model PATH    # a local checkpoint folder
-    torchrun --nproc_per_node 2 src/ch6/parallelformers_inference.py --model local   # skip the hub
+    python src/ch6/parallelformers_inference.py                 # 2 ranks; --nproc 1 or 4 for others
+    python src/ch6/parallelformers_inference.py --model PATH    # a local checkpoint folder
+    python src/ch6/parallelformers_inference.py --model local   # skip the hub
+    torchrun --nproc_per_node 2 src/ch6/parallelformers_inference.py    # the same under torchrun (or srun)
 
 Every rank loads the same full model. ``lessons_pkg.parallelize(model)``
 replaces each block's attention and MLP weights by this rank's shards
@@ -27,7 +28,8 @@ import sys
 import torch
 
 from lessons_pkg import parallel_state, parallelize
-from lessons_pkg.utils import print_rank_0, set_seed
+from lessons_pkg.launch import add_nproc_argument, start_ranks
+from lessons_pkg.utils import check_close, print_rank_0, set_seed
 
 RTOL, ATOL = 1e-4, 1e-5  # float32: partial products summed over ranks in a different order
 PROMPT = "Tensor parallelism splits every layer across"
@@ -70,7 +72,9 @@ def main() -> int:
     parser.add_argument("--model", default="gpt2",
                         help="hub name or local folder of a GPT-2 checkpoint; 'local' for the small local GPT-2")
     parser.add_argument("--max-new-tokens", type=int, default=12)
+    add_nproc_argument(parser, default=2)
     args = parser.parse_args()
+    start_ranks(args)
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=int(os.environ["WORLD_SIZE"]))
     tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
@@ -88,7 +92,7 @@ def main() -> int:
           f"mlp.c_fc {tuple(model.transformer.h[0].mlp.c_fc.weight.shape)}")
 
     with torch.no_grad():
-        same_logits = torch.allclose(model(ids).logits, serial(ids).logits, rtol=RTOL, atol=ATOL)
+        same_logits = check_close(model(ids).logits, serial(ids).logits, RTOL, ATOL)
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=False,
                   pad_token_id=serial.config.eos_token_id, attention_mask=torch.ones_like(ids))
     generated = model.generate(ids, **kwargs)

@@ -1,6 +1,7 @@
 """Row parallelism on real processes: scatter X's columns, split A's rows, all-reduce Y.
 
-    torchrun --nproc_per_node 2 src/ch6/row_parallelism_dist.py    # or 1, 4
+    python src/ch6/row_parallelism_dist.py                            # 2 ranks (the lesson's); --nproc 1 or 4 for others
+    torchrun --nproc_per_node 2 src/ch6/row_parallelism_dist.py       # the same under torchrun (or srun)
 
     rank r holds A[r*n:(r+1)*n, :]  (n = 4 / world_size rows)
     1. scatter:    rank 0 sends X[:, r*n:(r+1)*n] to rank r      X_r  (2, n)
@@ -9,11 +10,13 @@
 
 Each rank checks Y against X @ A computed on one process.
 """
+import argparse
 import sys
 
 import torch
 import torch.distributed as dist
 
+from lessons_pkg.launch import add_nproc_argument, start_ranks
 from lessons_pkg.parallel_state import init_distributed
 
 X_FULL = torch.tensor([[0., 1., 2., 3.],
@@ -25,6 +28,9 @@ A_FULL = torch.tensor([[10., 14., 18., 22.],
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_nproc_argument(parser, default=2)
+    start_ranks(parser.parse_args())  # plain python: start the ranks; under torchrun: already one
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     if X_FULL.shape[1] % world:

@@ -1,6 +1,7 @@
 """Vocab-parallel cross entropy on real processes: the loss without gathering the logits.
 
-    torchrun --nproc_per_node 2 src/ch6/vocab_parallel_cross_entropy.py      # or 1, 4
+    python src/ch6/vocab_parallel_cross_entropy.py                            # 2 ranks (the lesson's); --nproc 1 or 4 for others
+    torchrun --nproc_per_node 2 src/ch6/vocab_parallel_cross_entropy.py       # the same under torchrun (or srun)
 
 Each rank holds the logits of its vocabulary slice, [b, s, V/tp]. Three
 all-reduces of [b, s] tensors (max, target logit, sum of exponentials) give
@@ -11,12 +12,14 @@ Each rank checks the loss and its slice of the gradient against
 torch.nn.functional.cross_entropy on the full logits, with and without label
 smoothing, and that its logits were not modified; exit status 1 if not.
 """
+import argparse
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
+from lessons_pkg.launch import add_nproc_argument, start_ranks
 from lessons_pkg import parallel_state
 from lessons_pkg.tensor_parallel import vocab_parallel_cross_entropy
 from lessons_pkg.tensor_parallel.instrument import count_collectives
@@ -26,6 +29,9 @@ RTOL, ATOL = 1e-5, 1e-6  # float32: log/exp of sums taken in a different order
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_nproc_argument(parser, default=2)
+    start_ranks(parser.parse_args())  # plain python: start the ranks; under torchrun: already one
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=int(os.environ["WORLD_SIZE"]))
     tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
     group = parallel_state.get_tensor_model_parallel_group()

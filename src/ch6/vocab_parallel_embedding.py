@@ -1,6 +1,7 @@
 """Vocab-parallel embedding on real processes, and Megatron's padded vocabulary.
 
-    torchrun --nproc_per_node 2 src/ch6/vocab_parallel_embedding.py      # or 1, 4
+    python src/ch6/vocab_parallel_embedding.py                            # 2 ranks (the lesson's); --nproc 1 or 4 for others
+    torchrun --nproc_per_node 2 src/ch6/vocab_parallel_embedding.py       # the same under torchrun (or srun)
 
 1. Padding: Megatron pads the vocabulary to a multiple of
    make_vocab_size_divisible_by (128) x tp, so every rank holds the same number
@@ -11,12 +12,14 @@
 Each rank checks the embedding output and its shard of the weight gradient
 against torch.nn.functional.embedding on the full table; exit status 1 if not.
 """
+import argparse
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
+from lessons_pkg.launch import add_nproc_argument, start_ranks
 from lessons_pkg import parallel_state
 from lessons_pkg.tensor_parallel import VocabParallelEmbedding, shard_of, vocab_size_with_padding
 from lessons_pkg.utils import set_seed
@@ -25,6 +28,9 @@ GPT2_VOCAB = 50257
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_nproc_argument(parser, default=2)
+    start_ranks(parser.parse_args())  # plain python: start the ranks; under torchrun: already one
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=int(os.environ["WORLD_SIZE"]))
     tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
     if rank == 0:
