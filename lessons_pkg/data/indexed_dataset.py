@@ -118,6 +118,14 @@ class IndexedDatasetBuilder:
         os.replace(data_file_path(self.prefix) + self._tmp_suffix, data_file_path(self.prefix))
         os.replace(index_file_path(self.prefix) + self._tmp_suffix, index_file_path(self.prefix))
 
+    def discard(self) -> None:
+        """Give up: remove the temporary file; an existing pair under this prefix stays as it was."""
+        if not self._data_file.closed:
+            self._data_file.close()
+        for path in (data_file_path(self.prefix), index_file_path(self.prefix)):
+            if os.path.exists(path + self._tmp_suffix):
+                os.remove(path + self._tmp_suffix)
+
     def __enter__(self) -> "IndexedDatasetBuilder":
         return self
 
@@ -125,8 +133,7 @@ class IndexedDatasetBuilder:
         if exc_type is None:
             self.finalize()
         else:  # leave no half-written pair behind
-            self._data_file.close()
-            os.remove(data_file_path(self.prefix) + self._tmp_suffix)
+            self.discard()
 
 
 def write_index(idx_path: str, dtype, sizes, document_indices) -> None:

@@ -91,15 +91,31 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, output_dir: str,
 
     The vocabulary starts from the 256 single bytes (so any text can be
     encoded, as with GPT-2) plus ``<|endoftext|>``, then adds merges by
-    frequency. Returns ``(vocab.json path, merges.txt path)``.
+    frequency. Returns ``(vocab.json path, merges.txt path)``. No texts, or
+    texts too few to learn ``vocab_size`` tokens, is a ``ValueError`` naming the
+    numbers, and nothing is written.
     """
     from tokenizers import ByteLevelBPETokenizer
 
     if vocab_size < 257:
         raise ValueError(f"vocab_size ({vocab_size}) must be at least 257: 256 bytes + {EOD_TOKEN}")
+    seen = {"texts": 0, "chars": 0}
+
+    def counted(texts):
+        for text in texts:
+            seen["texts"] += 1
+            seen["chars"] += len(text)
+            yield text
+
     tokenizer = ByteLevelBPETokenizer(add_prefix_space=False)
-    tokenizer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
+    tokenizer.train_from_iterator(counted(texts), vocab_size=vocab_size, min_frequency=min_frequency,
                                   special_tokens=[EOD_TOKEN], show_progress=False)
+    if seen["chars"] == 0:
+        raise ValueError(f"no text to train a tokenizer on ({seen['texts']} texts, all empty)")
+    if tokenizer.get_vocab_size() < vocab_size:
+        raise ValueError(f"{seen['texts']} texts ({seen['chars']} characters) yield only "
+                         f"{tokenizer.get_vocab_size()} tokens with min_frequency {min_frequency}, "
+                         f"not the {vocab_size} asked for: give more text or a smaller vocab_size")
     os.makedirs(output_dir, exist_ok=True)
     tokenizer.save_model(output_dir)  # writes vocab.json and merges.txt
     return os.path.join(output_dir, "vocab.json"), os.path.join(output_dir, "merges.txt")

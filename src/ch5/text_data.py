@@ -11,40 +11,29 @@ concatenated token stream: ``[batch, seq_len]`` token ids.
 """
 from __future__ import annotations
 
-import ast
-import os
-import sysconfig
 from typing import Iterator
 
 import torch
 from tokenizers import Tokenizer
 from tokenizers.implementations import ByteLevelBPETokenizer
 
+from lessons_pkg.data.python_docs import module_docstrings, stdlib_files
+
 END_OF_TEXT = "<|endoftext|>"
 
 
 def stdlib_docstrings(max_chars: int = 400_000) -> list[str]:
     """Docstrings of the top-level modules of Python's standard library, in file-name order."""
-    stdlib = sysconfig.get_paths()["stdlib"]
     texts, total = [], 0
-    for name in sorted(os.listdir(stdlib)):
-        if not name.endswith(".py"):
-            continue
-        try:
-            with open(os.path.join(stdlib, name), encoding="utf-8") as f:
-                tree = ast.parse(f.read())
-        except (SyntaxError, UnicodeDecodeError, OSError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 80:
-                    texts.append(doc)
-                    total += len(doc)
-        if total >= max_chars:
+    for path in stdlib_files(recursive=False):
+        for doc in module_docstrings(path):
+            if len(doc) > 80:
+                texts.append(doc)
+                total += len(doc)
+        if total >= max_chars:  # whole files only
             break
     if not texts:
-        raise RuntimeError(f"found no docstrings under {stdlib}")
+        raise RuntimeError("found no docstrings in the standard library")
     return texts
 
 

@@ -77,8 +77,7 @@ def resolve_valid_data(args, pre) -> str:
         datasets._check_file(choice)
         return choice
     if choice == "auto":
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from megatron_datasets import hub_reachable
+        from lessons_pkg.hub import hub_reachable
 
         reachable, reason = hub_reachable()
         choice = "download" if reachable else "standin"

@@ -7,7 +7,7 @@ WikiText-103 longer than 512 characters:
     python src/ch6/megatron_datasets.py                      # data/megatron_datasets.jsonl
 
 ``--source auto`` (default) uses WikiText-103 from the Hugging Face hub when it
-can be reached, and otherwise English text that ships with every Python
+can be reached (``--source wikitext`` insists on it: no hub is an error), and otherwise English text that ships with every Python
 installation, so nothing has to be downloaded: the reference-manual topics of
 ``pydoc_data.topics`` (what ``help("if")`` shows) and the docstrings of the
 standard library's modules, classes and functions, read from the source files
@@ -20,33 +20,16 @@ Same options, same file, byte for byte.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import re
-import socket
 import sys
-import sysconfig
 from collections.abc import Iterator
-from urllib.parse import urlparse
 
-_TRUE = {"1", "on", "yes", "true"}
-_SKIPPED_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "site-packages", "dist-packages", "__pycache__"}
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-
-def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
-    """Whether the Hugging Face hub answers within ``timeout`` seconds, and why not."""
-    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(variable, "").lower() in _TRUE:
-            return False, f"{variable} is set"
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host = endpoint.hostname or "huggingface.co"
-    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-        return True, ""
-    except OSError as error:
-        return False, f"{host}:{port} unreachable ({error})"
+from lessons_pkg.data.python_docs import stdlib_docstrings  # noqa: E402
+from lessons_pkg.hub import hub_reachable  # noqa: E402,F401  (also used by the tests through this module)
 
 
 def wikitext_texts() -> Iterator[str]:
@@ -90,20 +73,7 @@ def python_documentation_texts() -> Iterator[str]:
 
     for name in sorted(topics):
         yield topics[name]
-    stdlib = sysconfig.get_paths()["stdlib"]
-    for folder, subfolders, files in os.walk(stdlib):
-        subfolders[:] = sorted(d for d in subfolders if d not in _SKIPPED_DIRS and not d.startswith("."))
-        for file in sorted(f for f in files if f.endswith(".py")):
-            try:
-                with open(os.path.join(folder, file), encoding="utf-8") as f:
-                    tree = ast.parse(f.read())
-            except (SyntaxError, UnicodeDecodeError, ValueError):
-                continue
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    docstring = ast.get_docstring(node)
-                    if docstring:
-                        yield docstring
+    yield from stdlib_docstrings(recursive=True)
 
 
 def offline_documents(min_length: int, limit: int) -> Iterator[str]:
@@ -123,8 +93,12 @@ def build_corpus(source: str, num_samples: int, min_length: int, seed: int):
     """A ``datasets.Dataset`` with one ``text`` column: ``num_samples`` documents of >= ``min_length`` chars."""
     from datasets import Dataset
 
-    if source == "auto":
+    asked = source
+    if source in ("auto", "wikitext"):
         reachable, reason = hub_reachable()
+        if not reachable and asked == "wikitext":
+            raise RuntimeError(f"--source wikitext: the Hugging Face hub is not reachable ({reason}); "
+                               "use --source offline, or --source auto to fall back")
         source = "wikitext" if reachable else "offline"
         if not reachable:
             print(f"Hugging Face hub not used: {reason}; using the documentation shipped with Python")
@@ -139,7 +113,10 @@ def build_corpus(source: str, num_samples: int, min_length: int, seed: int):
             print(f"source: WikiText-103 (wikitext-103-raw-v1, train split), first {len(texts)} paragraphs")
             return Dataset.from_dict({"text": texts})
         except Exception as error:  # no network after all, a proxy, a missing script...
-            print(f"loading WikiText-103 failed ({type(error).__name__}: {error}); "
+            if asked == "wikitext":
+                raise RuntimeError(f"--source wikitext: loading WikiText-103 failed "
+                                   f"({type(error).__name__}: {error})") from error
+            print(f"--source auto: loading WikiText-103 failed ({type(error).__name__}: {error}); "
                   "using the documentation shipped with Python")
     corpus = Dataset.from_dict({"text": list(offline_documents(min_length, num_samples))})
     print(f"source: documentation shipped with Python {sys.version.split()[0]} "
@@ -177,7 +154,10 @@ def main(argv=None) -> None:
     import datasets
 
     datasets.disable_progress_bars()
-    corpus = build_corpus(args.source, args.num_samples, args.min_length, args.seed)
+    try:
+        corpus = build_corpus(args.source, args.num_samples, args.min_length, args.seed)
+    except RuntimeError as error:
+        sys.exit(f"error: {error}")
     count = write_jsonl(corpus, args.output)
     size = os.path.getsize(args.output)
     print(f"wrote {count} documents ({size / 1e6:.2f} MB) to {args.output}\n")

@@ -15,6 +15,11 @@ worker builds its own tokenizer once and turns a line into token ids, plus the
 once the GPT dataset concatenates them. The main process appends each document
 to the ``.bin`` and writes the ``.idx`` at the end (byte layout in
 ``lessons_pkg/data/indexed_dataset.py``). Empty documents are skipped.
+
+A line that is not a JSON object with a string under every ``--json-keys``
+key stops the run with an error naming the file and the line number; an input
+with no tokens at all is an error too. Either way no temporary file is left
+and an existing ``.bin``/``.idx`` pair under the same prefix is not touched.
 """
 from __future__ import annotations
 
@@ -42,11 +47,22 @@ class Encoder:
     def initializer(self) -> None:
         Encoder.tokenizer = build_tokenizer(self.args.vocab_file, self.args.merge_file, self.args.tokenizer_type)
 
-    def encode(self, line: str) -> tuple[dict[str, list[int]], int]:
-        """``({key: token ids}, bytes of the line)``."""
-        data = json.loads(line)
+    def encode(self, numbered_line: tuple[int, str]) -> tuple[dict[str, list[int]], int]:
+        """``({key: token ids}, bytes of the line)`` for ``(line number, line)``; a bad line is a ``ValueError``."""
+        number, line = numbered_line
+        where = f"{self.args.input}:{number}"
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: not valid JSON ({error})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
         ids = {}
         for key in self.args.json_keys:
+            if key not in data:
+                raise ValueError(f"{where}: no key {key!r} (--json-keys); the line has {sorted(data)}")
+            if not isinstance(data[key], str):
+                raise ValueError(f"{where}: the value of {key!r} is a {type(data[key]).__name__}, not a string")
             tokens = Encoder.tokenizer.tokenize(data[key])
             if tokens and self.args.append_eod:
                 tokens.append(Encoder.tokenizer.eod)
@@ -69,6 +85,21 @@ def preprocess(args) -> dict[str, int]:
     encoder = Encoder(args)
     os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
     builders = {key: IndexedDatasetBuilder(output_prefix(args, key), dtype) for key in args.json_keys}
+    try:
+        counts = _write(args, encoder, builders, start)
+    except BaseException:  # a bad line, Ctrl-C, ...: no temporary file left, no existing pair replaced
+        for builder in builders.values():
+            builder.discard()
+        raise
+    for key, builder in builders.items():
+        builder.finalize()
+        prefix = output_prefix(args, key)
+        print(f"wrote {counts[key]} documents to {prefix}.bin ({os.path.getsize(prefix + '.bin')} bytes) "
+              f"and {prefix}.idx ({os.path.getsize(prefix + '.idx')} bytes)")
+    return counts
+
+
+def _write(args, encoder: Encoder, builders: dict, start: float) -> dict[str, int]:
     counts = {key: 0 for key in args.json_keys}
     skipped = 0
     processed_bytes = 0
@@ -76,7 +107,7 @@ def preprocess(args) -> dict[str, int]:
             multiprocessing.Pool(args.workers, initializer=encoder.initializer) as pool:
         print(f"Time to startup: {time.time() - start:.3f} s")
         start = time.time()
-        encoded = pool.imap(encoder.encode, lines, args.chunk_size)  # results come back in input order
+        encoded = pool.imap(encoder.encode, enumerate(lines, start=1), args.chunk_size)  # in input order
         for number, (document, line_bytes) in enumerate(encoded, start=1):
             processed_bytes += line_bytes
             for key, tokens in document.items():
@@ -89,13 +120,13 @@ def preprocess(args) -> dict[str, int]:
                 elapsed = time.time() - start
                 print(f"Processed {number} documents ({number / elapsed:.1f} docs/s, "
                       f"{processed_bytes / elapsed / 1024 / 1024:.2f} MB/s).", flush=True)
-    for key, builder in builders.items():
-        builder.finalize()
-        prefix = output_prefix(args, key)
-        print(f"wrote {counts[key]} documents to {prefix}.bin ({os.path.getsize(prefix + '.bin')} bytes) "
-              f"and {prefix}.idx ({os.path.getsize(prefix + '.idx')} bytes)")
     if skipped:
         print(f"skipped {skipped} empty documents")
+    empty = [key for key, count in counts.items() if count == 0]
+    if empty:
+        raise ValueError(f"{args.input}: no document has any token under {empty} "
+                         f"({'the file is empty' if processed_bytes == 0 else 'every one is empty'}); "
+                         "nothing was written")
     return counts
 
 
@@ -147,9 +178,10 @@ def verify(args, counts: dict[str, int]) -> bool:
 
 def main(argv=None) -> None:
     args = get_args(argv)
-    counts = preprocess(args)
-    if not any(counts.values()):
-        sys.exit("no document had any token: nothing was written")
+    try:
+        counts = preprocess(args)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     if not verify(args, counts):
         sys.exit(1)
 

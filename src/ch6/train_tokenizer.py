@@ -22,9 +22,10 @@ import os
 import shutil
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for megatron_datasets.hub_reachable
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from lessons_pkg.data.tokenizer import build_tokenizer, train_byte_level_bpe  # noqa: E402
+from lessons_pkg.data.tokenizer import EOD_TOKEN, build_tokenizer, load_vocab_and_merges, train_byte_level_bpe  # noqa: E402
+from lessons_pkg.hub import hub_reachable  # noqa: E402
 
 GPT2_FILES = ("vocab.json", "merges.txt")
 
@@ -41,10 +42,9 @@ def jsonl_texts(path: str, key: str = "text"):
 def find_gpt2_files(gpt2_dir: str | None) -> tuple[str, str] | None:
     """GPT-2's files from ``gpt2_dir`` if both are there, else from the hub if reachable, else None."""
     if gpt2_dir and all(os.path.isfile(os.path.join(gpt2_dir, name)) for name in GPT2_FILES):
-        print(f"found GPT-2's {' + '.join(GPT2_FILES)} in {gpt2_dir}")
-        return tuple(os.path.join(gpt2_dir, name) for name in GPT2_FILES)
-    from megatron_datasets import hub_reachable
-
+        paths = tuple(os.path.join(gpt2_dir, name) for name in GPT2_FILES)
+        print(describe_files(*paths))
+        return paths
     reachable, reason = hub_reachable()
     if not reachable:
         print(f"no GPT-2 files in {gpt2_dir} and the hub is not reachable: {reason}")
@@ -60,6 +60,14 @@ def find_gpt2_files(gpt2_dir: str | None) -> tuple[str, str] | None:
         return None
 
 
+def describe_files(vocab_file: str, merge_file: str) -> str:
+    """What the two files hold, read from them (a broken file is a ``ValueError`` naming it)."""
+    vocab, merges = load_vocab_and_merges(vocab_file, merge_file)
+    gpt2 = len(vocab) == 50257 and vocab.get(EOD_TOKEN) == 50256
+    return (f"found {len(vocab)} tokens and {len(merges)} merges in {vocab_file} + {merge_file}"
+            f"{' (the size and eod id of GPT-2)' if gpt2 else ''}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--input", default="data/megatron_datasets.jsonl", help="JSONL corpus to train on")
@@ -73,18 +81,26 @@ def main(argv=None) -> None:
 
     os.makedirs(args.output_dir, exist_ok=True)
     vocab_file, merge_file = (os.path.join(args.output_dir, name) for name in GPT2_FILES)
-    found = find_gpt2_files(args.gpt2_dir) if args.tokenizer != "train" else None
+    try:
+        found = find_gpt2_files(args.gpt2_dir) if args.tokenizer != "train" else None
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     if args.tokenizer == "gpt2" and found is None:
         sys.exit("--tokenizer gpt2: GPT-2's files are neither in --gpt2-dir nor downloadable")
     if found is not None:
         for source, target in zip(found, (vocab_file, merge_file)):
             if os.path.abspath(source) != os.path.abspath(target):
                 shutil.copyfile(source, target)
-        print(f"using GPT-2's tokenizer: {vocab_file}, {merge_file}")
+        print(f"using the tokenizer of those files: {vocab_file}, {merge_file}")
     else:
+        if args.tokenizer == "auto":
+            print("--tokenizer auto: no GPT-2 files, so training one")
         print(f"training a byte-level BPE with {args.vocab_size} tokens on {args.input}")
-        train_byte_level_bpe(jsonl_texts(args.input, args.json_keys), args.vocab_size, args.output_dir,
-                             args.min_frequency)
+        try:
+            train_byte_level_bpe(jsonl_texts(args.input, args.json_keys), args.vocab_size, args.output_dir,
+                                 args.min_frequency)
+        except (ValueError, OSError) as error:
+            sys.exit(f"error: {args.input}: {error}")
         print(f"wrote {vocab_file}, {merge_file}")
 
     tokenizer = build_tokenizer(vocab_file, merge_file)

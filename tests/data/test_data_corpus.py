@@ -38,12 +38,19 @@ def test_paragraph_cleaning_keeps_prose_and_drops_code():
     assert documents == ["Return the number of items. It counts them one by one.\nA second paragraph of words."]
 
 
-def test_failed_wikitext_download_falls_back_to_offline_text(tmp_path):
+@pytest.mark.parametrize("source", ["wikitext", "auto"])
+def test_only_auto_falls_back_to_offline_text_and_says_so(tmp_path, source):
     # datasets reads HF_DATASETS_OFFLINE when imported, so this runs in a fresh process.
+    output = tmp_path / "c.jsonl"
     result = subprocess.run(
-        [sys.executable, "src/ch6/megatron_datasets.py", "--source", "wikitext", "--output", str(tmp_path / "c.jsonl"),
+        [sys.executable, "src/ch6/megatron_datasets.py", "--source", source, "--output", str(output),
          "--num-samples", "5", "--show", "0"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
         env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, result.stderr
-    assert "loading WikiText-103 failed" in result.stdout and "wrote 5 documents" in result.stdout
+    if source == "wikitext":  # asked for by name: no silent substitute
+        assert result.returncode != 0 and not output.exists()
+        assert "error: --source wikitext: the Hugging Face hub is not reachable (HF_HUB_OFFLINE is set)" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+        assert "Hugging Face hub not used: HF_HUB_OFFLINE is set; using the documentation" in result.stdout
+        assert "wrote 5 documents" in result.stdout

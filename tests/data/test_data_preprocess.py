@@ -77,3 +77,54 @@ def test_gpt_dataset_reads_the_preprocessed_data(pipeline):
                                                          verbose=False)
     assert len(train) >= 64 and valid is not None
     assert all(train[i]["text"].shape == (33,) for i in range(64))
+
+
+sys.path.insert(0, str(ROOT / "src" / "ch6"))
+import preprocess_data  # noqa: E402
+import train_tokenizer  # noqa: E402
+
+
+def _preprocess(tmp, corpus_text, *extra):
+    source = tmp / "bad.jsonl"
+    source.write_text(corpus_text, encoding="utf-8")
+    argv = ["--input", str(source), "--output-prefix", str(tmp / "out"), "--vocab-file", str(tmp / "vocab.json"),
+            "--merge-file", str(tmp / "merges.txt"), "--append-eod", *extra]
+    preprocess_data.main(argv)
+
+
+@pytest.mark.parametrize("corpus_text, extra, message", [
+    ("", (), "bad.jsonl: no document has any token under ['text'] (the file is empty); nothing was written"),
+    ('{"text": "a"}\n{"text": "b"}\n{"text": oops}\n', (), "bad.jsonl:3: not valid JSON"),
+    ('{"text": "a"}\n{"text": 7}\n', (), "bad.jsonl:2: the value of 'text' is a int, not a string"),
+    ('{"text": "a"}\n', ("--json-keys", "body"), "bad.jsonl:1: no key 'body' (--json-keys); the line has ['text']"),
+    ('[1, 2]\n', (), "bad.jsonl:1: expected a JSON object, got list"),
+])
+def test_bad_input_is_named_with_its_line_and_leaves_the_existing_pair(pipeline, corpus_text, extra, message):
+    tmp = pipeline[0]
+    key = extra[1] if extra else "text"
+    pair = [tmp / f"out_{key}_document{suffix}" for suffix in (".bin", ".idx")]
+    for path in pair:
+        path.write_bytes(b"an earlier pair")
+    with pytest.raises(SystemExit) as info:
+        _preprocess(tmp, corpus_text, *extra)
+    assert message in str(info.value), info.value
+    assert [path.read_bytes() for path in pair] == [b"an earlier pair"] * 2  # not renamed over
+    assert [p.name for p in tmp.iterdir() if ".tmp-" in p.name] == []      # no temporary file left
+
+
+def test_tokenizer_training_refuses_an_empty_corpus_and_writes_nothing(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("", encoding="utf-8")
+    with pytest.raises(SystemExit) as info:
+        train_tokenizer.main(["--input", str(tmp_path / "empty.jsonl"), "--output-dir", str(tmp_path / "tok"),
+                              "--tokenizer", "train", "--vocab-size", "300"])
+    assert "empty.jsonl: no text to train a tokenizer on (0 texts" in str(info.value)
+    assert not (tmp_path / "tok" / "vocab.json").exists()
+
+
+def test_found_tokenizer_files_are_described_from_their_contents(pipeline, tmp_path, capsys):
+    tmp = pipeline[0]
+    train_tokenizer.main(["--tokenizer", "gpt2", "--gpt2-dir", str(tmp), "--output-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    merges = sum(1 for line in (tmp / "merges.txt").read_text(encoding="utf-8").splitlines()[1:] if line)
+    assert f"found 300 tokens and {merges} merges in {tmp / 'vocab.json'}" in out
+    assert "GPT-2" not in out.split("\n")[0]  # 300 tokens: not GPT-2's, and not called so
