@@ -59,3 +59,20 @@ def vocab_size_with_padding(
     multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
     padded = -(-vocab_size // multiple) * multiple  # ceil to a multiple
     return padded, padded - vocab_size
+
+
+def mask_vocab_padding(logits: torch.Tensor, vocab_size: int, tp_rank: int) -> torch.Tensor:
+    """This rank's logits ``[..., V_pad/tp]`` with the dummy tokens (global id >= ``vocab_size``) set to -inf.
+
+    The dummy rows exist only so the vocabulary splits evenly; no text contains
+    them. Megatron lets their logits into the softmax; we mask them out of the
+    loss, sampling and scoring, so they take no probability. It matters for
+    imported weights: GPT-2's real logits are mostly well below 0, while a
+    zero-filled dummy row scores exactly 0 for every input.
+    """
+    partition = logits.size(-1)
+    start = tp_rank * partition
+    if start + partition <= vocab_size:
+        return logits
+    ids = torch.arange(start, start + partition, device=logits.device)
+    return logits.masked_fill(ids >= vocab_size, float("-inf"))

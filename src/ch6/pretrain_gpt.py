@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from lessons_pkg.tensor_parallel import GPTConfig, ParallelGPT, master_state_dict, vocab_parallel_cross_entropy
-    from lessons_pkg.tensor_parallel.utils import vocab_size_with_padding
+    from lessons_pkg.tensor_parallel.utils import mask_vocab_padding, vocab_size_with_padding
     from lessons_pkg.training.train import initialize, pretrain
     from lessons_pkg.utils import print_rank_0
 
@@ -136,8 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         return datasets
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # logits [mb, s, V/tp] (this rank's vocabulary slice), labels [mb, s] -> mean loss over tokens
-        return vocab_parallel_cross_entropy(logits.float(), labels, tp_group=rt.tp_group).mean()
+        # logits [mb, s, V/tp] (this rank's vocabulary slice), labels [mb, s] -> mean loss over tokens;
+        # the dummy tokens of the padded vocabulary take no probability (see mask_vocab_padding)
+        logits = mask_vocab_padding(logits.float(), vocab_size, rt.tp_rank)
+        return vocab_parallel_cross_entropy(logits, labels, tp_group=rt.tp_group).mean()
 
     pretrain(args, rt, model_provider, datasets_provider, loss_fn, padded)
     dist.barrier()

@@ -34,11 +34,6 @@ def files_of(root) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tp2pp2(tmp_path_factory):
-    return write_trained_checkpoint(tmp_path_factory.mktemp("tp2pp2"), tp=2, pp=2)
-
-
-@pytest.fixture(scope="module")
 def zero_dp2(tmp_path_factory):
     """TP=2 x DP=2 with ZeRO-1: the Adam state is in distrib_optim_dp_rank_00X.pt slices."""
     return write_trained_checkpoint(tmp_path_factory.mktemp("zero"), tp=2, pp=1, dp=2, zero=True)
