@@ -11,10 +11,11 @@ replaces each block's attention and MLP weights by this rank's shards
 projection; the model's own forward and ``generate`` code run unchanged.
 
 The model: ``--model`` (a hub name such as ``gpt2``, or a local folder saved
-with ``save_pretrained``). By default ``gpt2`` is tried first (the hub, or a
-cached copy when the hub is unreachable); if it cannot be loaded, a small GPT-2
-is built from a local config with a fixed seed (its text is gibberish, but the
-parallel model must still reproduce it exactly).
+with ``save_pretrained``); a model named this way that cannot be loaded is an
+error. ``--model auto`` (the default) tries ``gpt2`` (the hub, or a cached copy
+when the hub is unreachable) and, if it cannot be loaded, says why and builds a
+small GPT-2 from a local config with a fixed seed, as ``--model local`` does
+(its text is gibberish, but the parallel model must still reproduce it exactly).
 
 Each rank checks the logits and the greedy generation against the unsharded
 model on one process; exit status 1 if either differs.
@@ -22,12 +23,12 @@ model on one process; exit status 1 if either differs.
 import argparse
 import copy
 import os
-import socket
 import sys
 
 import torch
 
 from lessons_pkg import parallel_state, parallelize
+from lessons_pkg.hub import hub_reachable
 from lessons_pkg.launch import add_nproc_argument, start_ranks
 from lessons_pkg.utils import check_close, print_rank_0, set_seed
 
@@ -35,32 +36,28 @@ RTOL, ATOL = 1e-4, 1e-5  # float32: partial products summed over ranks in a diff
 PROMPT = "Tensor parallelism splits every layer across"
 
 
-def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def load_model(name: str):
-    """(model, tokenizer or None, description): the hub/local model if available, else a local small GPT-2."""
+    """(model, tokenizer or None, description): ``name`` from the hub or a folder, or the local small GPT-2.
+
+    ``auto`` falls back from ``gpt2`` to the local model (and says so); any other
+    name that cannot be loaded raises ``RuntimeError`` with the reason.
+    """
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    if name == "local":
-        reason = "--model local"
-    else:
+    if name != "local":
+        wanted = "gpt2" if name == "auto" else name
         try:
             from transformers import AutoTokenizer
 
-            offline = not os.path.isdir(name) and not hub_reachable()  # then only a cached copy can load
-            model = GPT2LMHeadModel.from_pretrained(name, local_files_only=offline)
-            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
-            return model.eval(), tokenizer, f"pretrained {name!r}"
-        except Exception as error:  # noqa: BLE001 - any loading failure falls back, with its reason
+            offline = not os.path.isdir(wanted) and not hub_reachable()[0]  # then only a cached copy can load
+            model = GPT2LMHeadModel.from_pretrained(wanted, local_files_only=offline)
+            tokenizer = AutoTokenizer.from_pretrained(wanted, local_files_only=offline)
+            return model.eval(), tokenizer, f"pretrained {wanted!r}"
+        except Exception as error:  # noqa: BLE001 - any loading failure: fall back (auto) or stop
             reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
-    if name != "local":
-        print_rank_0(f"could not load {name!r} ({reason}); using a small GPT-2 from a local config instead")
+            if name != "auto":
+                raise RuntimeError(f"--model {name}: could not load it ({reason})") from None
+        print_rank_0(f"--model auto: could not load 'gpt2' ({reason}); using a small GPT-2 from a local config")
     set_seed(0)  # every rank builds the same weights
     config = GPT2Config(vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=4,
                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
@@ -69,8 +66,9 @@ def load_model(name: str):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="gpt2",
-                        help="hub name or local folder of a GPT-2 checkpoint; 'local' for the small local GPT-2")
+    parser.add_argument("--model", default="auto",
+                        help="hub name or local folder of a GPT-2 checkpoint; 'local' for the small local GPT-2; "
+                             "'auto' (default): gpt2 if it can be loaded, else local")
     parser.add_argument("--max-new-tokens", type=int, default=12)
     add_nproc_argument(parser, default=2)
     args = parser.parse_args()
@@ -78,7 +76,11 @@ def main() -> int:
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=int(os.environ["WORLD_SIZE"]))
     tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
-    serial, tokenizer, what = load_model(args.model)
+    try:
+        serial, tokenizer, what = load_model(args.model)
+    except RuntimeError as error:  # every rank fails the same way, before any collective
+        print_rank_0(f"error: {error}", file=sys.stderr)
+        return 2
     print_rank_0(f"model: {what}")
     if tokenizer is not None:
         ids = tokenizer(PROMPT, return_tensors="pt").input_ids
