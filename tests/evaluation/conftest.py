@@ -74,8 +74,10 @@ def world(tmp_path_factory) -> World:
     rng = random.Random(0)
     texts = [passage(rng, c, o) + "." for _ in range(40) for c, o in OBJECT_OF.items()]
     rng.shuffle(texts)
-    vocab, merges = train_byte_level_bpe(texts, 400, str(root / "tokenizer"))
+    vocab, merges = train_byte_level_bpe(texts, 340, str(root / "tokenizer"))
     tokenizer = build_tokenizer(vocab, merges)
+    for word in [*OBJECT_OF, *OBJECT_OF.values()]:
+        assert len(tokenizer.tokenize(" " + word)) == 1, f"{word!r} is not one token: the expected count needs it"
     config = GPTConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_layers=2, num_attention_heads=4,
                        max_position_embeddings=24, hidden_dropout=0.0, attention_dropout=0.0)
     state = _train(config, tokenizer, texts, steps=STEPS, seed=1)
