@@ -79,7 +79,10 @@ class ServingLoop:
             for job in self.queue.close():
                 job.finish(error=(503, "the server is shutting down"))
             if status == 0:
-                self.channel.send(WorkItem("stop"))
+                try:
+                    self.channel.send(WorkItem("stop"))
+                except Exception as e:  # the other ranks may have got the signal too, and gone already
+                    print(f"the other ranks are gone already ({type(e).__name__})", flush=True)
             http.shutdown()
             http.server_close()
             thread.join(timeout=5)

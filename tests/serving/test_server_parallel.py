@@ -1,0 +1,113 @@
+"""The real server on TP=2 and on TP2 x PP2 ranks (torchrun jobs on a free loopback port).
+
+* greedy answers equal ``transformers``' on the same weights, for a batch of prompts of different lengths;
+* concurrent clients are batched and each gets its own (HF-equal) answer;
+* an error inside generation (on the last pipeline stage only, when PP=2) answers 500, and the next request is right;
+* a rank killed with SIGKILL brings the whole job down (no hang) and frees the port;
+* SIGTERM stops every rank within seconds and frees the port.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from conftest import expected_api
+
+PROMPTS = ["Hello world", "The quick brown fox jumps over", "A server"]
+FAULT = "<<fail here>>"
+
+
+@pytest.fixture(scope="module", params=[(2, 1), (2, 2)], ids=["tp2", "tp2pp2"])
+def server(request, server_factory, tiny_gpt2_folder):
+    tp, pp = request.param
+    return server_factory(tiny_gpt2_folder, tp=tp, pp=pp, extra=("--inject-fault-prompt", FAULT, "--heartbeat", "1"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead too
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            s.listen()
+            return True
+        except OSError:
+            return False
+
+
+def test_greedy_batch_equals_transformers(server, hf_greedy, tiny_tokenizer):
+    health = requests.get(server.url + "/health").json()
+    assert health["tensor_model_parallel_size"] * health["pipeline_model_parallel_size"] == len(health["rank_pids"])
+    r = server.put_api({"prompts": PROMPTS, "tokens_to_generate": 8, "top_k": 1})
+    assert r.status_code == 200, r.text
+    for i, p in enumerate(PROMPTS):
+        assert (r.json()["text"][i], r.json()["segments"][i]) == expected_api(hf_greedy, tiny_tokenizer, p, 8)
+
+
+def test_concurrent_clients_each_get_their_answer(server, hf_greedy, tiny_tokenizer):
+    jobs = [(PROMPTS[i % 3] + " " * (i // 3), 2 + i % 4) for i in range(8)]
+
+    def ask(job):
+        return server.put_api({"prompts": [job[0]], "tokens_to_generate": job[1], "top_k": 1, "no_log": True})
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, jobs))
+    for (prompt, n), r in zip(jobs, answers):
+        assert r.status_code == 200, r.text
+        assert (r.json()["text"][0], r.json()["segments"][0]) == expected_api(hf_greedy, tiny_tokenizer, prompt, n)
+
+
+def test_generation_error_is_500_then_a_correct_answer(server, hf_greedy, tiny_tokenizer):
+    r = server.put_api({"prompts": [FAULT], "tokens_to_generate": 4, "top_k": 1})
+    assert r.status_code == 500
+    assert "injected fault" in r.json()["message"]
+    r = server.put_api({"prompts": PROMPTS[:1], "tokens_to_generate": 5, "top_k": 1})
+    assert r.status_code == 200
+    assert (r.json()["text"][0], r.json()["segments"][0]) == expected_api(hf_greedy, tiny_tokenizer, PROMPTS[0], 5)
+
+
+def test_beam_search_answers(server):
+    r = server.put_api({"prompts": ["Hello"], "tokens_to_generate": 4, "beam_width": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["text"]) == 2 and len(body["scores"]) == 2 and body["scores"][0] >= body["scores"][1]
+
+
+def test_stop(server, request):
+    """TP=2: a follower killed with SIGKILL brings the job down. TP2xPP2: SIGTERM stops every rank."""
+    pids = requests.get(server.url + "/health").json()["rank_pids"]
+    start = time.monotonic()
+    if request.node.callspec.id == "tp2":
+        os.kill(pids[1], signal.SIGKILL)
+        try:
+            server.proc.wait(30)
+        except Exception:
+            pytest.fail(f"the job outlived a dead rank by 30 s:\n{server.output()[-3000:]}")
+        assert server.proc.returncode != 0
+    else:
+        server.stop(signal.SIGTERM, timeout=20)   # torchrun forwards it to every rank (and exits 1 itself)
+        assert "received SIGTERM: stopping the server" in server.output()
+        assert "server stopped" in server.output(), server.output()[-3000:]
+    took = time.monotonic() - start
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids), "a rank outlived the job"
+    assert took < 20
+    assert _port_free(server.port)
