@@ -20,6 +20,7 @@ $(VENV)/.setup-done: pyproject.toml
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m lessons_pkg.kernels build
+	bash scripts/install_chromium.sh || echo "note: chromium not installed (needs root); the web page's browser test installs it or skips"
 	touch $@
 
 # ---- make course: every chapter's demos, real multi-process runs -------------
