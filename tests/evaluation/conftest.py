@@ -91,3 +91,33 @@ def world(tmp_path_factory) -> World:
     text.write_text(" \n".join(passage(rng, c, o) + " , and ( so ) it is ." for c, o in OBJECT_OF.items()) * 2)
     return World(str(root), vocab, merges, tokenizer, config, Pretrained(config, state, tokenizer), str(lambada),
                  str(text), len(OBJECT_OF))
+
+
+NOUNS = "lantern keeper garden river window letter candle harbor".split()
+OTHER = "we saw the old and a then there was near by it is quiet bright".split()
+
+
+def _document(rng: random.Random) -> str:
+    sentences = []
+    for _ in range(rng.randint(4, 7)):
+        noun = rng.choice(NOUNS)
+        words = [rng.choice(OTHER) for _ in range(rng.randint(4, 8))]
+        sentences.append(" ".join(words[:2] + [noun] + words[2:] + [rng.choice([noun, rng.choice(NOUNS)])]) + ".")
+    return " ".join(sentences)
+
+
+@pytest.fixture(scope="session")
+def corpus(world, tmp_path_factory):
+    """A tokenized corpus of 20 documents (split 80,10,10: 16 train, 4 held out) for the stand-in."""
+    import numpy as np
+
+    from lessons_pkg.data.indexed_dataset import IndexedDatasetBuilder
+
+    rng = random.Random(0)
+    docs = [_document(rng) for _ in range(20)]
+    docs[17] = docs[3]     # a held-out copy of a training document (test_standin.py)
+    prefix = str(tmp_path_factory.mktemp("standin") / "corpus_text_document")
+    with IndexedDatasetBuilder(prefix, np.uint16) as builder:
+        for d in docs:
+            builder.add_document(world.tokenizer.tokenize(d) + [world.tokenizer.eod])
+    return prefix, docs

@@ -2,39 +2,13 @@
 from __future__ import annotations
 
 import json
-import random
 
-import numpy as np
 import pytest
 
 from lessons_pkg.data.gpt_dataset import get_train_valid_test_split
-from lessons_pkg.data.indexed_dataset import IndexedDatasetBuilder
 from lessons_pkg.evaluation.standin import STANDIN_NOTICE, build_standin, cloze_passages, describe
 
-NOUNS = "lantern keeper garden river window letter candle harbor".split()
-OTHER = "we saw the old and a then there was near by it is quiet bright".split()
-SPLIT, DUPLICATE_OF = "80,10,10", 3          # held-out document 17 is a copy of training document 3
-
-
-def _document(rng: random.Random) -> str:
-    sentences = []
-    for _ in range(rng.randint(4, 7)):
-        noun = rng.choice(NOUNS)
-        words = [rng.choice(OTHER) for _ in range(rng.randint(4, 8))]
-        sentences.append(" ".join(words[:2] + [noun] + words[2:] + [rng.choice([noun, rng.choice(NOUNS)])]) + ".")
-    return " ".join(sentences)
-
-
-@pytest.fixture(scope="module")
-def corpus(world, tmp_path_factory):
-    rng = random.Random(0)
-    docs = [_document(rng) for _ in range(20)]
-    docs[17] = docs[DUPLICATE_OF]
-    prefix = str(tmp_path_factory.mktemp("standin") / "corpus_text_document")
-    with IndexedDatasetBuilder(prefix, np.uint16) as builder:
-        for d in docs:
-            builder.add_document(world.tokenizer.tokenize(d) + [world.tokenizer.eod])
-    return prefix, docs
+SPLIT = "80,10,10"     # conftest.corpus: documents [16, 20) held out, 17 a copy of training document 3
 
 
 def _ngrams(text: str, n: int) -> set:
