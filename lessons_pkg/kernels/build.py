@@ -15,7 +15,10 @@ What :func:`load` does, once per process:
    what it compiles, and runs ``cpp_extension.load`` (ninja, ``-O3``, the
    vector instruction set, OpenMP for ``at::parallel_for``). A failure raises
    :class:`KernelBuildError` naming what is missing, the compiler's own error
-   lines after it.
+   lines after it. One process compiles at a time: it holds
+   ``build/kernels/<name>.building`` (its pid and host). A build killed midway
+   leaves that file behind; the next build sees that its owner is gone, says
+   so, removes it (and torch's own ``lock``) and compiles.
 
 The library registers its operators with the dispatcher
 (``TORCH_LIBRARY(lessons_kernels, ...)`` in ``csrc/ops.cpp``); they are then
@@ -27,10 +30,12 @@ without a GPU, that the CUDA sources compile against this torch's headers.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -40,7 +45,11 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CSRC = REPO_ROOT / "csrc"
+# the sources: csrc/ of the repository (a checkout, an editable install), or the copy
+# that `pip install .` puts inside the package (setup.py copies it there)
+_PACKAGED_CSRC = Path(__file__).resolve().parents[1] / "csrc"
+IN_REPOSITORY = (REPO_ROOT / "csrc").is_dir()
+CSRC = REPO_ROOT / "csrc" if IN_REPOSITORY else _PACKAGED_CSRC
 NAMESPACE = "lessons_kernels"  # torch.ops.lessons_kernels.*
 OPERATORS = (  # declared in csrc/ops.cpp
     "bias_gelu_forward", "bias_gelu_backward",
@@ -55,8 +64,14 @@ class KernelBuildError(RuntimeError):
 
 
 def build_root() -> Path:
-    """Where compiled libraries live: ``$LESSONS_KERNELS_BUILD_DIR`` or ``<repo>/build/kernels``."""
-    return Path(os.environ.get("LESSONS_KERNELS_BUILD_DIR", REPO_ROOT / "build" / "kernels"))
+    """Where compiled libraries live: ``$LESSONS_KERNELS_BUILD_DIR``, else ``<repo>/build/kernels`` in a
+    checkout, else (an installed package) ``~/.cache/lessons_pkg/kernels`` (``$XDG_CACHE_HOME`` honoured)."""
+    if "LESSONS_KERNELS_BUILD_DIR" in os.environ:
+        return Path(os.environ["LESSONS_KERNELS_BUILD_DIR"])
+    if IN_REPOSITORY:
+        return REPO_ROOT / "build" / "kernels"
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "lessons_pkg" / "kernels"
 
 
 def cpu_capability() -> str:
@@ -169,11 +184,77 @@ def load(with_cuda: bool | None = None, verbose: bool = False) -> str:
     library = build_dir / f"{name}.so"
     stamp = build_dir / f"{name}.ok"
     if not (library.exists() and stamp.exists()):
-        _compile(name, build_dir, sources(with_cuda), with_cuda, verbose)
-        stamp.write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+        with build_lock(build_dir):
+            if not (library.exists() and stamp.exists()):  # else built by the process we waited for
+                _compile(name, build_dir, sources(with_cuda), with_cuda, verbose)
+                stamp.write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
     torch.ops.load_library(str(library))
     _loaded = str(library)
     return _loaded
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def build_lock(build_dir: Path, timeout: float | None = None, poll: float = 0.5):
+    """Hold ``<build_dir>.building`` (``pid host``) while compiling into ``build_dir``.
+
+    Another live process holding it: wait for it (``timeout`` seconds at most,
+    then :class:`KernelBuildError`). An owner on this host that is no longer
+    running (a build killed midway): say so, remove its lock file and torch's
+    ``build_dir/lock``, and take over. Owners on other hosts (a shared file
+    system) cannot be checked and are waited for.
+    """
+    lock = build_dir.parent / f"{build_dir.name}.building"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me, host = os.getpid(), socket.gethostname()
+    start, announced = time.monotonic(), False
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            pass
+        try:
+            owner_pid, owner_host = lock.read_text().split()
+            owner_pid = int(owner_pid)
+        except (OSError, ValueError):  # just created and not yet written, or removed meanwhile
+            owner_pid, owner_host = None, None
+            if time.monotonic() - start > 5 and lock.exists():  # unreadable for long: a crash mid-write
+                owner_host = host
+                owner_pid = -1
+        if owner_pid is not None and owner_host == host and (owner_pid < 0 or not _pid_alive(owner_pid)):
+            print(f"stale kernel-build lock {lock}: its owner (pid {owner_pid}) is no longer running, "
+                  "probably a compile that was killed; removing it and compiling", flush=True)
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+            continue
+        if not announced and owner_pid is not None:
+            print(f"waiting for pid {owner_pid} on {owner_host}, which is compiling the same kernels "
+                  f"(lock {lock})", flush=True)
+            announced = True
+        if timeout is not None and time.monotonic() - start > timeout:
+            raise KernelBuildError(f"{lock} is still held by pid {owner_pid} on {owner_host} after {timeout:g} s")
+        time.sleep(poll)
+    try:
+        os.write(fd, f"{me} {host}\n".encode())
+        os.close(fd)
+        torch_lock = build_dir / "lock"  # torch's FileBaton: nobody else can hold it while we hold ours
+        if torch_lock.exists():
+            print(f"removing {torch_lock}, left by an interrupted compile", flush=True)
+            torch_lock.unlink()
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
 
 
 def _compile(name: str, build_dir: Path, files: list[Path], with_cuda: bool, verbose: bool) -> None:

@@ -79,3 +79,56 @@ def test_cuda_sources_compile_with_nvcc():
         assert obj.stat().st_size > 0
         symbols = subprocess.run(["nm", "-C", str(obj)], capture_output=True, text=True).stdout
         assert "forward_kernel" in symbols, f"{obj.name} holds no forward kernel"
+
+
+def test_stale_build_lock_is_reported_and_recovered(tmp_path, capsys):
+    """A compile killed midway leaves its lock and torch's; the next build says so and takes over."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs
+    build_dir = tmp_path / "lessons_kernels_x"
+    build_dir.mkdir()
+    (tmp_path / "lessons_kernels_x.building").write_text(f"{gone.pid} {build.socket.gethostname()}\n")
+    (build_dir / "lock").write_text("")
+    with build.build_lock(build_dir, timeout=10):
+        assert (tmp_path / "lessons_kernels_x.building").read_text().split()[0] == str(build.os.getpid())
+        assert not (build_dir / "lock").exists()
+    out = capsys.readouterr().out
+    assert f"stale kernel-build lock {tmp_path / 'lessons_kernels_x.building'}: its owner (pid {gone.pid}) " \
+           "is no longer running" in out
+    assert not (tmp_path / "lessons_kernels_x.building").exists()  # released
+
+
+def test_a_live_build_lock_is_waited_for_and_named(tmp_path, capsys):
+    build_dir = tmp_path / "lessons_kernels_y"
+    (tmp_path / "lessons_kernels_y.building").write_text(f"{build.os.getpid()} {build.socket.gethostname()}\n")
+    with pytest.raises(build.KernelBuildError, match=rf"still held by pid {build.os.getpid()}"):
+        with build.build_lock(build_dir, timeout=1, poll=0.1):
+            pass
+    assert f"waiting for pid {build.os.getpid()}" in capsys.readouterr().out
+
+
+def test_a_non_editable_install_ships_the_kernel_sources(tmp_path):
+    """`pip install .` (a wheel, not editable) must still find csrc/ to compile the kernels on first use.
+
+    setup.py's build_py step is what fills the wheel; it runs here into a folder that stands for site-packages."""
+    tree = tmp_path / "checkout"
+    tree.mkdir()
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
+        shutil.copy(build.REPO_ROOT / name, tree / name)
+    for folder in ("csrc", "lessons_pkg"):
+        shutil.copytree(build.REPO_ROOT / folder, tree / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    site = tmp_path / "site"
+    done = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(site)], cwd=tree,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    shutil.rmtree(tree)  # nothing of the checkout is left to find
+    probe = subprocess.run(
+        [sys.executable, "-c", "from lessons_pkg.kernels import build\n"
+                               "print(build.IN_REPOSITORY, build.CSRC)\n"
+                               "print(' '.join(p.name for p in build.sources(True)))"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env={"PYTHONPATH": str(site)})
+    assert probe.returncode == 0, probe.stderr
+    where, names = probe.stdout.splitlines()
+    assert where == f"False {site / 'lessons_pkg' / 'csrc'}"
+    expected = sorted(p.name for p in build.CSRC.glob("*.cpp")) + sorted(p.name for p in (build.CSRC / "cuda").glob("*.cu"))
+    assert names.split() == expected
