@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "output_buffers.h"
 
 namespace lessons_kernels {
 namespace {
@@ -24,38 +25,29 @@ using at::vec::Vectorized;
 template <typename T>
 void forward(const T* x, const T* w, const T* b, T* y, T* mean, T* rstd, int64_t rows, int64_t h, T eps) {
   using Vec = Vectorized<T>;
-  constexpr int W = Vec::size();
   at::parallel_for(0, rows, rows_per_task(h), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * h;
       T* yr = y + r * h;
-      Vec vsum(0);
-      for (int64_t j = 0; j < h; j += W) {  // loadu(ptr, n) fills the missing lanes with 0
-        vsum = vsum + Vec::loadu(xr + j, static_cast<int>(std::min<int64_t>(W, h - j)));
-      }
-      const T mu0 = lanes_sum(vsum) / T(h);
+      // loadu(ptr, n) reads n lanes; row_sum zeroes the missing lanes of the tail
+      const T mu0 = row_sum<T>(h, [&](int64_t j, int n) { return Vec::loadu(xr + j, n); }) / T(h);
       // Second pass on d = x - mu0 (exact when x is near mu0). Its sum corrects the mean
       // for the rounding of the first pass, and var = (sum d^2 - (sum d)^2 / h) / h
       // (the corrected two-pass formula) has no catastrophic cancellation.
       const Vec vmu0(mu0);
-      Vec vd(0), vsq(0);
-      for (int64_t j = 0; j < h; j += W) {
-        const int n = static_cast<int>(std::min<int64_t>(W, h - j));
-        const Vec d = Vec::set(Vec(0), Vec::loadu(xr + j, n) - vmu0, n);  // 0 in the missing lanes
-        vd = vd + d;
-        vsq = at::vec::fmadd(d, d, vsq);
-      }
-      const T sum_d = lanes_sum(vd);
+      const T sum_d = row_sum<T>(h, [&](int64_t j, int n) { return Vec::loadu(xr + j, n) - vmu0; });
+      const T sum_sq = row_sum<T>(h, [&](int64_t j, int n) {
+        const Vec d = Vec::loadu(xr + j, n) - vmu0;
+        return d * d;
+      });
       const T mu = mu0 + sum_d / T(h);
-      const T var = std::max(T(0), (lanes_sum(vsq) - sum_d * sum_d / T(h)) / T(h));
+      const T var = std::max(T(0), (sum_sq - sum_d * sum_d / T(h)) / T(h));
       const T rs = T(1) / std::sqrt(var + eps);
-      const Vec vmu(mu);
-      const Vec vrs(rs);
-      for (int64_t j = 0; j < h; j += W) {
-        const int n = static_cast<int>(std::min<int64_t>(W, h - j));
+      const Vec vmu(mu), vrs(rs);
+      row_for_each<T>(h, [&](int64_t j, int n) {
         const Vec xhat = (Vec::loadu(xr + j, n) - vmu) * vrs;
         at::vec::fmadd(xhat, Vec::loadu(w + j, n), Vec::loadu(b + j, n)).store(yr + j, n);
-      }
+      });
       mean[r] = mu;
       rstd[r] = rs;
     }
@@ -68,7 +60,6 @@ template <typename T>
 void backward(const T* grad_y, const T* x, const T* mean, const T* rstd, const T* w, T* grad_x, T* partial,
               int64_t rows, int64_t h) {
   using Vec = Vectorized<T>;
-  constexpr int W = Vec::size();
   at::parallel_for(0, num_chunks(rows), 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     for (int64_t c = chunk_begin; c < chunk_end; ++c) {
       T* acc_w = partial + c * 2 * h;
@@ -79,26 +70,25 @@ void backward(const T* grad_y, const T* x, const T* mean, const T* rstd, const T
         const T* gy = grad_y + r * h;
         const T* xr = x + r * h;
         const Vec vmu(mean[r]), vrs(rstd[r]);
-        // Pass 1: the row sums of g and g * xhat, and this row's share of gw and gb.
-        Vec vg(0), vgx(0);
-        for (int64_t j = 0; j < h; j += W) {  // missing lanes load as 0, so gy = g = 0 there
-          const int n = static_cast<int>(std::min<int64_t>(W, h - j));
+        // Pass 1: the row sums of g = gy * w and of g * xhat; this row's share of gw and gb.
+        const T sum_g = row_sum<T>(h, [&](int64_t j, int n) {
+          const Vec dy = Vec::loadu(gy + j, n);
+          (Vec::loadu(acc_b + j, n) + dy).store(acc_b + j, n);
+          return dy * Vec::loadu(w + j, n);
+        });
+        const T sum_gx = row_sum<T>(h, [&](int64_t j, int n) {
           const Vec dy = Vec::loadu(gy + j, n);
           const Vec xhat = (Vec::loadu(xr + j, n) - vmu) * vrs;
-          const Vec g = dy * Vec::loadu(w + j, n);
-          vg = vg + g;
-          vgx = at::vec::fmadd(g, xhat, vgx);
           at::vec::fmadd(dy, xhat, Vec::loadu(acc_w + j, n)).store(acc_w + j, n);
-          (Vec::loadu(acc_b + j, n) + dy).store(acc_b + j, n);
-        }
-        const Vec g_mean(lanes_sum(vg) / T(h)), gx_mean(lanes_sum(vgx) / T(h));
+          return dy * Vec::loadu(w + j, n) * xhat;
+        });
+        const Vec g_mean(sum_g / T(h)), gx_mean(sum_gx / T(h));
         // Pass 2: gx = rstd * (g - avg(g) - xhat * avg(g * xhat)).
-        for (int64_t j = 0; j < h; j += W) {
-          const int n = static_cast<int>(std::min<int64_t>(W, h - j));
+        row_for_each<T>(h, [&](int64_t j, int n) {
           const Vec xhat = (Vec::loadu(xr + j, n) - vmu) * vrs;
           const Vec g = Vec::loadu(gy + j, n) * Vec::loadu(w + j, n);
           (vrs * (g - g_mean - xhat * gx_mean)).store(grad_x + r * h + j, n);
-        }
+        });
       }
     }
   });
@@ -120,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cpu(const at::
               x.sizes());
   TORCH_CHECK(weight.scalar_type() == x.scalar_type() && bias.scalar_type() == x.scalar_type(),
               "layer_norm: x, weight, bias must have one dtype");
-  at::Tensor y = at::empty_like(x), mean = rows_of(x), rstd = rows_of(x);
+  at::Tensor y = new_output_like(x), mean = rows_of(x), rstd = rows_of(x);
   const int64_t h = x.size(-1);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "layer_norm_forward_cpu", [&] {
     forward<scalar_t>(x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
@@ -142,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(const at:
   TORCH_CHECK(grad_y.sizes() == x.sizes() && mean.numel() == rows && rstd.numel() == rows && weight.numel() == h,
               "layer_norm backward: grad_y ", grad_y.sizes(), ", x ", x.sizes(), ", mean ", mean.sizes(), ", rstd ",
               rstd.sizes(), ", weight ", weight.sizes(), " do not fit together");
-  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_x = new_output_like(x);
   at::Tensor partial = at::empty({num_chunks(rows), 2, h}, x.options());  // [chunks, (w, b), h]
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "layer_norm_backward_cpu", [&] {
     backward<scalar_t>(grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "common.h"
+#include "output_buffers.h"
 
 namespace lessons_kernels {
 namespace {
@@ -32,42 +33,31 @@ using at::vec::Vectorized;
 template <typename T>
 void softmax_row(const T* x, const T* add, T* y, int64_t len, int64_t sk, T scale) {
   using Vec = Vectorized<T>;
-  constexpr int W = Vec::size();
-  const T neg_inf = -std::numeric_limits<T>::infinity();
   const Vec vscale(scale);
 
   // Pass 1: scores into y, and their maximum.
-  Vec vmax(neg_inf);
-  int64_t j = 0;
-  for (; j < len; j += W) {
-    const int n = static_cast<int>(std::min<int64_t>(W, len - j));
+  const T max_score = row_max<T>(len, [&](int64_t j, int n) {
     Vec s = Vec::loadu(x + j, n) * vscale;
     if (add != nullptr) s = s + Vec::loadu(add + j, n);
     s.store(y + j, n);
-    vmax = at::vec::maximum(vmax, n == W ? s : Vec::set(Vec(neg_inf), s, n));
-  }
-  const T row_max = lanes_max(vmax);
-  if (row_max == neg_inf) {  // every key ignored (or len == 0): the row is zeros
+    return s;
+  });
+  if (max_score == -std::numeric_limits<T>::infinity()) {  // every key ignored (or len == 0): the row is zeros
     std::fill(y, y + sk, T(0));
     return;
   }
 
   // Pass 2: exponentials (in place) and their sum.
-  const Vec vrow_max(row_max);
-  Vec vsum(0);
-  for (j = 0; j < len; j += W) {
-    const int n = static_cast<int>(std::min<int64_t>(W, len - j));
+  const Vec vrow_max(max_score);
+  const T sum = row_sum<T>(len, [&](int64_t j, int n) {
     const Vec e = (Vec::loadu(y + j, n) - vrow_max).exp_u20();
     e.store(y + j, n);
-    vsum = vsum + (n == W ? e : Vec::set(Vec(0), e, n));
-  }
+    return e;
+  });
 
   // Pass 3: normalise; the ignored tail (causal) is zero.
-  const Vec inv(T(1) / lanes_sum(vsum));
-  for (j = 0; j < len; j += W) {
-    const int n = static_cast<int>(std::min<int64_t>(W, len - j));
-    (Vec::loadu(y + j, n) * inv).store(y + j, n);
-  }
+  const Vec inv(T(1) / sum);
+  row_for_each<T>(len, [&](int64_t j, int n) { (Vec::loadu(y + j, n) * inv).store(y + j, n); });
   std::fill(y + len, y + sk, T(0));
 }
 
@@ -111,23 +101,17 @@ void causal_forward(const T* x, T* y, int64_t n, int64_t sq, T scale) {
 template <typename T>
 void softmax_backward(const T* grad_y, const T* probs, T* grad_x, int64_t rows, int64_t sk, T scale, bool causal) {
   using Vec = Vectorized<T>;
-  constexpr int W = Vec::size();
   at::parallel_for(0, rows, rows_per_task(sk), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* g = grad_y + r * sk;
       const T* p = probs + r * sk;
       T* gx = grad_x + r * sk;
       const int64_t len = causal ? r % sk + 1 : sk;
-      Vec vdot(0);
-      for (int64_t j = 0; j < len; j += W) {  // loadu(ptr, n) fills the missing lanes with 0
-        const int n = static_cast<int>(std::min<int64_t>(W, len - j));
-        vdot = at::vec::fmadd(Vec::loadu(g + j, n), Vec::loadu(p + j, n), vdot);
-      }
-      const Vec dot(lanes_sum(vdot)), vscale(scale);
-      for (int64_t j = 0; j < len; j += W) {
-        const int n = static_cast<int>(std::min<int64_t>(W, len - j));
+      const Vec dot(row_sum<T>(len, [&](int64_t j, int n) { return Vec::loadu(g + j, n) * Vec::loadu(p + j, n); }));
+      const Vec vscale(scale);
+      row_for_each<T>(len, [&](int64_t j, int n) {
         (vscale * Vec::loadu(p + j, n) * (Vec::loadu(g + j, n) - dot)).store(gx + j, n);
-      }
+      });
       std::fill(gx + len, gx + sk, T(0));
     }
   });
@@ -160,7 +144,7 @@ at::Tensor scaled_masked_softmax_forward_cpu(const at::Tensor& x, const std::opt
     msq = m.size(1);
     mask_ptr = m.const_data_ptr();
   }
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = new_output_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "scaled_masked_softmax_forward_cpu", [&] {
     masked_forward<scalar_t>(x.const_data_ptr<scalar_t>(), mask_ptr, is_bool, y.mutable_data_ptr<scalar_t>(), n, sq,
                              sk, heads, mb, msq, static_cast<scalar_t>(scale));
@@ -171,7 +155,7 @@ at::Tensor scaled_masked_softmax_forward_cpu(const at::Tensor& x, const std::opt
 at::Tensor scaled_upper_triang_masked_softmax_forward_cpu(const at::Tensor& x, double scale) {
   check_scores(x);
   TORCH_CHECK(x.dim() == 3 && x.size(1) == x.size(2), "causal softmax: x must be [n, sq, sq], got ", x.sizes());
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = new_output_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "scaled_upper_triang_masked_softmax_forward_cpu", [&] {
     causal_forward<scalar_t>(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), x.size(0), x.size(1),
                              static_cast<scalar_t>(scale));
@@ -187,7 +171,7 @@ at::Tensor softmax_backward_cpu(const at::Tensor& grad_y, const at::Tensor& prob
               probs.scalar_type());
   TORCH_CHECK(!causal || (probs.dim() == 3 && probs.size(1) == probs.size(2)),
               "causal softmax backward: probs must be [n, sq, sq], got ", probs.sizes());
-  at::Tensor grad_x = at::empty_like(probs);
+  at::Tensor grad_x = new_output_like(probs);
   const int64_t sk = probs.size(-1), rows = sk ? probs.numel() / sk : 0;
   AT_DISPATCH_FLOATING_TYPES(probs.scalar_type(), "softmax_backward_cpu", [&] {
     softmax_backward<scalar_t>(grad_y.const_data_ptr<scalar_t>(), probs.const_data_ptr<scalar_t>(),
