@@ -76,16 +76,18 @@ def safe_load(path: str, mmap: bool = False) -> dict:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name and, when known, the refused classes
-        unsafe = ""
+        refused = []
         try:
             found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
             allowed = {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
             refused = [g for g in found if g not in allowed]
-            if refused:
-                unsafe = f" (it pickles classes outside the allowlist: {', '.join(refused)})"
         except Exception:  # noqa: BLE001 - not a zip checkpoint at all
             pass
-        raise ValueError(f"cannot read checkpoint file {path}{unsafe}: {e}") from e
+        if refused:
+            raise ValueError(f"cannot read checkpoint file {path}: it pickles {', '.join(refused)}, outside the "
+                             "allowlist of lessons_pkg.checkpoint.megatron_format.SAFE_GLOBALS (unpickling it "
+                             "could run arbitrary code; we never load with weights_only=False)") from e
+        raise ValueError(f"cannot read checkpoint file {path}: {type(e).__name__}: {str(e)[:500]}") from e
 
 
 # --- our stage state dict <-> Megatron's nested dict ------------------------------------------------
@@ -213,6 +215,6 @@ def check_supported(args: argparse.Namespace, where: str) -> None:
     if get("num_query_groups") not in (None, get("num_attention_heads")) and get("group_query_attention"):
         problems.append(f"num_query_groups {get('num_query_groups')} (grouped-query attention)")
     if get("ffn_hidden_size") not in (None, 4 * get("hidden_size", 0)):
-        problems.append(f"ffn_hidden_size {get('ffn_hidden_size')} (must be 4 x hidden_size {4 * get('hidden_size', 0)})")
+        problems.append(f"ffn_hidden_size {get('ffn_hidden_size')} (must be 4 x hidden_size = {4 * get('hidden_size', 0)})")
     if problems:
         raise ValueError(f"{where}: this Megatron model is not a GPT-2 that ParallelGPT can hold: " + "; ".join(problems))
