@@ -9,7 +9,8 @@ and the validation and test documents ``[train_end, D)`` never reach a
 gradient. The stand-ins are built from those held-out documents only:
 
 * a cloze set in LAMBADA's format (``{"text": passage}`` per line): a passage
-  of whole sentences ending at the last word of a sentence, where that word
+  of whole sentences (15 to 45 words by default: LAMBADA's average ~75 words would
+  not fit the course model's 64 positions) ending at the last word of a sentence, where that word
   is alphabetic, at least ``--min-target-chars`` long and already occurs in the
   passage (LAMBADA's passages were chosen so that the context gives the word
   away; here "the word occurs earlier" is the cheap proxy);
@@ -85,7 +86,7 @@ def seen_in_training(passage: str, ngrams: np.ndarray, n: int) -> bool:
     return bool(pos < len(ngrams) and ngrams[pos] == key)
 
 
-def cloze_passages(text: str, min_words: int = 25, max_words: int = 80, min_target_chars: int = 4) -> list[str]:
+def cloze_passages(text: str, min_words: int = 15, max_words: int = 45, min_target_chars: int = 4) -> list[str]:
     """LAMBADA-style passages of one document (see the module docstring), whitespace collapsed, non-overlapping."""
     spans = [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
     words = [text[a:b] for a, b in spans]
@@ -111,7 +112,7 @@ def cloze_passages(text: str, min_words: int = 25, max_words: int = 80, min_targ
 
 
 def build_standin(data_prefix: str, split: str, tokenizer, out_dir: str, ngram: int = 6,
-                  min_words: int = 25, max_words: int = 80, min_target_chars: int = 4) -> StandinReport:
+                  min_words: int = 15, max_words: int = 45, min_target_chars: int = 4) -> StandinReport:
     """Write ``standin_cloze.jsonl`` and ``standin_heldout.txt`` into ``out_dir``; return what was done."""
     from lessons_pkg.data.gpt_dataset import get_train_valid_test_split
     from lessons_pkg.data.indexed_dataset import MMapIndexedDataset

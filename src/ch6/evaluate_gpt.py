@@ -111,10 +111,24 @@ def _share(value, error):
     return box[0]
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` minus ``--nproc N``: the ranks do not need it, and torchrun would take it for its own option."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def main(argv=None) -> None:
     args = get_args(argv)
     from lessons_pkg.launch import launch_self
 
+    sys.argv[1:] = _without_nproc(sys.argv[1:])
     launch_self(args.nproc or args.tensor_model_parallel_size * args.pipeline_model_parallel_size, args.timeout)
 
     import torch.distributed as dist
