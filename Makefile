@@ -10,7 +10,7 @@ export OMP_NUM_THREADS ?= 1
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup course test lab clean course-ch6-warmup course-ch6-tensor-parallel course-ch6-kernels \
-        course-ch6-data course-ch6-pretrain course-ch5 course-ch5-schedules
+        course-ch6-data course-ch6-pretrain course-ch5 course-ch5-schedules course-ch6-after
 
 setup: $(VENV)/.setup-done
 
@@ -25,7 +25,7 @@ $(VENV)/.setup-done: pyproject.toml
 
 # ---- make course: every chapter's demos, real multi-process runs -------------
 course: setup course-ch5 course-ch5-schedules course-ch6-warmup course-ch6-tensor-parallel course-ch6-kernels \
-        course-ch6-data course-ch6-pretrain
+        course-ch6-data course-ch6-pretrain course-ch6-after
 	@echo "course finished: every demo above printed its verification"
 
 course-ch6-warmup: setup
@@ -84,6 +84,15 @@ course-ch6-pretrain: setup
 		--save outputs/ch6/pretrain/checkpoints --log-json outputs/ch6/pretrain/log.jsonl \
 		--tensorboard-dir outputs/ch6/pretrain/tensorboard
 	$(PY) -m lessons_pkg.training.plot outputs/ch6/pretrain/log.jsonl outputs/ch6/pretrain_loss.png
+
+course-ch6-after: setup
+	@echo "== Chapter 6e: generate from the trained checkpoint at TP=1 and TP=2 x PP=2, checked against transformers =="
+	test -f outputs/ch6/pretrain/checkpoints/latest_checkpointed_iteration.txt || $(MAKE) course-ch6-pretrain
+	$(PY) src/ch6/generate.py --load outputs/ch6/pretrain/checkpoints --prompt "The history of" \
+		--prompt "In 1990, the city" --tokens-to-generate 32 --greedy --compare-hf
+	$(PY) src/ch6/generate.py --load outputs/ch6/pretrain/checkpoints --prompt "The history of" \
+		--prompt "In 1990, the city" --tokens-to-generate 32 --greedy --compare-hf \
+		--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2
 
 course-ch5: setup
 	@echo "== Chapter 5: GPipe (torchgpipe) and PipeDream-Flush (DeepSpeed) on a tiny GPT-2 =="

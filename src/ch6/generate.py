@@ -51,6 +51,8 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--merge-file", default=None)
     p.add_argument("--tokenizer-type", default="GPT2BPETokenizer")
     p.add_argument("--output-json", default=None, help="also write the result as JSON here (rank 0)")
+    p.add_argument("--compare-hf", action="store_true",
+                   help="greedy only: rank 0 also runs transformers' generate on the same weights; exit 1 if they differ")
     p.add_argument("--nproc", type=int, default=None, help="ranks to start under plain python (default TP x PP)")
     p.add_argument("--timeout", type=float, default=600, help="seconds before a self-started job is killed")
     args = p.parse_args(argv)
@@ -59,6 +61,8 @@ def get_args(argv=None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.greedy and (args.top_k not in (0, 1) or args.top_p > 0):
         p.error(f"--greedy cannot be combined with --top_k {args.top_k} / --top_p {args.top_p}")
+    if args.compare_hf and (not args.greedy or args.beam_width is not None):
+        p.error("--compare-hf checks greedy decoding: add --greedy (and no --beam-width)")
     if args.beam_width is not None:
         if len(args.prompt) != 1:
             p.error(f"beam search takes one prompt, got {len(args.prompt)}")
@@ -118,10 +122,36 @@ def main(argv=None) -> None:
     except ValueError as e:  # refused identically on every rank before any collective
         raise SystemExit(f"error: {e}") from None
 
+    same = True
     if dist.get_rank() == 0:
         report(args, out)
+        if args.compare_hf:
+            same = compare_with_transformers(pre, args.prompt, out["tokens"], args)
     print_rank_0("done :-)")
     dist.destroy_process_group()
+    if not same:
+        raise SystemExit(1)
+
+
+def compare_with_transformers(pre, prompts: list[str], tokens: list[list[int]], args) -> bool:
+    """transformers' greedy ``generate`` on the same weights must choose the same tokens (cut after eod)."""
+    import torch
+
+    from lessons_pkg.tensor_parallel.hf import to_hf_model
+
+    hf, tok = to_hf_model(pre.state_dict, pre.config), pre.tokenizer
+    same = True
+    for prompt, ours in zip(prompts, tokens):
+        ids = ([tok.eod] if args.add_BOS else []) + tok.tokenize(prompt)
+        with torch.inference_mode():
+            ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              do_sample=False, max_new_tokens=args.tokens_to_generate, eos_token_id=tok.eod,
+                              pad_token_id=tok.eod)[0].tolist()[len(ids):]
+        if tok.eod in ref:
+            ref = ref[: ref.index(tok.eod) + 1]
+        same &= ours == ids + ref
+    print(f"> the same tokens as transformers' GPT2LMHeadModel.generate(do_sample=False) on these weights: {same}")
+    return same
 
 
 def report(args, out: dict) -> None:
