@@ -64,8 +64,13 @@ class ServingLoop:
             while not self.stopping.is_set():
                 batch = self.queue.next_batch(timeout=0.25)
                 if batch:
+                    start = time.perf_counter()
                     run_batch(batch, self.engine, self.channel, self.params_cls, self.tokenizer)
-                    self.batches += 1
+                    stats = self.state.info
+                    stats["batches"] = self.batches = self.batches + 1
+                    stats["prompts_generated"] = stats.get("prompts_generated", 0) + sum(
+                        len(job.request.prompts) for job in batch)
+                    stats["busy_s"] = round(stats.get("busy_s", 0.0) + time.perf_counter() - start, 3)
                     idle_since = time.monotonic()
                 elif time.monotonic() - idle_since > self.heartbeat_s:
                     self.channel.send(WorkItem("ping"))
