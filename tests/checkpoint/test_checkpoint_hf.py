@@ -129,3 +129,61 @@ def test_finetune_from_imported_weights_starts_at_hf_loss(tmp_path):
         want = torch.nn.functional.cross_entropy(logits.reshape(-1, 500), text[:, 1:].reshape(-1)).item()
     # a loss of ~6 averaged over 32 tokens: float32 ulps of the two implementations' sums, as LOSS_TOL in tests/training
     assert abs(loss - want) <= 2e-5, f"iteration-1 loss {loss} vs transformers {want}"
+
+
+# --- a tool written for Megatron-LM reads our files -------------------------------------------------
+CONVERTER = os.path.join(ROOT, "build", "compat", "convert_megatron_gpt2_checkpoint.py")
+CONVERTER_WHEEL = "transformers==4.46.3"  # the last releases that ship transformers' Megatron GPT-2 converter
+
+
+def megatron_gpt2_converter():
+    """transformers' ``convert_megatron_gpt2_checkpoint.py`` (removed in transformers 5), fetched from PyPI once."""
+    import importlib.util
+    import tempfile
+    import zipfile
+
+    if not os.path.isfile(CONVERTER):
+        with tempfile.TemporaryDirectory() as tmp:
+            got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp,
+                                  CONVERTER_WHEEL], capture_output=True, text=True, timeout=300)
+            assert got.returncode == 0, f"could not fetch {CONVERTER_WHEEL} from PyPI: {got.stderr[-2000:]}"
+            wheel = [f for f in os.listdir(tmp) if f.endswith(".whl")][0]
+            with zipfile.ZipFile(os.path.join(tmp, wheel)) as z:
+                source = z.read("transformers/models/megatron_gpt2/convert_megatron_gpt2_checkpoint.py")
+        os.makedirs(os.path.dirname(CONVERTER), exist_ok=True)
+        with open(CONVERTER + ".tmp", "wb") as f:
+            f.write(source)
+        os.replace(CONVERTER + ".tmp", CONVERTER)
+    spec = importlib.util.spec_from_file_location("convert_megatron_gpt2_checkpoint", CONVERTER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_transformers_megatron_gpt2_converter_reads_our_checkpoint(tp2pp2, tmp_path):
+    """transformers' own converter (written for Megatron-LM's files) on our TP=1 checkpoint gives our logits."""
+    import argparse
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lessons_pkg.checkpoint import megatron_format as mf
+
+    out = tmp_path / "tp1"
+    convert.megatron_to_megatron(tp2pp2, str(out), Layout(1, 1), log=quiet, progress=False)
+    converter = megatron_gpt2_converter()
+    # the converter's own torch.load needs Namespace allowlisted under torch >= 2.6, as any Megatron file does
+    with torch.serialization.safe_globals(mf.SAFE_GLOBALS):
+        state = torch.load(out / "iter_0000002" / "mp_rank_00" / "model_optim_rng.pt", map_location="cpu")
+    config = GPT2Config(activation_function="gelu_fast" if state["args"].bias_gelu_fusion else "gelu_new")
+    hf_state = converter.convert_megatron_checkpoint(argparse.Namespace(), state, config)
+    model = GPT2LMHeadModel(config).eval()
+    # the converter also writes the causal-mask buffers (attn.bias, attn.masked_bias) of transformers 4
+    masks = [k for k in hf_state if k.endswith((".attn.bias", ".attn.masked_bias"))]
+    missing, unexpected = model.load_state_dict({k: v for k, v in hf_state.items() if k not in masks}, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    ours = build_stage(load_pretrained(str(out)))
+    x = ids()
+    with torch.no_grad():
+        err = (model(x).logits[..., : CONFIG["vocab_size"]] - ours(x)[..., : CONFIG["vocab_size"]]).abs().max().item()
+    assert config.vocab_size == 512 and config.n_layer == CONFIG["num_layers"]  # read from our args
+    assert err <= TOL, f"max |logit difference| {err}"
