@@ -62,7 +62,13 @@ class InferenceEngine:
 
     ``model`` is this rank's stage (``load_pretrained`` + ``build_stage``),
     ``tp_group``/``pp_group`` its tensor and pipeline groups (None: the
-    model's own tensor group, and a single stage).
+    model's own tensor group, and a single stage). With TP > 1 and PP > 1 the
+    constructor is itself a collective (it creates the model group).
+
+    A server validates a request on its serving rank first, with
+    :meth:`validate_request` / :meth:`validate_beam_request` (no
+    communication, the same checks ``generate`` and ``beam_search`` run on
+    every rank), and answers a bad one without starting any collective.
     """
 
     def __init__(self, model, tokenizer=None, tp_group=None, pp_group=None, eod: int | None = None):
@@ -93,7 +99,7 @@ class InferenceEngine:
     # -- text in, text out (Megatron's generate_and_post_process) ----------------------------------
     def generate(self, prompts: list[str], params: SamplingParams, callback: Callback | None = None) -> dict:
         """Prompts + generations as ``{"text", "segments", "logprobs", "tokens"}`` on every rank (a collective)."""
-        prompt_ids = self._tokenize(prompts, params.add_BOS)
+        prompt_ids = self.validate_request(prompts, params)
         out = self.generate_ids(prompt_ids, params, callback)
         return {
             "text": [self.text.detokenize(t) for t in out.tokens],
@@ -108,16 +114,37 @@ class InferenceEngine:
         """The ``beam_width`` best continuations of ONE prompt: ``{"text", "segments", "scores"}`` (a collective)."""
         from lessons_pkg.inference.beam_search import beam_search
 
-        if not isinstance(prompts, list) or len(prompts) != 1:
-            raise ValueError(f"beam search takes exactly one prompt (batch size 1), got "
-                             f"{len(prompts) if isinstance(prompts, list) else type(prompts).__name__}")
-        prompt_ids = self._tokenize(prompts, add_BOS)
+        prompt_ids = self.validate_beam_request(prompts, tokens_to_generate, beam_width, length_penalty, stop_token,
+                                                add_BOS)
         tokens, scores = beam_search(self, prompt_ids[0], tokens_to_generate, beam_width, length_penalty,
                                      self.eod if stop_token is None else stop_token, prevent_newline_after_colon)
         return {"text": [self.text.detokenize(t) for t in tokens],
                 "segments": [self.text.segments(t) for t in tokens], "scores": scores}
 
-    def _tokenize(self, prompts, add_BOS: bool) -> list[list[int]]:
+    def validate_request(self, prompts: list[str], params: SamplingParams) -> list[list[int]]:
+        """Every check of :meth:`generate`, on this rank alone; returns the prompts' token ids."""
+        prompt_ids = self.tokenize(prompts, params.add_BOS)
+        self._validate_ids(prompt_ids, params)
+        return prompt_ids
+
+    def validate_beam_request(self, prompts: list[str], tokens_to_generate: int, beam_width: int,
+                              length_penalty: float = 1.0, stop_token: int | None = None,
+                              add_BOS: bool = False) -> list[list[int]]:
+        """Every check of :meth:`beam_search`, on this rank alone; returns the prompt's token ids."""
+        from lessons_pkg.inference.beam_search import check_beam_arguments
+
+        if not isinstance(prompts, list) or len(prompts) != 1:
+            raise ValueError(f"beam search takes exactly one prompt (batch size 1), got "
+                             f"{len(prompts) if isinstance(prompts, list) else type(prompts).__name__}")
+        prompt_ids = self.tokenize(prompts, add_BOS)
+        check_beam_arguments(tokens_to_generate, beam_width, length_penalty,
+                             self.eod if stop_token is None else stop_token, self.vocab_size)
+        self.check_prompt_ids(prompt_ids)
+        check_lengths([len(prompt_ids[0])], tokens_to_generate, self.max_positions, add_BOS)
+        return prompt_ids
+
+    def tokenize(self, prompts, add_BOS: bool) -> list[list[int]]:
+        """The prompts' token ids (``add_BOS``: the end-of-document token first)."""
         if self.text is None:
             raise ValueError("this engine has no tokenizer: use generate_ids with token ids")
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
@@ -130,14 +157,19 @@ class InferenceEngine:
     def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams,
                      callback: Callback | None = None) -> TokenOutput:
         """Generation (or scoring, when ``tokens_to_generate == 0``) from token ids; a collective."""
-        self.check_prompt_ids(prompt_ids)
-        params.validate(self.max_positions, [len(p) for p in prompt_ids])
-        if params.top_k >= self.vocab_size:
-            raise ValueError(f"top_k ({params.top_k}) must be smaller than the vocabulary ({self.vocab_size})")
+        self._validate_ids(prompt_ids, params)
         with torch.inference_mode():
             if params.tokens_to_generate == 0:
                 return self._score(prompt_ids)
             return self._generate(prompt_ids, params, callback)
+
+    def _validate_ids(self, prompt_ids, params: SamplingParams) -> None:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        self.check_prompt_ids(prompt_ids)
+        params.validate(self.max_positions, [len(p) for p in prompt_ids])
+        if params.top_k >= self.vocab_size:
+            raise ValueError(f"top_k ({params.top_k}) must be smaller than the vocabulary ({self.vocab_size})")
 
     def check_prompt_ids(self, prompt_ids) -> None:
         if not isinstance(prompt_ids, list) or not prompt_ids:

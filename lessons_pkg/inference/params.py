@@ -46,6 +46,10 @@ class SamplingParams:
     stop_on_double_eol: bool = False
     prevent_newline_after_colon: bool = False
     random_seed: int = -1                 # -1: a fresh, unrepeatable seed
+    # True: a sequence ends at the end-of-document token (kept in the output). False: it does not, and every
+    # prompt gets exactly tokens_to_generate tokens (Megatron still cuts its output at the first such token
+    # and only skips the early exit of the loop; generating them all is what a benchmark or a client asking
+    # for a fixed length wants).
     use_eod_token_for_early_termination: bool = True
 
     def validate(self, max_position_embeddings: int | None = None, prompt_lengths=()) -> None:

@@ -73,6 +73,14 @@ def test_unknown_field_and_empty_prompt_and_position_limit():
 
 
 def test_engine_refuses_what_does_not_fit(engine):
+    # what a server checks on its serving rank before any collective: the same checks as generate
+    assert engine.validate_request(["ab"], SamplingParams(tokens_to_generate=4)) == [[97, 98]]
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        engine.validate_request(["x" * 40], SamplingParams(tokens_to_generate=9, top_k=1))
+    with pytest.raises(ValueError, match="beam_width"):
+        engine.validate_beam_request(["ab"], 4, beam_width=0)
+    with pytest.raises(ValueError, match="exactly one prompt"):
+        engine.validate_beam_request(["ab", "c"], 4, beam_width=2)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         engine.generate(["x" * 40], SamplingParams(tokens_to_generate=9, top_k=1))
     with pytest.raises(ValueError, match="max_position_embeddings"):
