@@ -125,14 +125,15 @@ def main() -> int:
             print(json.dumps(row), flush=True)
     ratio = rows[1]["requests_per_s"] / rows[0]["requests_per_s"]
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"load average before/after {os.getloadavg()[0]:.1f}; TP=2 server (2 ranks), "
+          f"load average {os.getloadavg()[0]:.1f} at the end; TP=2 server (2 ranks), "
           f"{args.requests} greedy requests of {args.tokens} tokens from {args.clients} clients\n")
     print("| server | requests | errors | answers = one-at-a-time | p50 latency (s) | p99 latency (s) "
-          "| throughput (req/s) | tokens/s |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| throughput (req/s) | tokens/s | batches (mean prompts) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['server']} | {r['requests']} | {r['errors']} | {r['answers_equal_one_at_a_time']} "
-              f"| {r['p50_s']:.2f} | {r['p99_s']:.2f} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} |")
+              f"| {r['p50_s']:.2f} | {r['p99_s']:.2f} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} "
+              f"| {r['batches']} ({r['mean_batch']:.1f}) |")
     print(f"\nbatched / one at a time throughput: {ratio:.1f}x (goal >= 3x at {args.clients} clients)")
     if args.json:
         with open(args.json, "w") as f:

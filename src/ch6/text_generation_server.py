@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
-from datetime import timedelta
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
@@ -86,7 +86,18 @@ def main(argv=None) -> int:
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     from lessons_pkg.launch import launch_self
 
-    launch_self(tp * pp)
+    if "RANK" not in os.environ and tp * pp > 1:
+        # plain python starts its own ranks: SIGTERM here must stop them too (launch's clean-up runs on
+        # KeyboardInterrupt), and a server has no run-time limit
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, interrupt)
+    try:
+        launch_self(tp * pp, timeout=10 * 365 * 24 * 3600)
+    except KeyboardInterrupt:
+        print("server stopped (every rank ended)", flush=True)
+        return 0
 
     import torch
     import torch.distributed as dist
