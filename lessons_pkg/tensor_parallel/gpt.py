@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lessons_pkg import parallel_state
 from lessons_pkg.tensor_parallel.checkpointing import gather_full, shard_of
 from lessons_pkg.tensor_parallel.config import GPTConfig, init_method_normal
 from lessons_pkg.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
-from lessons_pkg.tensor_parallel.layers import VocabParallelEmbedding, mark_partitioned, resolve_tp_group
+from lessons_pkg.tensor_parallel.layers import TPShape, VocabParallelEmbedding, mark_partitioned, resolve_tp_group
 from lessons_pkg.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from lessons_pkg.tensor_parallel.transformer import LayerNorm, ParallelTransformerLayer
 
@@ -86,11 +87,35 @@ class ParallelGPT(nn.Module):
         if post_process:
             self.final_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon, config.use_fused_kernels)
             if not pre_process:
-                # this stage's own copy of the tied word embedding, kept equal to the first stage's by the trainer
+                # this stage's own copy of the tied word embedding: zeros, then the first stage's
+                # rows (the all-reduce below); the trainer keeps it equal by summing both gradients
                 self.word_embeddings_weight = nn.Parameter(
-                    torch.empty(self.padded_vocab_size // self.tp_size, config.hidden_size))
-                nn.init.zeros_(self.word_embeddings_weight)  # load_master_state_dict (or a broadcast) fills it
+                    torch.zeros(self.padded_vocab_size // self.tp_size, config.hidden_size))
                 mark_partitioned(self.word_embeddings_weight, 0)
+                self.word_embeddings_weight.shared = True  # a copy: counted once in the gradient norm
+        if pre_process != post_process:
+            self._initialize_word_embeddings()
+
+    def _initialize_word_embeddings(self) -> None:
+        """Megatron's start-up step: the last stage's zero copy + the first stage's rows, all-reduced over the
+        embedding group (first and last stage), so both stages start with the same word embedding.
+
+        A collective of the first and last pipeline stage; nothing to do without a split pipeline.
+        """
+        if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
+            return
+        weight = self.shared_embedding_weight()
+        if (isinstance(self.tp_group, TPShape) or weight.device.type == "meta"  # shapes only, no data
+                or (self.pre_process and not parallel_state.is_pipeline_first_stage())   # a stage of another
+                or (self.post_process and not parallel_state.is_pipeline_last_stage())):  # layout than this rank's
+            return
+        group = parallel_state.get_embedding_group()
+        if group is None or dist.get_world_size(group) == 1:
+            return
+        with torch.no_grad():
+            buffer = weight.detach().to(parallel_state.get_device())  # NCCL reduces GPU tensors only
+            dist.all_reduce(buffer, group=group)
+            weight.copy_(buffer)
 
     def shared_embedding_weight(self) -> nn.Parameter:
         """The word-embedding weight used by this stage's embedding and/or LM head (this rank's rows)."""

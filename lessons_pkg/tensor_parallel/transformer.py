@@ -33,12 +33,25 @@ from lessons_pkg.tensor_parallel.layers import ColumnParallelLinear, RowParallel
 from lessons_pkg.tensor_parallel.utils import divide
 
 
+def _kernel_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a fused kernel runs ``x`` in: its own, or float32 where the kernel has no such variant
+    (the CPU kernels have no bfloat16/float16 ones; autocast runs such ops in float32 too)."""
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return x.dtype
+
+
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, fused: bool = False) -> torch.Tensor:
-    """GeLU(x + bias) with the tanh approximation (GPT-2's ``gelu_new``, Megatron's ``bias_gelu``)."""
+    """GeLU(x + bias) with the tanh approximation (GPT-2's ``gelu_new``, Megatron's ``bias_gelu``).
+
+    Under autocast ``x`` (a matmul's output) is bf16/fp16 while ``bias`` (a
+    parameter) stays float32: the fused kernel gets both in one dtype.
+    """
     if fused:
         from lessons_pkg import kernels
 
-        return kernels.bias_gelu(x, bias)
+        dtype = _kernel_dtype(x)
+        return kernels.bias_gelu(x.to(dtype), bias.to(dtype)).to(x.dtype)
     return F.gelu(x + bias, approximate="tanh")
 
 
@@ -53,7 +66,8 @@ def scaled_causal_softmax(scores: torch.Tensor, scale: float, fused: bool = Fals
     if fused and sq == sk:
         from lessons_pkg import kernels
 
-        return kernels.scaled_upper_triang_masked_softmax(scores, scale)
+        dtype = _kernel_dtype(scores)
+        return kernels.scaled_upper_triang_masked_softmax(scores.to(dtype), scale).to(scores.dtype)
     future = causal_mask(sq, sk, scores.device).logical_not()
     return torch.softmax((scores * scale).masked_fill(future, float("-inf")), dim=-1)
 
@@ -91,7 +105,8 @@ class LayerNorm(nn.LayerNorm):
         if self.fused:
             from lessons_pkg import kernels
 
-            return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+            dtype = _kernel_dtype(x)  # x and the float32 weights in one dtype, as under autocast
+            return kernels.layer_norm(x.to(dtype), self.weight.to(dtype), self.bias.to(dtype), self.eps).to(x.dtype)
         return super().forward(x)
 
 

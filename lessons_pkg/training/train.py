@@ -114,8 +114,16 @@ class _Autocast(torch.nn.Module):
         self.module, self.dtype = module, dtype
 
     def forward(self, x):
-        with torch.autocast(device_type="cuda", dtype=self.dtype):
+        device = next(self.module.parameters()).device.type  # cuda in training; cpu in the tests
+        with torch.autocast(device_type=device, dtype=self.dtype):
             return self.module(x)
+
+
+def pipeline_tensor_shape(args) -> dict:
+    """What every stage sends the next one: ``[micro-batch, seq, hidden]`` float32 (the residual stream;
+    the executor casts an autocast bf16 activation to it). Given to the executor, as Megatron does, so
+    no shape header has to travel: which the interleaved schedule needs on NCCL (see rounds.check_rounds)."""
+    return dict(tensor_shape=(args.micro_batch_size, args.seq_length, args.hidden_size), tensor_dtype=torch.float32)
 
 
 # --- one iteration -------------------------------------------------------------------------------
@@ -137,7 +145,7 @@ def train_step(chunks, run_chunks, optimizer, scheduler, batches, rt: Runtime, a
     scale = optimizer.loss_scaler.scale if optimizer.loss_scaler is not None else 1.0
     losses = forward_backward(run_chunks, args.pipeline_schedule, tokens, labels,
                               lambda out, lab: loss_fn(out, lab) * scale, group=rt.pp_group,
-                              num_microbatches=len(batches))
+                              num_microbatches=len(batches), **pipeline_tensor_shape(args))
     if losses is not None and scale != 1.0:
         losses = [loss / scale for loss in losses]
     if rt.pp_size > 1:
@@ -154,7 +162,7 @@ def forward_only(run_chunks, batches, rt: Runtime, args, loss_fn) -> float:
     tokens = [t for t, _ in batches] if rt.first_stage else None
     labels = [lab for _, lab in batches] if rt.last_stage else None
     losses = forward_backward(run_chunks, args.pipeline_schedule, tokens, labels, loss_fn, group=rt.pp_group,
-                              num_microbatches=len(batches), forward_only=True)
+                              num_microbatches=len(batches), forward_only=True, **pipeline_tensor_shape(args))
     return _reduce_loss(losses, rt)
 
 

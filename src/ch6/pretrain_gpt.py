@@ -110,8 +110,6 @@ def main(argv: list[str] | None = None) -> int:
         model = ParallelGPT(config, rt.tp_group, pre_process=pre_process, post_process=post_process,
                             layer_offset=layer_offset, num_layers=num_layers)
         model.load_master_state_dict(master)  # this rank's shard of this stage's layers
-        if post_process and not pre_process:
-            model.word_embeddings_weight.shared = True  # a copy: counted once in the gradient norm
         return model.to(rt.device)
 
     def datasets_provider(num_samples: list[int]):

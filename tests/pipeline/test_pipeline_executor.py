@@ -123,13 +123,43 @@ def _all_cases(p):
     for schedule, v in (("1f1b", 1), ("interleaved", 2)):
         done.append(_check_one(schedule, p, 4, v, toy_layers(LAYERS, HIDDEN, seed=9), group, seed=9,
                                tensor_shape=(MB_SIZE, SEQ, HIDDEN)))
+    if p > 1:
+        done += _as_on_nccl(p, group)
     return done
+
+
+def _as_on_nccl(p, group):
+    """The executor's branch for backends other than gloo (NCCL on GPUs), taken on gloo by naming it so."""
+    real = dist.get_backend
+    dist.get_backend = lambda group=None: "nccl"
+    try:
+        with pytest.raises(ValueError, match="on the nccl backend pass tensor_shape="):
+            forward_backward(chunks_for_rank(toy_layers(LAYERS, HIDDEN, seed=3), dist.get_rank(group), p, 2),
+                             "interleaved", None, None, _mse, group=group, num_microbatches=4)
+        case = _check_one("interleaved", p, 4, 2, toy_layers(LAYERS, HIDDEN, seed=3), group, seed=3,
+                          tensor_shape=(MB_SIZE, SEQ, HIDDEN))
+        # activations in bfloat16 (as under autocast) arrive as the float32 the receiver was told of
+        bf16 = [nn.Sequential(c, _ToBFloat16()) for c in
+                chunks_for_rank(toy_layers(LAYERS, HIDDEN, seed=3), dist.get_rank(group), p, 2)]
+        xs, ts = _batch(4, 3)
+        forward_backward(bf16, "interleaved", xs if dist.get_rank(group) == 0 else None,
+                         ts if dist.get_rank(group) == p - 1 else None, lambda y, t: _mse(y.float(), t),
+                         group=group, num_microbatches=4, tensor_shape=(MB_SIZE, SEQ, HIDDEN),
+                         tensor_dtype=torch.float32)
+    finally:
+        dist.get_backend = real
+    return [f"{case} (nccl branch)"]
+
+
+class _ToBFloat16(nn.Module):
+    def forward(self, x):
+        return x.to(torch.bfloat16)
 
 
 @pytest.mark.parametrize("p", [1, 2, 4])
 def test_pipeline_equals_serial(p):
     results = run_on_ranks(_all_cases, p, args=(p,), timeout=120)
-    assert all(len(r) == 15 for r in results)
+    assert all(len(r) == 15 + (p > 1) for r in results)  # + the nccl-branch case
 
 
 def _with_parallel_state(tp, pp):

@@ -11,6 +11,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from lessons_pkg import parallel_state
@@ -165,3 +166,28 @@ def test_config_errors_name_the_values():
         ParallelGPT(tiny_config(), layer_offset=2, num_layers=3)
     with pytest.raises(TypeError, match="the first stage takes input_ids"):
         ParallelGPT(tiny_config())(torch.randn(1, 4, 32))
+
+
+def _tied_copies_at_construction(tp):
+    """A pipeline of 2 stages: the last stage's copy of the word embedding equals the first stage's
+    weight as soon as the stages are built (no master weights loaded), and counts once in the norm."""
+    from lessons_pkg.training.grads import counts_in_norm
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=2)
+    first = parallel_state.is_pipeline_first_stage()
+    torch.manual_seed(100 + dist.get_rank())  # different random draws on every rank: equality is not luck
+    stage = ParallelGPT(tiny_config(num_layers=2), pre_process=first, post_process=not first,
+                        layer_offset=0 if first else 1, num_layers=1)
+    weight = stage.shared_embedding_weight().detach()
+    theirs = weight.clone()
+    dist.broadcast(theirs, src=parallel_state.get_embedding_ranks()[0], group=parallel_state.get_embedding_group())
+    return torch.equal(weight, theirs), weight.abs().sum().item() > 0, counts_in_norm(stage.shared_embedding_weight(), 0)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_parallel_gpt_keeps_the_tied_embedding_copies_equal(tp):
+    results = run_on_ranks(_tied_copies_at_construction, 2 * tp, args=(tp,), timeout=60)
+    ranks_first = [r for r in range(2 * tp) if r < tp]  # rank grid: pipeline stage = rank // tp
+    for rank, (equal, nonzero, counted) in enumerate(results):
+        assert equal and nonzero, f"rank {rank}"
+        assert counted == (rank in ranks_first), f"rank {rank}: the last stage's copy must not count in the norm"

@@ -168,3 +168,51 @@ def test_pretrain_gpt_reports_a_broken_vocab_file_before_any_process_group(tmp_p
                                             "--merge-file", str(tmp_path / "merges.txt")])
     assert status == 2 and not dist.is_initialized()
     assert f"error: {tmp_path / 'vocab.json'}: not GPT-2's vocab.json" in capsys.readouterr().err
+
+
+def _interleaved_forward_on_the_nccl_branch():
+    """train.forward_only with the interleaved schedule (p=2, v=2) as on NCCL: without a shape header.
+    The executor takes its non-gloo branch when the backend is not gloo; named so here, it runs on gloo."""
+    import torch.distributed as dist
+
+    from lessons_pkg import parallel_state
+    from lessons_pkg.pipeline import forward_backward
+    from lessons_pkg.tensor_parallel import GPTConfig, ParallelGPT, master_state_dict, vocab_parallel_cross_entropy
+    from lessons_pkg.training import train
+
+    parallel_state.initialize_model_parallel(1, 2)
+    rt = train.Runtime()
+    args = validate_args(args_with("--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage",
+                                   "1", "--global-batch-size", "4"), 2)
+    config = GPTConfig(vocab_size=100, hidden_size=32, num_layers=4, num_attention_heads=4, max_position_embeddings=16,
+                       hidden_dropout=0.0, attention_dropout=0.0)
+    master = master_state_dict(config, seed=3)
+    chunks = []
+    for layout in train.chunk_layout(4, 2, rt.pp_rank, 2):
+        chunks.append(ParallelGPT(config, **layout))
+        chunks[-1].load_master_state_dict(master)
+    g = torch.Generator().manual_seed(0)
+    batches = [train.get_batch([{"text": torch.randint(0, 100, (17,), generator=g)} for _ in range(2)], [0, 1], "cpu")
+               for _ in range(args.num_micro_batches)]
+
+    def loss_fn(logits, labels):
+        return vocab_parallel_cross_entropy(logits, labels).mean()
+
+    with_headers = train.forward_only(chunks, batches, rt, args, loss_fn)  # gloo: shapes announced by headers
+    real = dist.get_backend
+    dist.get_backend = lambda group=None: "nccl"
+    try:
+        with pytest.raises(ValueError, match="pass tensor_shape="):  # what train.py used to do on NCCL
+            forward_backward(chunks, "interleaved", None, None, loss_fn, group=rt.pp_group, forward_only=True,
+                             num_microbatches=len(batches))
+        without_headers = train.forward_only(chunks, batches, rt, args, loss_fn)
+    finally:
+        dist.get_backend = real
+    return with_headers, without_headers
+
+
+def test_interleaved_schedule_runs_on_the_nccl_branch_with_the_shape_train_passes():
+    from lessons_pkg.testing import run_on_ranks
+
+    for with_headers, without_headers in run_on_ranks(_interleaved_forward_on_the_nccl_branch, 2, timeout=90):
+        assert math.isfinite(with_headers) and with_headers == without_headers  # same messages, same sums
