@@ -138,6 +138,8 @@ class _Run:
                 y = self.loss_fn(y, self.targets[i])
                 self.losses[i] = y.detach()
         if stage != self.last:
+            if self.activation_like is not None:  # no header: the receiver sizes its buffer from tensor_shape
+                y = _as_announced(y, *self.activation_like, stage)
             self.outbox.append((y, self.next, p2p.message_id("act", i, stage), self.activation_like is None))
             if keep_for_backward:
                 self.sent_like[p2p.message_id("grad", i, stage + 1)] = (tuple(y.shape), y.dtype)
@@ -157,6 +159,14 @@ class _Run:
         if stage != 0:
             grad_x = x.grad if x.grad is not None else torch.zeros_like(x)  # an input the chunk did not use
             self.outbox.append((grad_x, self.prev, p2p.message_id("grad", i, stage), False))
+
+
+def _as_announced(y: torch.Tensor, shape: tuple, dtype: torch.dtype, stage: int) -> torch.Tensor:
+    """``y`` in the dtype the receiver expects (autocast may give bf16); a shape that differs is an error."""
+    if tuple(y.shape) != shape:
+        raise ValueError(f"stage {stage} produced an activation of shape {tuple(y.shape)}, but tensor_shape "
+                         f"says {shape}: the next stage would receive the wrong number of elements")
+    return y if y.dtype == dtype else y.to(dtype)  # differentiable: its gradient comes back in y's dtype
 
 
 def _num_microbatches(microbatches, targets, num_microbatches) -> int:
