@@ -1,0 +1,108 @@
+"""Every lab checker passes on its reference solution and fails, saying why, on the unmodified starting point.
+
+The solutions are handed to the checkers explicitly (``run_check(exercise, path)``): the
+checkers themselves only ever read labs/<chapter>/<file>. A few typical wrong answers
+are checked too, so that a checker cannot pass merely because something was written.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lessons_pkg.labs import exercises, find, run_check
+
+ROOT = Path(__file__).resolve().parents[2]
+EXERCISES = {e.id: e for e in exercises()}
+
+
+def test_every_chapter_has_three_to_five_exercises_and_every_file_exists():
+    chapters = {}
+    for e in EXERCISES.values():
+        chapters.setdefault(e.id.split(".")[0], []).append(e)
+        assert (ROOT / "labs" / e.file).is_file(), e.file
+        assert (ROOT / "labs" / "solutions" / e.file).is_file(), e.file
+    assert sorted(chapters) == ["ch5", "ch6", "ch6b", "ch6c", "ch6d", "ch6e"]
+    assert all(3 <= len(v) <= 5 for v in chapters.values()), {k: len(v) for k, v in chapters.items()}
+
+
+def test_checkers_read_the_learners_file_only(tmp_path, monkeypatch):
+    # a labs folder without solutions/, where the learner's files hold the solutions' code: every
+    # (cheap) checker passes from its default path; so it never needed labs/solutions/
+    monkeypatch.setenv("LESSONS_LABS_DIR", str(tmp_path))
+    for e in (EXERCISES[i] for i in ("ch5.1", "ch6c.1", "ch6e.3")):  # one per kind of checker input; cheap
+        (tmp_path / e.file).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / e.file).write_text((ROOT / "labs" / "solutions" / e.file).read_text())
+        result = run_check(e)
+        assert result.passed and str(tmp_path) in result.lines[0], result.report()
+
+
+@pytest.mark.parametrize("exercise_id", sorted(EXERCISES))
+def test_solution_passes_and_starting_point_fails(exercise_id):
+    e = EXERCISES[exercise_id]
+    solved = run_check(e, ROOT / "labs" / "solutions" / e.file)
+    assert solved.passed, solved.report()
+    start = run_check(e, ROOT / "labs" / e.file)
+    assert not start.passed, start.report()
+    assert len(start.lines) >= 2 and start.lines[-1].strip(), start.report()  # a reason, not just FAIL
+
+
+WRONG = {
+    # g's backward all-reduces too: every gradient comes out tp times too large
+    "ch6.1": "import torch, torch.distributed as dist\n"
+             "class G(torch.autograd.Function):\n"
+             "    @staticmethod\n    def forward(ctx, x, group):\n"
+             "        out = x.clone(); dist.all_reduce(out, group=group); ctx.group = group; return out\n"
+             "    @staticmethod\n    def backward(ctx, grad):\n"
+             "        grad = grad.clone(); dist.all_reduce(grad, group=ctx.group); return grad, None\n",
+    # f's backward forgets the all-reduce: the input gradient is one rank's part
+    "ch6.2": "import torch\n"
+             "class F(torch.autograd.Function):\n"
+             "    @staticmethod\n    def forward(ctx, x, group): return x.view_as(x)\n"
+             "    @staticmethod\n    def backward(ctx, grad): return grad, None\n",
+    # the naive bubble bound: (p-1)/(m+p-1) <= 10% counted as "under"
+    "ch5.1": "FEWEST_MICROBATCHES_1F1B = 27\nFEWEST_MICROBATCHES_INTERLEAVED = 16\n",
+    # one-pass variance
+    "ch6b.3": "import torch\n"
+              "def layer_norm(x, w, b, eps=1e-5):\n"
+              "    m = x.mean(-1, keepdim=True); v = (x * x).mean(-1, keepdim=True) - m * m\n"
+              "    return (x - m) / torch.sqrt(v + eps) * w + b\n",
+    # the document index has D + 1 entries, not D
+    "ch6c.1": "def idx_size(s, d):\n    return 34 + 12 * s + 8 * d\n",
+    # padding to a multiple of 128 only (ignores TP)
+    "ch6.4": "def padded_vocab_size(v, tp, by=128):\n    return -(-v // by) * by\n"
+             "ERROR_WITHOUT_PADDING = 'is not divisible by tensor_model_parallel_size (2)'\nWHY = 'B'\n",
+    # the lesson's "TP2 x PP3 with the distributed optimizer": thinking ZeRO-1 shards the fp16 weights too
+    "ch6d.2": "BYTES = {'fp16 weight': 2, 'fp32 gradient': 4, 'fp32 master weight': 4, 'adam m': 4, 'adam v': 4}\n"
+              "def weight_and_optimizer_bytes(n, dp, zero1):\n    return n * 18 / dp if zero1 else n * 18\n",
+    # forgets the replicated position embedding and biases
+    "ch6d.1": "def params_per_rank(L, h, V, s, tp):\n    m = 128 * tp; Vp = -(-V // m) * m\n"
+              "    return Vp // tp * h + L * 12 * h * h // tp\n",
+}
+
+
+@pytest.mark.parametrize("exercise_id", sorted(WRONG))
+def test_a_typical_wrong_answer_fails(exercise_id, tmp_path):
+    path = tmp_path / "answer.py"
+    path.write_text(WRONG[exercise_id])
+    result = run_check(EXERCISES[exercise_id], path)
+    assert not result.passed and "not written yet" not in result.report(), result.report()
+
+
+def test_command_line_check_and_list(tmp_path, capsys):
+    from lessons_pkg.labs.__main__ import main
+
+    assert main(["list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(i in listed for i in EXERCISES), listed
+    assert main(["check", "ch6c.1"]) == 1 and "FAIL" in capsys.readouterr().out
+    run = lambda *a: subprocess.run([sys.executable, "-m", "lessons_pkg.labs", *a], cwd=ROOT,  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    solved = run("check", "ch6c.1", "--file", "labs/solutions/ch6c/idx_size.py")
+    assert solved.returncode == 0 and "PASS" in solved.stdout and "1,580,042 bytes" in solved.stdout, solved.stdout
+    bad = run("check", "ch9.9")
+    assert bad.returncode == 2 and "no exercise 'ch9.9'" in bad.stderr, bad.stderr
+    with pytest.raises(ValueError, match="known: ch5.1"):
+        find("nope")
