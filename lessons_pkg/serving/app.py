@@ -69,6 +69,7 @@ def _wait(job: Job, state: ServingState):
 
 def create_app(state: ServingState) -> Flask:
     app = Flask(__name__, static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = 8 * 1024 * 1024   # a larger body is answered 413, not read
     tok = state.tokenizer
 
     @app.errorhandler(BadRequest)

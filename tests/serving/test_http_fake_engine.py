@@ -71,6 +71,8 @@ def test_bad_request_is_400_and_never_reaches_the_engine(served):
     assert r.status_code == 400 and "JSON" in r.json()["message"]
     r = requests.post(url + "/api", json={"prompts": ["a"]})
     assert r.status_code == 405 and "message" in r.json()
+    r = requests.put(url + "/api", data=b"x" * (9 * 1024 * 1024), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "message" in r.json()
     assert len(engine.calls) == before
 
 
