@@ -4,9 +4,11 @@ Multi-process demos start their own ranks (``lessons_pkg.launch.start_ranks``) a
 lesson's rank count. Each run must exit 0 and print its verification; the arguments only
 shrink the work (fewer steps, smaller tensors), never the number of ranks.
 
-Scripts that cannot run without arguments naming inputs (launchers, servers, command-line
-clients, conversion tools) are listed in NEEDS_ARGUMENTS with the test that runs them; a
-file in src/ that is in none of the lists fails ``test_every_src_script_is_covered``.
+One-process scripts that another test already runs as ``python FILE`` are listed in
+PLAIN_ELSEWHERE with that test (not run twice); scripts that cannot run without arguments
+naming inputs (launchers, servers, command-line clients, conversion tools) in
+NEEDS_ARGUMENTS with the test that runs them. A file in src/ that is in none of the lists
+fails ``test_every_src_script_is_covered``.
 """
 from __future__ import annotations
 
@@ -21,10 +23,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # script -> (arguments that only make the run small, text its verification prints)
 PLAIN = {
-    "src/ch6/non_parallelism.py": ([], "[258, 346]]"),
-    "src/ch6/column_parallelism.py": ([], "[258, 346]]"),
-    "src/ch6/row_parallelism.py": ([], "[258, 346]]"),
-    "src/ch6/megatron_mlp_gelu.py": ([], "ColumnParallelLinear same with non-parallel = True"),
     "src/ch6/column_parallelism_dist.py": ([], "equals single-process X @ A: True"),
     "src/ch6/row_parallelism_dist.py": ([], ": True"),
     "src/ch6/parallel_mlp.py": ([], "match the single-process MLP"),
@@ -43,8 +41,17 @@ PLAIN = {
     "src/ch5/pipe_dream.py": (["--steps", "2", "--log-interval", "1"], "check: loss fell"),
 }
 
-# one process, no launcher needed, already run the plain way elsewhere (no second run here)
+# one process, no launcher needed, already run the plain way (python FILE) by another test: not run twice
 PLAIN_ELSEWHERE = {
+    "src/ch6/non_parallelism.py": "tests/warmup/test_warmup_demos.py::test_single_process_demos_print_the_same_product",
+    "src/ch6/column_parallelism.py": "tests/warmup/test_warmup_demos.py::test_single_process_demos_print_the_same_product",
+    "src/ch6/row_parallelism.py": "tests/warmup/test_warmup_demos.py::test_single_process_demos_print_the_same_product",
+    "src/ch6/megatron_mlp_gelu.py": "tests/warmup/test_warmup_demos.py::test_gelu_commutes_with_column_split_only",
+    "src/ch6/megatron_datasets.py": "tests/data/test_data_preprocess.py (the corpus -> tokenizer -> .bin/.idx chain)",
+    "src/ch6/train_tokenizer.py": "tests/data/test_data_preprocess.py",
+    "src/ch6/preprocess_data.py": "tests/data/test_data_preprocess.py",
+    "src/ch6/pretrain_gpt.py": "tests/training/test_training_pretrain_gpt.py (one process, plain python; "
+                               "multi-process layouts under torchrun)",
     "src/ch5/gpipe.py": "tests/ch5_libs/test_ch5_libs_gpipe.py::test_gpipe_script_trains_and_verifies",
     "src/ch5/gpt2_sequential.py": "a library module of gpipe.py and pipe_dream.py (nothing to run): "
                                   "tests/ch5_libs/test_ch5_libs_gpt2_sequential.py",
@@ -52,14 +59,9 @@ PLAIN_ELSEWHERE = {
                             "tests/ch5_libs/test_ch5_libs_text_data.py",
 }
 
-# the data chain of chapter 6 runs in one test, each step reading the previous step's output
-DATA_CHAIN = ("src/ch6/megatron_datasets.py", "src/ch6/train_tokenizer.py", "src/ch6/preprocess_data.py")
-
 # scripts whose command line must name their inputs; the test that runs each is named
 NEEDS_ARGUMENTS = {
     "src/ch5/deepspeed_launch.py": "a launcher (SCRIPT argument): tests/ch5_libs/test_ch5_libs_pipe_dream.py",
-    "src/ch6/pretrain_gpt.py": "model and batch sizes are required: tests/training/test_training_pretrain_gpt.py; "
-                               "a one-process plain run below (test_pretrain_gpt_plain_python)",
     "src/ch6/generate.py": "needs a checkpoint (--load): tested by its owner's tests",
     "src/ch6/text_generation_server.py": "a server (--load, --port): tested by its owner's tests",
     "src/ch6/text_generation_cli.py": "a client of a running server (URL): tested by its owner's tests",
@@ -80,7 +82,7 @@ def run_plain(script: str, args: list[str], cwd: Path) -> subprocess.CompletedPr
 
 def test_every_src_script_is_covered():
     scripts = {str(p.relative_to(ROOT)) for p in ROOT.glob("src/**/*.py")}
-    uncovered = scripts - set(PLAIN) - set(PLAIN_ELSEWHERE) - set(DATA_CHAIN) - set(NEEDS_ARGUMENTS)
+    uncovered = scripts - set(PLAIN) - set(PLAIN_ELSEWHERE) - set(NEEDS_ARGUMENTS)
     assert not uncovered, f"scripts in src/ that no test runs the plain way: {sorted(uncovered)}"
     missing = set(PLAIN) - scripts
     assert not missing, f"listed but not in src/: {sorted(missing)}"
@@ -103,27 +105,3 @@ def test_nproc_one_runs_one_rank_and_a_contradicting_nproc_is_refused(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "src/ch6/parallel_mlp.py"), "--nproc", "2"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert bad.returncode != 0 and "--nproc 2" in bad.stderr and "WORLD_SIZE 1" in bad.stderr, bad.stderr
-
-
-def test_data_chain_runs_with_plain_python(tmp_path):
-    corpus = tmp_path / "corpus.jsonl"
-    steps = [
-        ("src/ch6/megatron_datasets.py", ["--source", "offline", "--num-samples", "40", "--output", str(corpus)]),
-        ("src/ch6/train_tokenizer.py", ["--input", str(corpus), "--output-dir", str(tmp_path),
-                                        "--tokenizer", "train", "--vocab-size", "300"]),
-        ("src/ch6/preprocess_data.py", ["--input", str(corpus), "--output-prefix", str(tmp_path / "my-gpt2"),
-                                        "--vocab-file", str(tmp_path / "vocab.json"),
-                                        "--merge-file", str(tmp_path / "merges.txt"), "--append-eod"]),
-    ]
-    for script, args in steps:
-        proc = run_plain(script, args, cwd=ROOT)
-        assert proc.returncode == 0, f"{script} exited {proc.returncode}\n{(proc.stdout + proc.stderr)[-3000:]}"
-    assert (tmp_path / "my-gpt2_text_document.idx").stat().st_size > 34  # header alone is 34 bytes
-
-
-def test_pretrain_gpt_plain_python(tmp_path):
-    args = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 16 --micro-batch-size 2 "
-            "--global-batch-size 4 --train-iters 4 --lr 1e-3 --mock-data --vocab-size 128 --log-interval 2").split()
-    proc = run_plain("src/ch6/pretrain_gpt.py", args, cwd=tmp_path)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert "test loss at the end of training" in proc.stdout, proc.stdout[-2000:]
