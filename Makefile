@@ -86,8 +86,15 @@ course-ch6-pretrain: setup
 	$(PY) -m lessons_pkg.training.plot outputs/ch6/pretrain/log.jsonl outputs/ch6/pretrain_loss.png
 
 course-ch6-after: setup
-	@echo "== Chapter 6e: generate from the trained checkpoint at TP=1 and TP=2 x PP=2, checked against transformers =="
+	@echo "== Chapter 6e: convert the trained checkpoint (TP=1, PP=4, transformers), generate at TP=1 and TP=2 x PP=2 =="
 	test -f outputs/ch6/pretrain/checkpoints/latest_checkpointed_iteration.txt || $(MAKE) course-ch6-pretrain
+	rm -rf outputs/ch6/ckpt-tp1 outputs/ch6/ckpt-pp4 outputs/ch6/gpt2-hf
+	$(PY) src/ch6/checkpoint_util.py --model-type GPT --load-dir outputs/ch6/pretrain/checkpoints \
+		--save-dir outputs/ch6/ckpt-tp1 --target-tensor-parallel-size 1 --target-pipeline-parallel-size 1 --verify
+	$(PY) src/ch6/checkpoint_util.py --model-type GPT --load-dir outputs/ch6/pretrain/checkpoints \
+		--save-dir outputs/ch6/ckpt-pp4 --target-tensor-parallel-size 1 --target-pipeline-parallel-size 4 --verify
+	$(PY) src/ch6/checkpoint_util.py --loader megatron --saver hf --load-dir outputs/ch6/pretrain/checkpoints \
+		--save-dir outputs/ch6/gpt2-hf --verify
 	$(PY) src/ch6/generate.py --load outputs/ch6/pretrain/checkpoints --prompt "The history of" \
 		--prompt "In 1990, the city" --tokens-to-generate 32 --greedy --compare-hf
 	$(PY) src/ch6/generate.py --load outputs/ch6/pretrain/checkpoints --prompt "The history of" \

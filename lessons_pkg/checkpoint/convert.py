@@ -193,3 +193,41 @@ def _download_hf(name: str) -> str:
     except Exception as e:  # noqa: BLE001 - offline, unknown name, ...
         raise FileNotFoundError(f"--load-dir {name!r} is not a local folder and could not be downloaded from the "
                                 f"Hugging Face hub ({type(e).__name__}: {e})") from e
+
+
+def verify(load_dir: str, save_dir: str, loader: str, saver: str, true_vocab_size: int | None = None,
+           log=print) -> bool:
+    """Check the output holds the same model as the input: every tensor (bit for bit), or logits for ``transformers``.
+
+    Megatron -> Megatron and HF -> Megatron: both sides glued to full size and compared with
+    ``torch.equal`` (resharding copies, it computes nothing). Megatron -> HF: ``GPT2LMHeadModel``'s
+    logits against ours on random tokens, within 1e-5 (float32, another summation order).
+    """
+    from lessons_pkg.checkpoint.hf_io import load_hf_folder
+
+    def full(path, kind):
+        if kind == "hf":
+            return load_hf_folder(path if os.path.isdir(path) else _download_hf(path))
+        c = read_full_checkpoint(path, true_vocab_size)
+        return c.config, c.state_dict
+
+    if saver == "megatron":
+        _, a = full(load_dir, loader)
+        _, b = full(save_dir, "megatron")
+        ok = sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+        log(f"verified: every tensor of {save_dir} equals {load_dir}'s, bit for bit: {ok}")
+        return ok
+    from transformers import GPT2LMHeadModel
+
+    from lessons_pkg.checkpoint.pretrained import Pretrained, build_stage
+
+    config, state = full(load_dir, loader)
+    ours = build_stage(Pretrained(config, state))
+    hf = GPT2LMHeadModel.from_pretrained(save_dir).eval()
+    x = torch.randint(0, config.vocab_size, (2, min(32, config.max_position_embeddings)),
+                      generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        err = (hf(x).logits - ours(x)[..., : config.vocab_size]).abs().max().item()
+    ok = err < 1e-5
+    log(f"verified: transformers' logits equal ours within 1e-5 (max difference {err:.1e}): {ok}")
+    return ok

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-save-optim", action="store_true", help="write the weights only (Megatron's tool's output)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save-dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verify", action="store_true",
+                   help="(course) then check the output holds the same model (exit 1 if not)")
     return p
 
 
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {size / 2**20:10.1f} MiB  {name}")
     if "seconds" in summary:
         print(f"done in {summary['seconds']:.1f} s")
+    if args.verify and not convert.verify(args.load_dir, args.save_dir, args.loader, args.saver, args.true_vocab_size):
+        return 1
     return 0
 
 

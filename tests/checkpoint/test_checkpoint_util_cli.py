@@ -36,8 +36,8 @@ def src(tp2pp2, tmp_path):
 
 def test_lesson_conversions_print_parameters_per_rank(capsys, tp2pp2, tmp_path):
     code, out, _ = run(capsys, "--model-type", "GPT", "--load-dir", tp2pp2, "--save-dir", tmp_path / "pp4",
-                       "--target-tensor-parallel-size", "1", "--target-pipeline-parallel-size", "4")
-    assert code == 0
+                       "--target-tensor-parallel-size", "1", "--target-pipeline-parallel-size", "4", "--verify")
+    assert code == 0 and "bit for bit: True" in out
     for p in range(4):
         assert f"number of parameters on (tensor, pipeline) model parallel rank (0, {p}): " in out
     assert "iter_0000002/mp_rank_00_003/model_optim_rng.pt" in out
