@@ -101,8 +101,9 @@ def write_megatron(src, save_dir: str, target: Layout, with_optim: bool = True, 
         ranks = [(t, p) for p in range(target.pp) for t in range(target.tp)]
         bar = tqdm(ranks, desc="writing shards", unit="shard", disable=not progress)
         for t, p in bar:
+            on_layer = (lambda g: log(f" > sending transformer layer {g}")) if t == 0 else None  # Megatron's log
             state = build_rank_state(src, target, t, p, with_optim=with_optim,
-                                     args_updates=dict(iteration=iteration or 0))
+                                     args_updates=dict(iteration=iteration or 0), on_layer=on_layer)
             if release:
                 state["iteration"] = 0
             n = sum(v.numel() for key in mf.model_keys(state)

@@ -426,12 +426,13 @@ class _ShapeOnly:
 
 
 def build_rank_state(src: SourceCheckpoint, target: Layout, tp_rank: int, pp_rank: int, with_optim: bool = True,
-                     args_updates: dict | None = None, padded_vocab_size: int | None = None) -> dict:
+                     args_updates: dict | None = None, padded_vocab_size: int | None = None,
+                     on_layer=None) -> dict:
     """The ``model_optim_rng.pt`` contents of target rank ``(tp_rank, pp_rank)``, in Megatron's format.
 
     Streams: each tensor is read full-size from the source, fitted to the
     target's padded vocabulary and cut to this rank's slice; the source files
-    are released after every layer.
+    are released after every layer. ``on_layer(g)`` is called as global layer ``g`` is started.
     """
     config = src.config
     target.check(config)
@@ -454,6 +455,8 @@ def build_rank_state(src: SourceCheckpoint, target: Layout, tp_rank: int, pp_ran
             if layer != current_layer:
                 src.release()  # drop the previous layer's mapped pages
                 current_layer = layer
+                if layer is not None and on_layer is not None:
+                    on_layer(int(layer))
             source_key = mf.WORD if key == mf.HEAD else key
             full = src.full(source_key)
             if source_key == mf.WORD:
