@@ -34,25 +34,25 @@ course-ch6-warmup: setup
 	$(PY) src/ch6/column_parallelism.py
 	$(PY) src/ch6/row_parallelism.py
 	$(PY) src/ch6/megatron_mlp_gelu.py
-	$(LAUNCH) --nproc 2 src/ch6/column_parallelism_dist.py
-	$(LAUNCH) --nproc 4 src/ch6/column_parallelism_dist.py
-	$(LAUNCH) --nproc 2 src/ch6/row_parallelism_dist.py
-	$(LAUNCH) --nproc 4 src/ch6/row_parallelism_dist.py
+	$(PY) src/ch6/column_parallelism_dist.py --nproc 2
+	$(PY) src/ch6/column_parallelism_dist.py --nproc 4
+	$(PY) src/ch6/row_parallelism_dist.py --nproc 2
+	$(PY) src/ch6/row_parallelism_dist.py --nproc 4
 
 course-ch6-tensor-parallel: setup
 	@echo "== Chapter 6: Megatron tensor parallelism (every demo checks itself against one process) =="
-	$(LAUNCH) --nproc 2 src/ch6/parallel_mlp.py
-	$(LAUNCH) --nproc 4 src/ch6/parallel_mlp.py
-	$(LAUNCH) --nproc 2 src/ch6/parallel_attention.py
-	$(LAUNCH) --nproc 4 src/ch6/parallel_attention.py
-	$(LAUNCH) --nproc 2 src/ch6/vocab_parallel_embedding.py
-	$(LAUNCH) --nproc 4 src/ch6/vocab_parallel_embedding.py
-	$(LAUNCH) --nproc 2 src/ch6/vocab_parallel_cross_entropy.py
-	$(LAUNCH) --nproc 4 src/ch6/vocab_parallel_cross_entropy.py
-	$(LAUNCH) --nproc 2 src/ch6/parallel_gpt.py
-	$(LAUNCH) --nproc 4 src/ch6/parallel_gpt.py
-	$(LAUNCH) --nproc 2 src/ch6/parallelformers_inference.py
-	$(LAUNCH) --nproc 4 src/ch6/parallelformers_inference.py
+	$(PY) src/ch6/parallel_mlp.py --nproc 2
+	$(PY) src/ch6/parallel_mlp.py --nproc 4
+	$(PY) src/ch6/parallel_attention.py --nproc 2
+	$(PY) src/ch6/parallel_attention.py --nproc 4
+	$(PY) src/ch6/vocab_parallel_embedding.py --nproc 2
+	$(PY) src/ch6/vocab_parallel_embedding.py --nproc 4
+	$(PY) src/ch6/vocab_parallel_cross_entropy.py --nproc 2
+	$(PY) src/ch6/vocab_parallel_cross_entropy.py --nproc 4
+	$(PY) src/ch6/parallel_gpt.py --nproc 2
+	$(PY) src/ch6/parallel_gpt.py --nproc 4
+	$(PY) src/ch6/parallelformers_inference.py --nproc 2
+	$(PY) src/ch6/parallelformers_inference.py --nproc 4
 
 course-ch6-kernels: setup
 	@echo "== Chapter 6, part 2: fused kernels (build, correctness, quick benchmark) =="
@@ -107,11 +107,11 @@ course-ch5: setup
 	$(PY) src/ch5/deepspeed_launch.py --num_gpus 4 --timeout 900 src/ch5/pipe_dream.py --steps 200
 
 course-ch5-schedules: setup
-	@echo "== Chapter 5, section 8: pipeline schedules from scratch (writes outputs/ch5/*.png) =="
-	$(LAUNCH) --nproc 2 src/ch5/schedules_verify.py
-	$(LAUNCH) --nproc 4 src/ch5/schedules_verify.py
-	$(LAUNCH) --nproc 4 src/ch5/pipeline_timeline.py
-	$(LAUNCH) --nproc 4 src/ch5/pipeline_memory.py
+	@echo "== Chapter 5: our own pipeline schedules (writes outputs/ch5/*.png) =="
+	$(PY) src/ch5/schedules_verify.py --nproc 2
+	$(PY) src/ch5/schedules_verify.py --nproc 4
+	$(PY) src/ch5/pipeline_timeline.py --nproc 4
+	$(PY) src/ch5/pipeline_memory.py --nproc 4
 
 # ---- make test: unit and multi-rank tests, then every notebook under nbval ---
 test: setup
