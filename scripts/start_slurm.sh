@@ -1,33 +1,56 @@
 #!/usr/bin/env bash
-# Start a single-node Slurm cluster on this machine (Debian/Ubuntu, as root), for the Slurm lab.
+# Start a single-node Slurm cluster of its own on this machine (Debian/Ubuntu, as root), for the Slurm lab.
 #
-#   sudo scripts/start_slurm.sh        # install if missing, configure, start; prints `sinfo`
-#   sudo scripts/start_slurm.sh stop   # stop the daemons it started
+#   sudo scripts/start_slurm.sh          # install if missing, configure, start; prints `sinfo` and SLURM_CONF
+#   export SLURM_CONF=/var/tmp/lessons-slurm/slurm.conf    # what sbatch/srun/sinfo then need (printed above)
+#   sudo scripts/start_slurm.sh stop     # stop the daemons this script started, nothing else
 #
-# 1. installs munge, slurmctld, slurmd and the client tools with apt-get if `slurmctld` is missing;
-# 2. writes /etc/slurm/slurm.conf for ONE node (this host) with the CPUs and memory `slurmd -C` reports,
+# Everything lives in its own folder, $LESSONS_SLURM_DIR (default /var/tmp/lessons-slurm): slurm.conf,
+# the munge key and socket, state, spool, logs and pid files. The system's /etc/slurm, a Slurm or munge
+# already running on the machine, and their ports are left alone: this cluster listens on
+# $LESSONS_SLURM_PORT and the next port (default 16817, 16818) and talks to its own munged.
+#
+# 1. installs munge, slurmctld, slurmd and the client tools with apt-get if they are missing;
+# 2. writes slurm.conf for ONE node (this host) with the CPUs and memory `slurmd -C` reports,
 #    one partition `debug`, no cgroups (works inside containers);
-# 3. starts munged, slurmctld and slurmd directly (no systemd needed) and waits until the node is idle.
-# Exit status: 0 when the node is ready, 2 when Slurm cannot be installed here (not root, no apt-get),
-# 1 on any other failure.
+# 3. starts munged, slurmctld and slurmd (no systemd), records their pids, waits until the node is idle.
+# Exit status: 0 when the node is ready; 2 when Slurm is not installed and cannot be installed here
+# (not root, no apt-get, apt-get failed); 1 on any other failure (the daemons' logs are named).
 set -euo pipefail
 
-CONF_DIR=/etc/slurm
-LOG_DIR=/var/log/slurm
-SPOOL=/var/spool
+DIR=${LESSONS_SLURM_DIR:-/var/tmp/lessons-slurm}
+PORT=${LESSONS_SLURM_PORT:-16817}
+CONF=$DIR/slurm.conf
+RUN=$DIR/run
+MUNGE_SOCKET=$DIR/munge/munge.socket
+
+# stop the daemon whose pid file is $1 if that pid is still the daemon named $2
+stop_one() {
+    local pidfile=$1 name=$2 pid
+    [[ -s $pidfile ]] || return 0
+    pid=$(<"$pidfile")
+    if [[ -r /proc/$pid/comm ]] && [[ $(</proc/"$pid"/comm) == "$name" ]]; then
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 1 50); do [[ -e /proc/$pid ]] || break; sleep 0.1; done
+        [[ -e /proc/$pid ]] && kill -9 "$pid" 2>/dev/null || true
+    fi
+    rm -f "$pidfile"
+}
 
 stop() {
-    for d in slurmd slurmctld munged; do
-        if pid=$(pgrep -x "$d"); then kill $pid || true; fi
-    done
+    stop_one "$RUN/slurmd.pid" slurmd
+    stop_one "$RUN/slurmctld.pid" slurmctld
+    stop_one "$RUN/munged.pid" munged
 }
 
 if [[ "${1:-}" == "stop" ]]; then stop; exit 0; fi
 
-if [[ $(id -u) -ne 0 ]]; then echo "start_slurm.sh: must run as root (it installs packages and starts daemons)" >&2; exit 2; fi
-
-if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null \
-   || ! command -v sbatch >/dev/null; then
+missing=0
+for tool in slurmctld slurmd munged sbatch; do command -v "$tool" >/dev/null || missing=1; done
+if [[ $(id -u) -ne 0 ]]; then
+    echo "start_slurm.sh: must run as root (it starts daemons, and installs Slurm if missing)" >&2; exit 2
+fi
+if (( missing )); then
     if ! command -v apt-get >/dev/null; then echo "start_slurm.sh: Slurm is not installed and apt-get is missing" >&2; exit 2; fi
     echo "== installing munge and Slurm with apt-get"
     export DEBIAN_FRONTEND=noninteractive
@@ -36,16 +59,28 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
         || { echo "start_slurm.sh: apt-get install failed" >&2; exit 2; }
 fi
 
-# ---- munge: one key shared by every daemon of the (one-node) cluster --------
-mkdir -p /etc/munge /var/lib/munge /var/log/munge /run/munge
-if [[ ! -s /etc/munge/munge.key ]]; then
-    dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key status=none
+fail() {
+    echo "start_slurm.sh: $1; logs in $DIR/log" >&2
+    tail -n 20 "$DIR"/log/*.log >&2 2>/dev/null || true
+    stop
+    exit 1
+}
+
+# a second start replaces this script's own daemons (never anyone else's)
+stop
+mkdir -p "$DIR" "$RUN" "$DIR/log" "$DIR/munge" "$DIR/state" "$DIR/spool"
+chmod 0755 "$DIR"
+chmod 0700 "$DIR/munge"
+
+# ---- munge: a daemon of our own, with its own key and socket ----------------
+if [[ ! -s $DIR/munge/munge.key ]]; then
+    dd if=/dev/urandom bs=1 count=1024 of="$DIR/munge/munge.key" status=none
 fi
-chown -R munge:munge /etc/munge /var/lib/munge /var/log/munge /run/munge
-chmod 0700 /etc/munge /var/lib/munge /var/log/munge
-chmod 0400 /etc/munge/munge.key
-chmod 0755 /run/munge
-pgrep -x munged >/dev/null || runuser -u munge -- munged
+chmod 0400 "$DIR/munge/munge.key"
+munged --force --socket="$MUNGE_SOCKET" --key-file="$DIR/munge/munge.key" --pid-file="$RUN/munged.pid" \
+    --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/munged.seed" \
+    || fail "munged did not start"
+chmod 0755 "$DIR/munge"  # the socket must be reachable by job steps
 
 # ---- slurm.conf for this host ----------------------------------------------
 HOST=$(hostname -s)
@@ -53,20 +88,23 @@ CPUS=$(nproc)
 # `slurmd -C` prints the node line Slurm detects; keep its memory (MB), leave 10% headroom
 MEM=$(slurmd -C 2>/dev/null | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' | head -1)
 MEM=$(( ${MEM:-1024} * 9 / 10 ))
-mkdir -p "$CONF_DIR" "$LOG_DIR" "$SPOOL/slurmctld" "$SPOOL/slurmd"
-cat > "$CONF_DIR/slurm.conf" <<CONF
-# written by scripts/start_slurm.sh: a one-node cluster on $HOST
+cat > "$CONF" <<CONF
+# written by scripts/start_slurm.sh: a one-node cluster on $HOST, all of it under $DIR
 ClusterName=lessons
 SlurmctldHost=$HOST
+SlurmctldPort=$PORT
+SlurmdPort=$(( PORT + 1 ))
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-StateSaveLocation=$SPOOL/slurmctld
-SlurmdSpoolDir=$SPOOL/slurmd
-SlurmctldPidFile=/run/slurmctld.pid
-SlurmdPidFile=/run/slurmd.pid
-SlurmctldLogFile=$LOG_DIR/slurmctld.log
-SlurmdLogFile=$LOG_DIR/slurmd.log
+AuthInfo=socket=$MUNGE_SOCKET
+CredType=cred/munge
+StateSaveLocation=$DIR/state
+SlurmdSpoolDir=$DIR/spool
+SlurmctldPidFile=$RUN/slurmctld.pid
+SlurmdPidFile=$RUN/slurmd.pid
+SlurmctldLogFile=$DIR/log/slurmctld.log
+SlurmdLogFile=$DIR/log/slurmd.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -78,18 +116,21 @@ MpiDefault=none
 NodeName=$HOST CPUs=$CPUS RealMemory=$MEM State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
+export SLURM_CONF=$CONF
 
 # ---- daemons ----------------------------------------------------------------
-pgrep -x slurmctld >/dev/null || slurmctld
-pgrep -x slurmd >/dev/null || slurmd
+slurmctld -f "$CONF" || fail "slurmctld did not start"
+slurmd -f "$CONF" || fail "slurmd did not start"
 
 for _ in $(seq 1 60); do
     state=$(sinfo -h -n "$HOST" -o %t 2>/dev/null || true)
     case "$state" in
-        idle*|mix*|alloc*) sinfo; exit 0 ;;
+        idle*|mix*|alloc*)
+            sinfo
+            echo "SLURM_CONF=$CONF   (export it for sbatch, srun, sinfo, squeue, scontrol)"
+            exit 0 ;;
         down*|drain*) scontrol update NodeName="$HOST" State=RESUME 2>/dev/null || true ;;
     esac
     sleep 0.5
 done
-echo "start_slurm.sh: node $HOST did not become idle (state: ${state:-unknown}); see $LOG_DIR/*.log" >&2
-exit 1
+fail "node $HOST did not become idle (state: ${state:-unknown})"
