@@ -100,6 +100,18 @@ course-ch6-after: setup
 	$(PY) src/ch6/generate.py --load outputs/ch6/pretrain/checkpoints --prompt "The history of" \
 		--prompt "In 1990, the city" --tokens-to-generate 32 --greedy --compare-hf \
 		--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2
+	@echo "== Chapter 6e: zero-shot LAMBADA and WikiText-103 (offline: stand-ins from held-out documents) at TP=1 and TP=2 x PP=2 =="
+	rm -rf outputs/ch6/eval
+	for layout in "1 1" "2 2"; do set -- $$layout; \
+		$(PY) src/ch6/evaluate_gpt.py --task LAMBADA --strict-lambada --valid-data auto --no-progress \
+			--load outputs/ch6/pretrain/checkpoints --tensor-model-parallel-size $$1 --pipeline-model-parallel-size $$2 \
+			--results-json outputs/ch6/eval/lambada_tp$$1_pp$$2.json || exit 1; \
+		$(PY) src/ch6/evaluate_gpt.py --task WIKITEXT103 --overlapping-eval 32 --valid-data auto --no-progress \
+			--load outputs/ch6/pretrain/checkpoints --tensor-model-parallel-size $$1 --pipeline-model-parallel-size $$2 \
+			--results-json outputs/ch6/eval/wikitext_tp$$1_pp$$2.json || exit 1; \
+	done
+	$(PY) -m lessons_pkg.evaluation.metrics --compare outputs/ch6/eval/lambada_tp1_pp1.json outputs/ch6/eval/lambada_tp2_pp2.json
+	$(PY) -m lessons_pkg.evaluation.metrics --compare outputs/ch6/eval/wikitext_tp1_pp1.json outputs/ch6/eval/wikitext_tp2_pp2.json
 
 course-ch5: setup
 	@echo "== Chapter 5: GPipe (torchgpipe) and PipeDream-Flush (DeepSpeed) on a tiny GPT-2 =="
