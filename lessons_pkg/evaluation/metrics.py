@@ -91,3 +91,43 @@ def write_json(path: str, metrics: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def compare(a: dict, b: dict, rtol: float = 1e-5) -> list[str]:
+    """Where two result files of the same task disagree: counts exactly, real numbers within ``rtol``.
+
+    ``rtol`` 1e-5: the same float32 forward split differently over ranks agrees to a few units
+    in the last place per token; summed in float64, the totals agree far better than that.
+    """
+    problems = []
+    for key in ("task", "number_correct", "total_examples", "target_tokens", "num_tokenized_tokens",
+                "num_original_tokens", "windows", "strict", "overlapping_eval", "valid_data"):
+        if a.get(key) != b.get(key):
+            problems.append(f"{key}: {a.get(key)!r} != {b.get(key)!r}")
+    for key in ("accuracy", "perplexity", "avg_loss", "ppl", "adjusted_ppl"):
+        if key in a or key in b:
+            x, y = a.get(key), b.get(key)
+            if x is None or y is None or not (math.isfinite(x) and math.isfinite(y)) or abs(x - y) > rtol * abs(y):
+                problems.append(f"{key}: {x!r} != {y!r} (rtol {rtol:g})")
+    return problems
+
+
+def main(argv=None) -> int:
+    """``python -m lessons_pkg.evaluation.metrics --compare A.json B.json``: exit 1 unless they agree."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Check that two --results-json files of one task agree.")
+    parser.add_argument("--compare", nargs=2, required=True, metavar=("A", "B"))
+    args = parser.parse_args(argv)
+    a, b = (json.load(open(p, encoding="utf-8")) for p in args.compare)
+    problems = compare(a, b)
+    layout = lambda r: f"TP={r.get('tensor_model_parallel_size')} x PP={r.get('pipeline_model_parallel_size')}"
+    if problems:
+        print(f"{a.get('task')}: {layout(a)} and {layout(b)} DISAGREE: " + "; ".join(problems))
+        return 1
+    print(f"{a.get('task')}: {layout(a)} and {layout(b)} agree (counts equal, real numbers within 1e-5)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

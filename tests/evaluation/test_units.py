@@ -187,3 +187,12 @@ def test_vocab_parallel_argmax_and_scores_equal_the_gathered_logits(world_size):
         assert torch.equal(argmax, want_argmax)
         torch.testing.assert_close(scores[:, 0], want_nll, rtol=1e-5, atol=1e-5)  # float32 softmax vs float32
         assert torch.equal(scores[:, 1], mask.sum(-1).double()) and torch.equal(scores[:, 2], want_correct)
+
+
+def test_compare_two_result_files():
+    from lessons_pkg.evaluation.metrics import compare
+
+    a = {"task": "WIKITEXT103", "num_tokenized_tokens": 10, "windows": 2, "ppl": 100.0, "avg_loss": 4.6}
+    assert compare(a, dict(a, ppl=100.0 * (1 + 1e-7))) == []
+    assert compare(a, dict(a, ppl=100.1)) and compare(a, dict(a, windows=3))
+    assert compare(a, dict(a, ppl=float("nan")))                   # NaN never agrees
