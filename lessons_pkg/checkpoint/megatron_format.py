@@ -133,6 +133,9 @@ def from_megatron(model: dict, checkpoint_version: float = CHECKPOINT_VERSION,
     ``self_attention``); the QKV rows of ``checkpoint_version`` < 2 are
     reordered, which needs ``heads_per_rank`` (heads / tensor-parallel size).
     """
+    if "language_model" not in model and model and all(isinstance(v, torch.Tensor) for v in model.values()) \
+            and any(k.startswith("layers.") for k in model):
+        return dict(model)  # the flat ParallelGPT state dict that earlier versions of this course saved
     if "language_model" not in model:
         raise ValueError(f"not a Megatron GPT model: no 'language_model' among {sorted(model)[:8]}")
     lm = model["language_model"]
