@@ -27,7 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests", "serving"))
 
 import requests  # noqa: E402
 
@@ -92,7 +91,7 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=600, help="seconds for one request")
     p.add_argument("--json", default=None, help="write the results here too")
     args = p.parse_args()
-    from conftest import ServerProcess
+    from lessons_pkg.serving.process import ServerProcess
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
@@ -114,6 +113,7 @@ def main() -> int:
                 after = requests.get(server.url + "/health").json()
             finally:
                 server.stop()
+                server.close()
             row = summary(name, results, wall, args.tokens)
             batches = after.get("batches", 0) - before.get("batches", 0)
             row["batches"] = batches

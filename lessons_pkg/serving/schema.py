@@ -221,8 +221,8 @@ def parse_api_request(req: object, tokenizer, max_positions: int) -> GenerateReq
 
 # ---- OpenAI's POST /v1/completions ------------------------------------------------------------------------
 COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "logprobs",
-                     "echo", "stream", "n", "best_of", "presence_penalty", "frequency_penalty", "user",
-                     "stream_options"}
+                     "echo", "stream", "n", "best_of", "presence_penalty", "frequency_penalty",
+                     "user"}   # user: OpenAI's end-user tag, accepted and not used
 
 
 @dataclass

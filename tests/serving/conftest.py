@@ -1,19 +1,10 @@
 """Fixtures for the serving tests: a tiny tokenizer, a tiny GPT-2 folder, servers as processes."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import pytest
-import requests
 
-from lessons_pkg.launch import free_port
+from lessons_pkg.serving.process import ROOT, ServerProcess  # noqa: F401  (ROOT: used by the test modules)
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-SERVER = os.path.join(ROOT, "src", "ch6", "text_generation_server.py")
 CORPUS = [
     "Hello world, this is a tiny corpus for a tiny tokenizer.",
     "The quick brown fox jumps over the lazy dog. Hello again, world!",
@@ -50,63 +41,6 @@ def tiny_gpt2_folder(tmp_path_factory, tiny_tokenizer_files, tiny_tokenizer):
     return folder
 
 
-class ServerProcess:
-    """A text_generation_server.py job (torchrun for several ranks) in its own session, on a free port."""
-
-    def __init__(self, load: str, tp: int = 1, pp: int = 1, extra: tuple = (), timeout: float = 90):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        n = tp * pp
-        args = ["--load", load, "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
-                "--port", str(self.port), *extra]
-        if n == 1:
-            cmd = [sys.executable, SERVER, *args]
-        else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                   SERVER, *args]
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        self.log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"server-{self.port}.log"), "w+")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"server not up within {timeout} s:\n{self.output()}")
-            time.sleep(0.3)
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def put_api(self, body, **kw):
-        return requests.put(self.url + "/api", json=body, timeout=kw.pop("timeout", 60), **kw)
-
-    def stop(self, sig=signal.SIGTERM, timeout: float = 20) -> float:
-        """Signal the job and wait; kills the whole group if it outlives ``timeout``. Returns seconds taken."""
-        start = time.monotonic()
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)   # whatever is left of the job (normally nothing)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-        return time.monotonic() - start
-
-
 @pytest.fixture(scope="session")
 def server_factory():
     started = []
@@ -119,6 +53,7 @@ def server_factory():
     yield start
     for s in started:
         s.stop()
+        s.close()
 
 
 @pytest.fixture(scope="session")
