@@ -9,6 +9,7 @@ One concept per file:
 * :mod:`~lessons_pkg.serving.completions` OpenAI's completion objects and streamed chunks
 * :mod:`~lessons_pkg.serving.app`         the Flask routes (rank 0 only)
 * :mod:`~lessons_pkg.serving.server`      rank 0's loop: HTTP thread + batches + heartbeat + clean stop
+* :mod:`~lessons_pkg.serving.process`     start/stop the server as a job on a free port (tests, load test)
 
 ``src/ch6/text_generation_server.py`` puts them together with the inference engine.
 """
