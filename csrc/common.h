@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <utility>
 
 namespace lessons_kernels {
 
@@ -81,6 +82,34 @@ T row_sum(int64_t len, const F& f) {
     a1 = a1 + Vec::set(Vec(0), f(j, n), n);
   }
   return lanes_sum((a0 + a1) + (a2 + a3));
+}
+
+// Two sums in one pass: f(j, n) returns a pair of vectors (four accumulators each).
+template <typename T, typename F>
+std::pair<T, T> row_sum2(int64_t len, const F& f) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int W = Vec::size();
+  Vec a[4] = {Vec(0), Vec(0), Vec(0), Vec(0)}, b[4] = {Vec(0), Vec(0), Vec(0), Vec(0)};
+  int64_t j = 0;
+  for (; j + 4 * W <= len; j += 4 * W) {
+    for (int k = 0; k < 4; ++k) {
+      const auto [u, v] = f(j + k * W, W);
+      a[k] = a[k] + u;
+      b[k] = b[k] + v;
+    }
+  }
+  for (; j + W <= len; j += W) {
+    const auto [u, v] = f(j, W);
+    a[0] = a[0] + u;
+    b[0] = b[0] + v;
+  }
+  if (j < len) {
+    const int n = static_cast<int>(len - j);
+    const auto [u, v] = f(j, n);
+    a[1] = a[1] + Vec::set(Vec(0), u, n);
+    b[1] = b[1] + Vec::set(Vec(0), v, n);
+  }
+  return {lanes_sum((a[0] + a[1]) + (a[2] + a[3])), lanes_sum((b[0] + b[1]) + (b[2] + b[3]))};
 }
 
 template <typename T, typename F>

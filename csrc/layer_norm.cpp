@@ -35,10 +35,9 @@ void forward(const T* x, const T* w, const T* b, T* y, T* mean, T* rstd, int64_t
       // for the rounding of the first pass, and var = (sum d^2 - (sum d)^2 / h) / h
       // (the corrected two-pass formula) has no catastrophic cancellation.
       const Vec vmu0(mu0);
-      const T sum_d = row_sum<T>(h, [&](int64_t j, int n) { return Vec::loadu(xr + j, n) - vmu0; });
-      const T sum_sq = row_sum<T>(h, [&](int64_t j, int n) {
+      const auto [sum_d, sum_sq] = row_sum2<T>(h, [&](int64_t j, int n) {
         const Vec d = Vec::loadu(xr + j, n) - vmu0;
-        return d * d;
+        return std::make_pair(d, d * d);
       });
       const T mu = mu0 + sum_d / T(h);
       const T var = std::max(T(0), (sum_sq - sum_d * sum_d / T(h)) / T(h));
@@ -71,16 +70,13 @@ void backward(const T* grad_y, const T* x, const T* mean, const T* rstd, const T
         const T* xr = x + r * h;
         const Vec vmu(mean[r]), vrs(rstd[r]);
         // Pass 1: the row sums of g = gy * w and of g * xhat; this row's share of gw and gb.
-        const T sum_g = row_sum<T>(h, [&](int64_t j, int n) {
-          const Vec dy = Vec::loadu(gy + j, n);
-          (Vec::loadu(acc_b + j, n) + dy).store(acc_b + j, n);
-          return dy * Vec::loadu(w + j, n);
-        });
-        const T sum_gx = row_sum<T>(h, [&](int64_t j, int n) {
+        const auto [sum_g, sum_gx] = row_sum2<T>(h, [&](int64_t j, int n) {
           const Vec dy = Vec::loadu(gy + j, n);
           const Vec xhat = (Vec::loadu(xr + j, n) - vmu) * vrs;
+          (Vec::loadu(acc_b + j, n) + dy).store(acc_b + j, n);
           at::vec::fmadd(dy, xhat, Vec::loadu(acc_w + j, n)).store(acc_w + j, n);
-          return dy * Vec::loadu(w + j, n) * xhat;
+          const Vec g = dy * Vec::loadu(w + j, n);
+          return std::make_pair(g, g * xhat);
         });
         const Vec g_mean(sum_g / T(h)), gx_mean(sum_gx / T(h));
         // Pass 2: gx = rstd * (g - avg(g) - xhat * avg(g * xhat)).

@@ -1,20 +1,26 @@
-"""Benchmark the fused kernels against eager PyTorch and ``torch.compile`` of the same steps.
+"""Benchmark the fused kernels against what a user would call instead.
 
-    python -m lessons_pkg.kernels.bench            # transformer-sized shapes (a few minutes on 2 cores)
-    python -m lessons_pkg.kernels.bench --quick    # small shapes, for `make course` and the notebook
+    python -m lessons_pkg.kernels.bench                      # the issue's shapes and the course's (minutes on 2 cores)
+    python -m lessons_pkg.kernels.bench --quick --no-compile # small shapes, seconds (make course)
+    python -m lessons_pkg.kernels.bench --output docs/kernels.md   # also write the table to a file
 
-For each op, forward and forward+backward, it prints the best time of several
-runs (the least disturbed by other work on the machine) of three
-implementations of the same maths:
+For each op and shape, forward and forward+backward, four implementations of the same maths:
 
-    fused     lessons_pkg.kernels (one compiled kernel per pass)
-    eager     lessons_pkg.kernels.reference (one PyTorch op per step)
-    compile   torch.compile(reference): PyTorch's own fusing compiler
+    fused     lessons_pkg.kernels: one compiled kernel per pass
+    eager     the native PyTorch op a user calls: F.gelu(x + b, approximate="tanh"),
+              torch.softmax after masked_fill, F.layer_norm
+    unfused   lessons_pkg.kernels.reference: the formula one PyTorch op per step (the lesson's strawman)
+    compile   torch.compile of the eager function (inductor, dynamic=False)
 
-and the fused kernel's achieved bandwidth: the bytes the op must move at the
-least (read its inputs once, write its outputs once; below) divided by the
-time, next to the machine's measured copy bandwidth (``y.copy_(x)``), the
-ceiling for a memory-bound op.
+Timing: ``--rounds`` rounds; in each round every implementation runs once, in turn
+(so a burst of load from other processes hits all of them alike), and each reports its
+fastest round (noise only adds time). With ``--clock cpu`` and ``--threads 1`` it measures
+this process's CPU time instead of the wall clock (stable on a shared machine).
+
+Also printed: the fused kernel's achieved bandwidth (the least bytes the op must move /
+time) and arithmetic rate (approximate FLOPs / time), next to the machine's measured copy
+bandwidth (``y.copy_(x)``, the memory roof) and matrix-multiply rate (the compute roof): the
+data of a roofline plot (chapters/06b_fused_kernels.ipynb).
 
 Minimum bytes, with E the element count of x and s its element size:
     bias_gelu   forward 2 E s (read x, write y);  backward 3 E s (read gy, x; write gx)
@@ -28,16 +34,33 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from lessons_pkg import kernels
 from lessons_pkg.kernels import reference
 
-FULL = {"bias_gelu": (8192, 3072), "softmax": (4, 12, 512, 512), "layer_norm": (8192, 1024)}
-QUICK = {"bias_gelu": (1024, 1024), "softmax": (2, 12, 128, 128), "layer_norm": (2048, 512)}
+# The shapes of the issue (transformer-sized) and of the course's trainer benchmark
+# (4 layers, hidden 256, 8 heads, sequence 256, micro-batch 8: 2048 token rows).
+SHAPES = {
+    "issue": {"bias_gelu": (4096, 3072), "softmax": (4, 12, 512, 512), "layer_norm": (8192, 1024)},
+    "course": {"bias_gelu": (2048, 1024), "softmax": (8, 8, 256, 256), "layer_norm": (2048, 256)},
+    "quick": {"bias_gelu": (1024, 1024), "softmax": (2, 12, 128, 128), "layer_norm": (2048, 512)},
+}
+
+# Approximate floating-point operations per element (forward, backward) of the fused kernels,
+# counted from csrc/*.cpp; exp_u20 counted as 12 (range reduction + degree-5 polynomial + scaling).
+FLOPS_PER_ELEMENT = {
+    "bias_gelu": (21, 32),
+    "scaled_masked_softmax": (17, 5),
+    "causal_softmax": (17, 5),
+    "layer_norm": (12, 16),
+}
+
+IMPLEMENTATIONS = ("fused", "eager", "unfused", "compile")
 
 
 @dataclass
@@ -45,22 +68,20 @@ class Row:
     op: str
     shape: str
     passes: str  # "forward" or "forward+backward"
-    fused_ms: float
-    eager_ms: float
-    compile_ms: float | None
-    min_bytes: int
+    ms: dict[str, float] = field(default_factory=dict)  # implementation -> best time
+    min_bytes: int = 0
+    flops: float = 0.0
 
     @property
     def fused_gbps(self) -> float:
-        return self.min_bytes / self.fused_ms / 1e6
+        return self.min_bytes / self.ms["fused"] / 1e6
 
     @property
-    def vs_eager(self) -> float:
-        return self.eager_ms / self.fused_ms
+    def fused_gflops(self) -> float:
+        return self.flops / self.ms["fused"] / 1e6
 
-    @property
-    def vs_compile(self) -> float | None:
-        return None if self.compile_ms is None else self.compile_ms / self.fused_ms
+    def speedup(self, other: str) -> float | None:
+        return self.ms[other] / self.ms["fused"] if other in self.ms else None
 
 
 def _sync(device: torch.device) -> None:
@@ -79,18 +100,32 @@ def set_clock(name: str) -> None:
     _clock = CLOCKS[name]
 
 
+def _time_once(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = _clock()
+    fn()
+    _sync(device)
+    return (_clock() - start) * 1e3
+
+
 def best_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
-    """The fastest of ``repeats`` timed runs, in ms: noise (other processes, interrupts) only adds time."""
+    """The fastest of ``repeats`` timed runs of one function, in ms."""
     for _ in range(warmup):
         fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = _clock()
-        fn()
-        _sync(device)
-        times.append((_clock() - start) * 1e3)
-    return min(times)
+    return min(_time_once(fn, device) for _ in range(repeats))
+
+
+def interleaved_best_ms(fns: dict[str, Callable[[], object]], device: torch.device, rounds: int,
+                        warmup: int = 2) -> dict[str, float]:
+    """Time several functions in alternating rounds (f1, f2, ..., f1, f2, ...); each one's fastest round, ms."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(_time_once(fn, device))
+    return {name: min(t) for name, t in times.items()}
 
 
 def copy_bandwidth_gbps(device: torch.device, mbytes: int = 256, repeats: int = 5) -> float:
@@ -101,8 +136,16 @@ def copy_bandwidth_gbps(device: torch.device, mbytes: int = 256, repeats: int = 
     return 2 * x.numel() * 4 / ms / 1e6
 
 
+def matmul_gflops(device: torch.device, n: int = 1024, repeats: int = 5) -> float:
+    """Float32 FLOP/s of ``a @ b`` (n x n): the practical arithmetic ceiling (vector FMA units busy)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    out = torch.empty(n, n, device=device)
+    ms = best_ms(lambda: torch.mm(a, b, out=out), device, repeats)
+    return 2 * n**3 / ms / 1e6
+
+
 def _cases(shapes: dict, device: torch.device):
-    """(op name, shape string, function of the inputs, inputs, min bytes forward, min bytes backward)."""
+    """(op, shape string, {implementation: function}, inputs, min bytes forward, min bytes backward, E)."""
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(*shape):
@@ -111,29 +154,36 @@ def _cases(shapes: dict, device: torch.device):
     rows, h = shapes["bias_gelu"]
     x, b = rand(rows, h), rand(h)
     e = x.numel() * 4
-    yield "bias_gelu", f"{rows}x{h}", (kernels.bias_gelu, reference.bias_gelu), (x, b), 2 * e, 3 * e
+    yield ("bias_gelu", f"{rows}x{h}",
+           {"fused": kernels.bias_gelu, "eager": lambda x, b: F.gelu(x + b, approximate="tanh"),
+            "unfused": reference.bias_gelu}, (x, b), 2 * e, 3 * e, x.numel())
 
     batch, heads, sq, sk = shapes["softmax"]
     s = rand(batch, heads, sq, sk)
-    mask = (torch.rand(batch, 1, sq, sk, generator=g) < 0.1).to(device)
+    mask = (torch.rand(batch, 1, sq, sk, generator=g) < 0.1).to(device)  # no row fully masked at these sizes
     e = s.numel() * 4
     scale = 0.125
-    yield ("scaled_masked_softmax", f"{batch * heads}x{sq}x{sk}",
-           (lambda t: kernels.scaled_masked_softmax(t, mask, scale),
-            lambda t: reference.scaled_masked_softmax(t, mask, scale)),
-           (s,), 2 * e + mask.numel(), 3 * e)
+    yield ("scaled_masked_softmax", f"{batch}x{heads}x{sq}x{sk}",
+           {"fused": lambda t: kernels.scaled_masked_softmax(t, mask, scale),
+            "eager": lambda t: torch.softmax((t * scale).masked_fill(mask, float("-inf")), dim=-1),
+            "unfused": lambda t: reference.scaled_masked_softmax(t, mask, scale)},
+           (s,), 2 * e + mask.numel(), 3 * e, s.numel())
     c = s.view(batch * heads, sq, sk)
+    future = torch.ones(sq, sk, dtype=torch.bool, device=device).triu(1)
     yield ("causal_softmax", f"{batch * heads}x{sq}x{sk}",
-           (lambda t: kernels.scaled_upper_triang_masked_softmax(t, scale),
-            lambda t: reference.scaled_upper_triang_masked_softmax(t, scale)),
-           (c,), 2 * e, 3 * e)
+           {"fused": lambda t: kernels.scaled_upper_triang_masked_softmax(t, scale),
+            "eager": lambda t: torch.softmax((t * scale).masked_fill(future, float("-inf")), dim=-1),
+            "unfused": lambda t: reference.scaled_upper_triang_masked_softmax(t, scale)},
+           (c,), 2 * e, 3 * e, c.numel())
 
     rows, h = shapes["layer_norm"]
     x, w, b = rand(rows, h), rand(h), rand(h)
     e = x.numel() * 4
     yield ("layer_norm", f"{rows}x{h}",
-           (lambda x, w, b: kernels.layer_norm(x, w, b, 1e-5), lambda x, w, b: reference.layer_norm(x, w, b, 1e-5)),
-           (x, w, b), 2 * e, 3 * e)
+           {"fused": lambda x, w, b: kernels.layer_norm(x, w, b, 1e-5),
+            "eager": lambda x, w, b: F.layer_norm(x, (x.size(-1),), w, b, 1e-5),
+            "unfused": lambda x, w, b: reference.layer_norm(x, w, b, 1e-5)},
+           (x, w, b), 2 * e, 3 * e, x.numel())
 
 
 def _forward_backward(fn, inputs):
@@ -147,98 +197,136 @@ def _forward_backward(fn, inputs):
     return step
 
 
-def run(quick: bool = False, device: str = "cpu", repeats: int | None = None, compile: bool = True,
-        log: Callable[[str], None] = print) -> list[Row]:
-    """Time every op; return the rows of the table (and log progress through ``log``)."""
+def run(shapes: str | dict = "course", device: str = "cpu", rounds: int = 7, compile: bool = True,
+        unfused: bool = True, log: Callable[[str], None] = print) -> list[Row]:
+    """Time every op at ``shapes`` (a key of :data:`SHAPES` or a dict like its values); return the rows."""
     device = torch.device(device)
-    repeats = repeats or (5 if quick else 7)
+    shapes = SHAPES[shapes] if isinstance(shapes, str) else shapes
     kernels.bias_gelu(torch.ones(1, 1, device=device), torch.ones(1, device=device))  # compile/load first
     rows = []
-    for op, shape, (fused, eager), inputs, bytes_fwd, bytes_bwd in _cases(QUICK if quick else FULL, device):
-        compiled = torch.compile(eager, dynamic=False) if compile else None
-        for passes, make in (("forward", lambda f: (lambda: f(*inputs))),
-                             ("forward+backward", lambda f: _forward_backward(f, inputs))):
+    for op, shape, fns, inputs, bytes_fwd, bytes_bwd, elements in _cases(shapes, device):
+        if not unfused:
+            fns.pop("unfused")
+        if compile:
+            fns["compile"] = torch.compile(fns["eager"], dynamic=False)
+        flops_fwd, flops_bwd = FLOPS_PER_ELEMENT[op]
+        for passes in ("forward", "forward+backward"):
+            if passes == "forward":
+                steps = {name: (lambda f: (lambda: f(*inputs)))(f) for name, f in fns.items()}
+            else:
+                steps = {name: _forward_backward(f, inputs) for name, f in fns.items()}
             with torch.no_grad() if passes == "forward" else torch.enable_grad():
-                t_fused = best_ms(make(fused), device, repeats)
-                t_eager = best_ms(make(eager), device, repeats)
-                t_compile = best_ms(make(compiled), device, repeats, warmup=3) if compiled else None
-            nbytes = bytes_fwd if passes == "forward" else bytes_fwd + bytes_bwd
-            rows.append(Row(op, shape, passes, t_fused, t_eager, t_compile, nbytes))
-            log(f"  timed {op} {passes}")
+                ms = interleaved_best_ms(steps, device, rounds, warmup=3)
+            fwd_only = passes == "forward"
+            rows.append(Row(op, shape, passes, ms, bytes_fwd if fwd_only else bytes_fwd + bytes_bwd,
+                            elements * (flops_fwd if fwd_only else flops_fwd + flops_bwd)))
+            log(f"  timed {op} {shape} {passes}")
     return rows
 
 
 def machine_description(device: torch.device | str = "cpu") -> str:
     device = torch.device(device)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, host load average {load}"
     model = platform.processor() or "unknown CPU"
     try:
         with open("/proc/cpuinfo") as f:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return (f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads used, torch {torch.__version__} "
             f"(CPU capability {torch.backends.cpu.get_cpu_capability()}), load average {load}")
 
 
-def format_table(rows: list[Row], ceiling_gbps: float) -> str:
-    lines = [
-        "| op | shape | pass | fused ms | eager ms | compile ms | fused GB/s | fused vs eager | fused vs compile |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def format_table(rows: list[Row], ceiling_gbps: float, peak_gflops: float | None = None) -> str:
+    names = [n for n in IMPLEMENTATIONS if any(n in r.ms for r in rows)]
+    lines = ["| op | shape | pass | " + " | ".join(f"{n} ms" for n in names)
+             + " | fused GB/s | fused GFLOP/s | vs eager | vs compile | vs unfused |",
+             "|---|---|---|" + "---:|" * (len(names) + 5)]
     for r in rows:
-        compile_ms = "-" if r.compile_ms is None else f"{r.compile_ms:.2f}"
-        vs_compile = "-" if r.vs_compile is None else f"{r.vs_compile:.2f}x"
-        lines.append(f"| {r.op} | {r.shape} | {r.passes} | {r.fused_ms:.2f} | {r.eager_ms:.2f} | {compile_ms} | "
-                     f"{r.fused_gbps:.1f} | {r.vs_eager:.2f}x | {vs_compile} |")
+        times = " | ".join(f"{r.ms[n]:.3f}" if n in r.ms else "-" for n in names)
+        lines.append(f"| {r.op} | {r.shape} | {r.passes} | {times} | {r.fused_gbps:.1f} | {r.fused_gflops:.1f} | "
+                     f"{_x(r.speedup('eager'))} | {_x(r.speedup('compile'))} | {_x(r.speedup('unfused'))} |")
     lines.append(f"\nmeasured copy bandwidth (y.copy_(x), read + write): {ceiling_gbps:.1f} GB/s")
+    if peak_gflops is not None:
+        lines.append(f"measured float32 matrix-multiply rate (1024^3): {peak_gflops:.1f} GFLOP/s")
     return "\n".join(lines)
 
 
 def targets(rows: list[Row]) -> list[str]:
-    """The CPU targets, forward+backward: >= 1.5x eager and >= torch.compile; met or the gap."""
+    """The targets, forward+backward: fused >= 1.5x the native op (eager) and >= torch.compile; met or the gap."""
     out = []
     for r in rows:
         if r.passes != "forward+backward":
             continue
-        eager_ok = r.vs_eager >= 1.5
-        line = f"{r.op}: {r.vs_eager:.2f}x eager ({'met' if eager_ok else 'NOT met'}: target 1.5x)"
-        if r.vs_compile is not None:
-            compile_ok = r.vs_compile >= 1.0
-            line += f", {r.vs_compile:.2f}x torch.compile ({'met' if compile_ok else 'NOT met'}: target 1.0x)"
+        vs_eager = r.speedup("eager")
+        line = f"{r.op} {r.shape}: {vs_eager:.2f}x eager ({'met' if vs_eager >= 1.5 else 'NOT met'}: target 1.5x)"
+        vs_compile = r.speedup("compile")
+        if vs_compile is not None:
+            line += f", {vs_compile:.2f}x torch.compile ({'met' if vs_compile >= 1.0 else 'NOT met'}: target 1.0x)"
         out.append(line)
     return out
 
 
+def forward_bandwidth_share(rows: list[Row], ceiling_gbps: float) -> list[str]:
+    """The GPU target: each fused forward's achieved bandwidth as a share of the copy bandwidth (goal >= 75%)."""
+    return [f"{r.op} {r.shape} forward: {r.fused_gbps:.1f} GB/s = {100 * r.fused_gbps / ceiling_gbps:.0f}% of copy "
+            f"({'met' if r.fused_gbps >= 0.75 * ceiling_gbps else 'NOT met'}: goal 75%)"
+            for r in rows if r.passes == "forward"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lessons_pkg.kernels.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small shapes (seconds, for make course / notebook)")
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["issue", "course"],
+                        help="which shape sets to time (default: issue course)")
+    parser.add_argument("--quick", action="store_true", help="same as --shapes quick (seconds)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (default: every core)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (the best is shown)")
+    parser.add_argument("--rounds", "--repeats", dest="rounds", type=int, default=None,
+                        help="alternating timed rounds (the best round of each implementation is shown)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (it compiles for minutes)")
+    parser.add_argument("--no-unfused", action="store_true", help="skip the step-by-step reference")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall: elapsed time; cpu: this process's CPU time, which other processes on a shared "
                              "machine do not inflate (use with --threads 1: it sums over threads)")
+    parser.add_argument("--output", help="also write the complete report (markdown) to this file")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     if args.clock == "cpu" and (args.threads != 1 or args.device != "cpu"):
         parser.error("--clock cpu measures one CPU thread: use it with --threads 1 on the CPU")
+    shape_sets = ["quick"] if args.quick else args.shapes
+    rounds = args.rounds or (5 if args.quick else 9)
     set_clock(args.clock)
-    torch.set_num_threads(args.threads)
-    print(f"machine: {machine_description(args.device)}; clock: {args.clock}", flush=True)
-    ceiling = copy_bandwidth_gbps(torch.device(args.device), mbytes=64 if args.quick else 256)
-    rows = run(quick=args.quick, device=args.device, repeats=args.repeats, compile=not args.no_compile,
-               log=lambda m: print(m, flush=True))
-    print(format_table(rows, ceiling))
-    print("\ntargets (forward+backward):")
-    for line in targets(rows):
-        print(f"  {line}")
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    report = [f"machine: {machine_description(args.device)}; clock: {args.clock}; best of {rounds} alternating rounds"]
+    print(report[0], flush=True)
+    ceiling = copy_bandwidth_gbps(device, mbytes=64 if args.quick else 256)
+    peak = matmul_gflops(device, n=512 if args.quick else 1024)
+    rows = []
+    for name in shape_sets:
+        rows += run(SHAPES[name], device=args.device, rounds=rounds, compile=not args.no_compile,
+                    unfused=not args.no_unfused, log=lambda m: print(m, flush=True))
+    report.append(format_table(rows, ceiling, peak))
+    report.append("\ntargets (forward+backward):\n" + "\n".join(f"  {line}" for line in targets(rows)))
+    if device.type == "cuda":
+        report.append("\nGPU forward bandwidth:\n" + "\n".join(f"  {line}" for line in forward_bandwidth_share(rows, ceiling)))
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    report.append(f"\nload average at the end: {load}")
+    text = "\n".join(report)
+    print("\n".join(report[1:]))
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine_description(args.device), "copy_gbps": ceiling,
+            json.dump({"machine": machine_description(args.device), "copy_gbps": ceiling, "matmul_gflops": peak,
                        "rows": [asdict(r) for r in rows]}, f, indent=1)
     return 0
 
