@@ -11,6 +11,7 @@ Modules (each one idea, read in this order):
     loop         the distributed evaluation: TP x PP forward, examples split over DP, sums all-reduced
     metrics      accuracy, per-word perplexity, WikiText perplexity and adjusted perplexity, result lines
     reference    the plain single-process computation with transformers' GPT2LMHeadModel
+    tasks        a task from its file to its metrics (what the script, tests and notebook share)
 
 Everything scores a list of :class:`~lessons_pkg.evaluation.windows.Sample`: token ids and a
 mask over the labels (``tokens[1:]``) saying which predictions count.

@@ -37,7 +37,7 @@ class DataError(ValueError):
     """An evaluation file that cannot be used as asked; the message names the file (and line)."""
 
 
-def _check_file(path: str, flag: str = "--valid-data") -> None:
+def check_file(path: str, flag: str = "--valid-data") -> None:
     if not os.path.exists(path):
         raise DataError(f"{flag} {path!r}: no such file")
     if not os.path.isfile(path):
@@ -51,7 +51,7 @@ def _check_file(path: str, flag: str = "--valid-data") -> None:
 
 def read_lambada_jsonl(path: str) -> list[str]:
     """The passages of a LAMBADA jsonl file; a malformed line is an error naming ``path:line``."""
-    _check_file(path)
+    check_file(path)
     texts = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
@@ -132,7 +132,7 @@ class TextSamples:
 
 def read_text(path: str) -> str:
     """A whole text file as UTF-8 (an error naming the byte offset if it is not UTF-8)."""
-    _check_file(path)
+    check_file(path)
     with open(path, "rb") as f:
         data = f.read()
     try:

@@ -74,7 +74,7 @@ def resolve_valid_data(args, pre) -> str:
 
     choice = args.valid_data
     if choice not in _SPECIAL:
-        datasets._check_file(choice)
+        datasets.check_file(choice)
         return choice
     if choice == "auto":
         from lessons_pkg.hub import hub_reachable

@@ -78,3 +78,11 @@ def test_end_to_end_two_ranks_equals_reference(world, hf_folder, tmp_path):
     line = (f" validation results on LAMBADA | number correct: {float(sum(ref['correct'])):.4E} | "
             f"total examples: {float(len(ref['correct'])):.4E} | ")
     assert line in proc.stdout
+
+
+def test_nproc_is_not_passed_on_to_the_ranks():
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    from evaluate_gpt import _without_nproc
+
+    assert _without_nproc(["--nproc", "4", "--task", "LAMBADA", "--nproc=2", "--load", "x"]) == \
+        ["--task", "LAMBADA", "--load", "x"]
