@@ -58,7 +58,7 @@ course-ch6-kernels: setup
 	@echo "== Chapter 6, part 2: fused kernels (build, correctness, quick benchmark) =="
 	$(PY) -m lessons_pkg.kernels build
 	$(PY) -m lessons_pkg.kernels.check
-	$(LAUNCH) --nproc 2 lessons_pkg/kernels/parallel_gpt_fused.py
+	$(LAUNCH) --nproc 2 src/ch6/parallel_gpt_fused.py
 	$(PY) -m lessons_pkg.kernels.bench --quick --no-compile
 
 course-ch6-data: setup

@@ -22,13 +22,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from lessons_pkg.tensor_parallel.mappings import _all_reduce
 from lessons_pkg.tensor_parallel.utils import check_token_ids, vocab_range
-
-
-def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(x, op=op, group=group)
-    return x
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -42,7 +37,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
         # (1) the global maximum, subtracted out of place: the caller's logits stay untouched
         logits_max = logits.max(dim=-1).values                                   # [b, s]
-        _all_reduce(logits_max, dist.ReduceOp.MAX, group)
+        logits_max = _all_reduce(logits_max, group, dist.ReduceOp.MAX)
         shifted = logits - logits_max.unsqueeze(-1)                              # [b, s, V/tp]
 
         # (2) the target's logit: looked up on the rank owning the id, zero on the others
@@ -52,18 +47,18 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         local_target = (target - start).masked_fill(outside, 0)
         predicted = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)  # [b, s]
         predicted = predicted.masked_fill(outside, 0.0)
-        _all_reduce(predicted, dist.ReduceOp.SUM, group)
+        predicted = _all_reduce(predicted, group)
 
         # (3) the sum of exponentials over the whole vocabulary
         exp_logits = shifted.exp()                                               # [b, s, V/tp]
         sum_exp = exp_logits.sum(dim=-1)                                         # [b, s]
-        _all_reduce(sum_exp, dist.ReduceOp.SUM, group)
+        sum_exp = _all_reduce(sum_exp, group)
 
         loss = sum_exp.log() - predicted                                         # [b, s]: -log p(target)
         if label_smoothing > 0:
             # mean over all V of -log p_v = log(sum_exp) - mean_v(shifted_v)
             sum_shifted = shifted.sum(dim=-1)                                    # [b, s]
-            _all_reduce(sum_shifted, dist.ReduceOp.SUM, group)
+            sum_shifted = _all_reduce(sum_shifted, group)
             mean_neg_log_p = sum_exp.log() - sum_shifted / vocab_size
             loss = (1.0 - label_smoothing) * loss + label_smoothing * mean_neg_log_p
 

@@ -21,11 +21,16 @@ def _world_size(group: dist.ProcessGroup | None) -> int:
     return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
-def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+def _all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """``x`` reduced over ``group`` (in place when contiguous; use the result); ``x`` itself on one rank.
+
+    The one all-reduce of the tensor-parallel code: the mappings below and the
+    vocab-parallel cross entropy (MAX and SUM) call it.
+    """
     if _world_size(group) == 1:
         return x
     x = x.contiguous()  # a fresh buffer when x is a view; all_reduce works in place
-    dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    dist.all_reduce(x, op=op, group=group)
     return x
 
 

@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from lessons_pkg.training import grads as G
 from lessons_pkg.training.loss_scaler import DynamicLossScaler
-from lessons_pkg.training.optimizer import Groups, adam_kwargs, param_names, split_by_weight_decay
+from lessons_pkg.training.param_groups import Groups, adam_kwargs, param_names, split_by_weight_decay
 
 
 class DistributedOptimizer:

@@ -17,51 +17,17 @@ to weight matrices only: biases and 1-D parameters (LayerNorm) get none.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.distributed as dist
 
 from lessons_pkg.training import grads as G
 from lessons_pkg.training.loss_scaler import DynamicLossScaler
-
-
-@dataclass
-class Groups:
-    """The process groups an optimizer needs, read once from ``parallel_state`` by the caller."""
-
-    tp_group: dist.ProcessGroup | None
-    pp_group: dist.ProcessGroup | None
-    dp_group: dist.ProcessGroup | None
-    tp_rank: int = 0
-
-
-def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
-    """Megatron's rule: no decay for biases and 1-D parameters (LayerNorm weight and bias)."""
-    return name.endswith(".bias") or param.ndim == 1
-
-
-def split_by_weight_decay(named_params) -> tuple[list, list]:
-    """``(decay, no_decay)`` parameter lists, each in model order; a parameter shared by name appears once."""
-    decay, no_decay, seen = [], [], set()
-    for name, p in named_params:
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (no_decay if no_weight_decay(name, p) else decay).append(p)
-    return decay, no_decay
-
-
-def param_names(params: list, named_params) -> list[str]:
-    """The name of each parameter of ``params`` (first name it has in ``named_params``): checkpoints key Adam by it."""
-    names = {}
-    for name, p in named_params:
-        names.setdefault(id(p), name)
-    return [names[id(p)] for p in params]
-
-
-def adam_kwargs(args) -> dict:
-    return dict(lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, foreach=True)
+from lessons_pkg.training.param_groups import (  # noqa: F401  (Groups, no_weight_decay: part of this module's API)
+    Groups,
+    adam_kwargs,
+    no_weight_decay,
+    param_names,
+    split_by_weight_decay,
+)
 
 
 class Optimizer:

@@ -1,6 +1,7 @@
 """The tensor-parallel GPT with and without the fused kernels, on real processes.
 
-    python -m lessons_pkg.launch --nproc 2 lessons_pkg/kernels/parallel_gpt_fused.py    # or 1, 4
+    python src/ch6/parallel_gpt_fused.py                 # 2 ranks; --nproc 1 or 4 for others
+    torchrun --nproc_per_node 2 src/ch6/parallel_gpt_fused.py
 
 Every rank builds the same full master weights, then two ParallelGPTs from
 them: the plain one (F.gelu, masked torch.softmax, nn.LayerNorm) and one with
@@ -11,6 +12,7 @@ float32 bound, else the script exits with status 1.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import sys
@@ -18,6 +20,7 @@ import sys
 import torch
 
 from lessons_pkg import parallel_state
+from lessons_pkg.launch import add_nproc_argument, start_ranks
 from lessons_pkg.tensor_parallel import GPTConfig, ParallelGPT, master_state_dict
 from lessons_pkg.utils import check_close
 
@@ -28,6 +31,9 @@ STEPS, LR = 3, 0.5
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_nproc_argument(parser, default=2)
+    start_ranks(parser.parse_args())  # plain python: start the ranks; under torchrun: already one
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=int(os.environ["WORLD_SIZE"]))
     tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
     config = GPTConfig(vocab_size=200, hidden_size=64, num_layers=2, num_attention_heads=4,

@@ -15,7 +15,6 @@ import json
 import os
 import pydoc_data.topics
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -23,7 +22,7 @@ import pytest
 
 from lessons_pkg.data import IndexedDatasetBuilder
 from lessons_pkg.data.tokenizer import build_tokenizer, train_byte_level_bpe
-from lessons_pkg.launch import torchrun
+from lessons_pkg.launch import free_port, torchrun
 from lessons_pkg.training.checkpointing import CRASH_ENV, read_tracker
 from lessons_pkg.training.train import KILL_ENV
 
@@ -206,15 +205,9 @@ def test_distributed_optimizer_checkpoint_resumes_exactly(data):
 def run_script(data, *extra, world_size=1, timeout=120):
     """``python pretrain_gpt.py`` as rank 0 of a job of ``world_size`` (for runs that stop before training)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE=str(world_size), RANK="0", LOCAL_RANK="0",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     return subprocess.run([sys.executable, SCRIPT, *common_args(data, data["root"] / "stopped.jsonl", *extra)],
                           env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _checkpoint_at(save, iteration, dest):
