@@ -78,9 +78,24 @@ def hf_greedy(tiny_gpt2_folder, tiny_tokenizer):
 
 
 @pytest.fixture(scope="session")
-def one_rank_server(server_factory, tiny_gpt2_folder):
-    """One server process (one rank) shared by the modules that need a plain server."""
-    return server_factory(tiny_gpt2_folder)
+def tiny_megatron_checkpoint(tmp_path_factory, tiny_gpt2_folder):
+    """The same weights as a Megatron checkpoint saved in a TP=2 x PP=2 layout (our converter)."""
+    from lessons_pkg.checkpoint.convert import hf_to_megatron
+    from lessons_pkg.checkpoint.reshard import Layout
+
+    folder = str(tmp_path_factory.mktemp("megatron") / "tiny-megatron-tp2pp2")
+    hf_to_megatron(tiny_gpt2_folder, folder, Layout(tp=2, pp=2), log=lambda *a: None, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def one_rank_server(server_factory, tiny_megatron_checkpoint):
+    """One server process (one rank) shared by the modules that need a plain server.
+
+    It loads the TP=2 x PP=2 Megatron checkpoint on one rank (the loader reshards it), so every
+    answer compared with transformers' (which reads the GPT-2 folder) also checks that path.
+    """
+    return server_factory(tiny_megatron_checkpoint)
 
 
 def expected_api(hf_greedy, tokenizer, prompt: str, n: int) -> tuple[str, list[str]]:
