@@ -25,15 +25,22 @@ SERVER = os.path.join(ROOT, "src", "ch6", "text_generation_server.py")
 
 
 class ServerProcess:
-    """A text_generation_server.py job (torchrun for several ranks) in its own session, on a free port."""
+    """A text_generation_server.py job in its own session, on a free port.
 
-    def __init__(self, load: str, tp: int = 1, pp: int = 1, extra: tuple = (), timeout: float = 90):
+    Several ranks start under ``torchrun``, or with ``launcher="python"`` as plain
+    ``python text_generation_server.py`` (the script starts its own ranks).
+    """
+
+    def __init__(self, load: str, tp: int = 1, pp: int = 1, extra: tuple = (), timeout: float = 90,
+                 launcher: str = "torchrun"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         n = tp * pp
         args = ["--load", load, "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
                 "--port", str(self.port), *extra]
-        if n == 1:
+        if launcher not in ("torchrun", "python"):
+            raise ValueError(f"launcher must be 'torchrun' or 'python' (the script starts its own ranks), got {launcher!r}")
+        if n == 1 or launcher == "python":
             cmd = [sys.executable, SERVER, *args]
         else:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",

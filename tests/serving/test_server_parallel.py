@@ -3,8 +3,9 @@
 * greedy answers equal ``transformers``' on the same weights, for a batch of prompts of different lengths;
 * concurrent clients are batched and each gets its own (HF-equal) answer;
 * an error inside generation (on the last pipeline stage only, when PP=2) answers 500, and the next request is right;
-* a rank killed with SIGKILL brings the whole job down (no hang) and frees the port;
-* SIGTERM stops every rank within seconds and frees the port.
+* SIGTERM to a plain-python server (which started its own ranks) stops every rank within seconds, port freed;
+* a rank killed with SIGKILL brings the whole torchrun job down (no hang) and frees the port.
+(SIGTERM to torchrun, and to rank 0 alone, are shown by the notebook part chapters/06e_parts/30_serving.py.)
 """
 from __future__ import annotations
 
@@ -22,10 +23,12 @@ PROMPTS = ["Hello world", "The quick brown fox jumps over", "A server"]
 FAULT = "<<fail here>>"
 
 
-@pytest.fixture(scope="module", params=[(2, 1), (2, 2)], ids=["tp2", "tp2pp2"])
+@pytest.fixture(scope="module", params=[(2, 1, "python"), (2, 2, "torchrun")], ids=["tp2", "tp2pp2"])
 def server(request, server_factory, tiny_gpt2_folder):
-    tp, pp = request.param
-    return server_factory(tiny_gpt2_folder, tp=tp, pp=pp, extra=("--inject-fault-prompt", FAULT, "--heartbeat", "1"))
+    """TP=2 as plain ``python`` (the script starts its own ranks), TP2 x PP2 under torchrun."""
+    tp, pp, launcher = request.param
+    return server_factory(tiny_gpt2_folder, tp=tp, pp=pp, launcher=launcher,
+                          extra=("--inject-fault-prompt", FAULT, "--heartbeat", "1"))
 
 
 def _alive(pid: int) -> bool:
@@ -90,20 +93,21 @@ def test_beam_search_answers(server):
 
 
 def test_stop(server, request):
-    """TP=2: a follower killed with SIGKILL brings the job down. TP2xPP2: SIGTERM stops every rank."""
+    """TP=2 (plain python): SIGTERM to it stops every rank. TP2xPP2 (torchrun): a follower killed with SIGKILL
+    brings the whole job down (no hang)."""
     pids = requests.get(server.url + "/health").json()["rank_pids"]
     start = time.monotonic()
     if request.node.callspec.id == "tp2":
-        os.kill(pids[1], signal.SIGKILL)
+        server.stop(signal.SIGTERM, timeout=20)
+        assert "server stopped (every rank ended)" in server.output(), server.output()[-3000:]
+        assert server.proc.returncode == 0
+    else:
+        os.kill(pids[-1], signal.SIGKILL)
         try:
             server.proc.wait(30)
         except Exception:
             pytest.fail(f"the job outlived a dead rank by 30 s:\n{server.output()[-3000:]}")
         assert server.proc.returncode != 0
-    else:
-        server.stop(signal.SIGTERM, timeout=20)   # torchrun forwards it to every rank (and exits 1 itself)
-        assert "received SIGTERM: stopping the server" in server.output()
-        assert "server stopped" in server.output(), server.output()[-3000:]
     took = time.monotonic() - start
     deadline = time.monotonic() + 10
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
