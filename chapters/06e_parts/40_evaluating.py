@@ -110,7 +110,7 @@ print("LAMBADA per-word perplexity, relative difference < 1e-5:", abs(lam["perpl
 # ### Perplexity against the overlap
 #
 # A smaller `--overlapping-eval k` gives each scored token more context (at least
-# `seq_length - k` tokens), for `seq_length / k` times more forward passes. On the first 3000
+# `seq_length - k` tokens), for `seq_length / k` times more forward passes. On the first 2000
 # tokens of the held-out text, one process, with the perplexity of a unigram model (token
 # frequencies of the training documents, add-one smoothed) for scale:
 
@@ -121,7 +121,7 @@ import numpy as np
 from lessons_pkg.data.indexed_dataset import MMapIndexedDataset
 
 with open(report.text_path, encoding="utf-8") as f:
-    heldout = tok.tokenize(f.read())[:3000]  # no detokenizer: the file name does not name a corpus
+    heldout = tok.tokenize(f.read())[:2000]  # no detokenizer: the file name does not name a corpus
 data = MMapIndexedDataset(pre.args.data_path)
 train_ids = np.concatenate([data[i] for i in range(report.train_documents[1])])
 freq = (np.bincount(train_ids, minlength=tok.vocab_size) + 1) / (len(train_ids) + tok.vocab_size)
