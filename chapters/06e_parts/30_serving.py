@@ -107,8 +107,9 @@ print("TP2 x PP2 server = one process (greedy):", greedy["text"] == local["text"
 # %%
 body = {"model": health["model"], "prompt": prompts[0], "max_tokens": 16, "temperature": 0}
 whole = requests.post(f"{url}/v1/completions", json=body).json()
-print("object:", whole["object"], "| finish_reason:", whole["choices"][0]["finish_reason"],
-      "| usage keys:", sorted(whole["usage"]))
+reason, used = whole["choices"][0]["finish_reason"], whole["usage"]["completion_tokens"]
+print("object:", whole["object"], "| usage keys:", sorted(whole["usage"]))
+print("finish_reason agrees with the tokens generated:", (reason == "length") == (used == 16))
 chunks = []
 with requests.post(f"{url}/v1/completions", json=dict(body, stream=True), stream=True) as r:
     for line in r.iter_lines():
