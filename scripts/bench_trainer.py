@@ -114,11 +114,11 @@ def worker_hf(iters: int, attn: str, result_file: str) -> None:
     torch.manual_seed(1234)
     config = GPT2Config(vocab_size=c["vocab_size"], n_positions=c["seq_length"], n_embd=c["hidden_size"],
                         n_layer=c["num_layers"], n_head=c["num_attention_heads"], resid_pdrop=c["dropout"],
-                        embd_pdrop=c["dropout"], attn_pdrop=c["dropout"])
-    model = GPT2LMHeadModel(config, attn_implementation=attn) if _accepts_attn(GPT2LMHeadModel) else None
-    if model is None:
-        config._attn_implementation = attn
-        model = GPT2LMHeadModel(config)
+                        embd_pdrop=c["dropout"], attn_pdrop=c["dropout"], bos_token_id=None, eos_token_id=None,
+                        attn_implementation=attn)
+    model = GPT2LMHeadModel(config)
+    if model.config._attn_implementation != attn:
+        raise RuntimeError(f"asked for attn_implementation={attn!r}, the model uses {model.config._attn_implementation!r}")
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"])
     g = torch.Generator().manual_seed(0)
@@ -134,12 +134,6 @@ def worker_hf(iters: int, attn: str, result_file: str) -> None:
         steps.append((time.perf_counter() - start, 0.0))
     with open(result_file, "w") as f:
         json.dump({"steps": steps}, f)
-
-
-def _accepts_attn(cls) -> bool:
-    import inspect
-
-    return "attn_implementation" in inspect.signature(cls.__init__).parameters
 
 
 # --- the driver ------------------------------------------------------------------------------------

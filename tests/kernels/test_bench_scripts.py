@@ -1,0 +1,104 @@
+"""What the CPU can test of the benchmark scripts: scripts/gpu_check.sh's skips and its
+results parser (scripts/gpu_check_summary.py), fed with text made by the real producers
+(the kernel benchmark's report functions, the trainer's progress logger); and the
+statistics of scripts/bench_trainer.py."""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench_trainer  # noqa: E402
+import gpu_check_summary as summary  # noqa: E402
+
+from lessons_pkg.kernels import bench  # noqa: E402
+from lessons_pkg.training.logging import TrainingLogger  # noqa: E402
+
+GPU_STEPS = ("kernel_build", "kernel_tests", "kernel_bench", "training", "generation")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the script would run the GPU steps")
+def test_gpu_check_without_cuda_skips_every_gpu_step(tmp_path):
+    results = tmp_path / "results.md"
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(results)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHON=sys.executable))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = results.read_text()
+    assert "| environment | ok |" in text
+    for step in GPU_STEPS:
+        assert f"| {step} | skipped | 0 | no CUDA device" in text, text
+
+
+def _write_step(log_dir: Path, name: str, status: str, log: str = "", seconds: int = 3) -> None:
+    (log_dir / f"{name}.status").write_text(f"{name} {status} {seconds}\n")
+    (log_dir / f"{name}.log").write_text(log)
+
+
+def test_summary_reads_what_the_producers_print(tmp_path):
+    # kernel benchmark: rows with known times -> the report text bench.py prints on a GPU
+    rows = [bench.Row("bias_gelu", "4096x3072", "forward", {"fused": 0.05, "eager": 0.1}, min_bytes=100_663_296),
+            bench.Row("layer_norm", "8192x1024", "forward", {"fused": 0.06, "eager": 0.05}, min_bytes=67_108_864)]
+    copy_gbps = 2000.0
+    bench_log = "\n".join([bench.format_table(rows, copy_gbps), "GPU forward bandwidth:",
+                           *[f"  {line}" for line in bench.forward_bandwidth_share(rows, copy_gbps)]])
+    # training: the trainer's own progress line, for known times
+    args = SimpleNamespace(global_batch_size=8, seq_length=1024, num_layers=12, hidden_size=768, ffn_hidden_size=3072,
+                           log_interval=2, train_iters=4, world_size=1, peak_tflops=989.0, tensorboard_dir=None,
+                           log_json=None)
+    logger = TrainingLogger(args, 50304, enabled=True)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        for it, seconds in enumerate([0.5, 0.5, 0.02, 0.03], start=1):
+            logger.iteration(it, it * 8, seconds, 1e-4, 5.0, 1.0)
+    for d in ("environment", "kernel_build", "kernel_tests"):
+        _write_step(tmp_path, d, "ok", "gpu NVIDIA H200 | 139.8 GiB | 132 SMs\n" if d == "environment" else
+                    "..........\n========= 30 passed, 2 skipped in 4.51s =========\n")
+    _write_step(tmp_path, "kernel_bench", "ok", bench_log)
+    _write_step(tmp_path, "training", "ok", out.getvalue())
+    (tmp_path / "generation.status").write_text("generation skipped 0 no generation benchmark here\n")
+
+    text, ok = summary.summarize(str(tmp_path), seconds=42)
+    assert ok
+    assert "GPU: NVIDIA H200" in text and "total time: 42 s" in text
+    assert "pytest: 30 passed, 2 skipped in 4.51s" in text
+    copy, parsed = summary.parse_bandwidth(bench_log)
+    assert copy == pytest.approx(copy_gbps, abs=0.05)
+    assert [r["kernel"] for r in parsed] == ["bias_gelu 4096x3072", "layer_norm 8192x1024"]
+    for r, row in zip(parsed, rows):
+        assert r["gbps"] == pytest.approx(row.fused_gbps, abs=0.05)
+    met = sum(row.fused_gbps >= 0.75 * copy_gbps for row in rows)
+    assert f"forward kernels at >= 75% of copy: {met} of 2" in text
+    progress = summary.parse_training(out.getvalue())
+    assert [p["iteration"] for p in progress] == [2, 4]
+    expected_tps = 8 * 1024 / 0.025  # the second interval's mean iteration time
+    assert progress[-1]["tokens_per_s"] == pytest.approx(expected_tps, rel=1e-3)
+    assert progress[-1]["mfu"] is not None and f"MFU {progress[-1]['mfu']:.1f}%" in text
+    assert "| generation | skipped | 0 | no generation benchmark here |" in text
+
+
+def test_summary_reports_a_failed_step_and_fails(tmp_path):
+    _write_step(tmp_path, "environment", "ok", "python 3.11\n")
+    _write_step(tmp_path, "kernel_tests", "failed(exit=1)", "E   AssertionError: kernel error 0.5 > 2 x PyTorch's\n")
+    text, ok = summary.summarize(str(tmp_path))
+    assert not ok
+    assert "| kernel_tests | failed(exit=1) |" in text and "kernel error 0.5" in text
+    assert "| training | missing |" in text  # no status file: the step never ran
+    assert summary.main([str(tmp_path), str(tmp_path / "r.md")]) == 1
+
+
+def test_bench_trainer_summary_drops_warmup_and_takes_the_median():
+    steps = [(9.0, 0.0), (8.0, 0.0), (1.0, 0.25), (3.0, 0.5), (2.0, 0.5)]
+    s = bench_trainer.summarize(steps, warmup=2, tokens_per_step=100)
+    assert s["step_s"] == 2.0 and s["tokens_per_s"] == 50.0 and s["comm_share"] == 0.25
+    with pytest.raises(ValueError, match="no timed iterations: 2 run, 2 dropped"):
+        bench_trainer.summarize(steps[:2], warmup=2, tokens_per_step=100)
