@@ -126,7 +126,7 @@ def compare_with_reference(pipe: GPipe, seq: torch.nn.Sequential, reference: GPT
 
 
 def build_model(args: argparse.Namespace) -> tuple[GPT2LMHeadModel, bool]:
-    """``--model-name`` from the hub, or (by default, and when that fails) a fresh tiny GPT-2; and whether pretrained."""
+    """``--model-name`` from the hub (an error if it cannot be loaded), or by default a fresh tiny GPT-2; and whether pretrained."""
     config = tiny_config(args.vocab_size, n_positions=max(128, args.seq_len), n_embd=args.n_embd,
                          n_layer=args.n_layer, n_head=args.n_head)
     model = load_gpt2(args.model_name, fallback=config)
@@ -147,13 +147,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     if args.chunks > args.batch_size:
-        raise ValueError(f"chunks ({args.chunks}) must not exceed batch size ({args.batch_size})")
-    reference, pretrained = build_model(args)
+        print(f"error: --chunks ({args.chunks}) must not exceed --batch-size ({args.batch_size})", file=sys.stderr)
+        return 2
+    try:
+        reference, pretrained = build_model(args)
+        tokens = build_tokens(args, pretrained)
+    except RuntimeError as error:  # --model-name / --dataset asked for and not available: no substitute
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     num_layers = reference.config.n_layer + 2  # embedding, blocks, head
     balance = args.balance or even_balance(num_layers, args.partitions)
     check_balance(balance, num_layers)
     lr = args.lr or (3e-5 if pretrained else 1e-3)
-    tokens = build_tokens(args, pretrained)
 
     seq = sequential_from_hf(reference)  # its own copy of the weights; `reference` stays as the check
     devices = pipeline_devices(len(balance), args.device)

@@ -176,17 +176,18 @@ def tiny_config(vocab_size: int, n_positions: int = 128, n_embd: int = 64, n_lay
 
 
 def load_gpt2(model_name: str | None, fallback: GPT2Config) -> GPT2LMHeadModel:
-    """``GPT2LMHeadModel.from_pretrained(model_name)``, or a fresh model of ``fallback`` when that fails.
+    """``GPT2LMHeadModel.from_pretrained(model_name)``, or with ``model_name=None`` a fresh model of ``fallback``.
 
-    ``model_name=None`` asks for the fresh model directly (no network needed).
+    A model asked for by name that cannot be loaded (no network, unknown name)
+    is a ``RuntimeError`` naming it, never a silent substitute.
     """
     if model_name:
         try:
             return GPT2LMHeadModel.from_pretrained(model_name)
         except OSError as e:  # no network / unknown name
-            print(f"could not load '{model_name}' ({type(e).__name__}); "
-                  f"falling back to a randomly initialised GPT-2 (n_embd {fallback.n_embd}, "
-                  f"n_layer {fallback.n_layer}, vocab {fallback.vocab_size})")
+            raise RuntimeError(f"--model-name {model_name}: could not load it ({type(e).__name__}: "
+                               f"{str(e).strip().splitlines()[0]}); leave --model-name out for a fresh small "
+                               "GPT-2") from None
     return GPT2LMHeadModel(fallback)
 
 

@@ -151,8 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     rank, world_size = dist.get_rank(), dist.get_world_size()
 
     torch.manual_seed(args.seed)  # same seed on every rank: the same reference weights everywhere
-    reference, pretrained = build_model(args) if rank == 0 else _quiet(build_model, args)
-    tokens = build_tokens(args, pretrained) if rank == 0 else _quiet(build_tokens, args, pretrained)
+    try:  # every rank fails alike (no collective before this), rank 0 says why
+        reference, pretrained = build_model(args) if rank == 0 else _quiet(build_model, args)
+        tokens = build_tokens(args, pretrained) if rank == 0 else _quiet(build_tokens, args, pretrained)
+    except RuntimeError as error:
+        if rank == 0:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
     config = reference.config
     lr = args.lr or (3e-5 if pretrained else 1e-3)
     if world_size > config.n_layer:

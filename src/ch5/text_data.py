@@ -38,7 +38,7 @@ def stdlib_docstrings(max_chars: int = 400_000) -> list[str]:
 
 
 def load_texts(dataset: str, max_chars: int = 400_000) -> list[str]:
-    """``'squad'``: SQuAD contexts from the hub (falls back to local text offline); ``'stdlib'``: local text."""
+    """``'squad'``: SQuAD contexts from the hub (a ``RuntimeError`` when it cannot be loaded); ``'stdlib'``: local text."""
     if dataset == "squad":
         try:
             from datasets import load_dataset
@@ -50,8 +50,9 @@ def load_texts(dataset: str, max_chars: int = 400_000) -> list[str]:
                 if total >= max_chars:
                     break
             return contexts
-        except Exception as e:  # noqa: BLE001 - any hub failure means: use local text
-            print(f"could not load 'squad' ({type(e).__name__}); falling back to the standard library's docstrings")
+        except Exception as e:  # noqa: BLE001 - any hub failure: asked for by name, so an error
+            raise RuntimeError(f"--dataset squad: could not load it ({type(e).__name__}: {e}); "
+                               "--dataset stdlib needs no network") from None
     elif dataset != "stdlib":
         raise ValueError(f"dataset must be 'squad' or 'stdlib', got {dataset!r}")
     return stdlib_docstrings(max_chars)

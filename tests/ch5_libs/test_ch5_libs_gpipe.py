@@ -73,3 +73,14 @@ def test_gpipe_script_trains_and_verifies():
 def test_gpipe_main_rejects_a_bad_balance():
     with pytest.raises(ValueError, match=r"balance \[2, 2\] must be positive and sum to the model's 6 layers"):
         gpipe_main(["--balance", "2", "2", "--steps", "1"])
+
+
+def test_requests_that_cannot_be_honoured_stop_with_an_error(monkeypatch, capsys):
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", offline)
+    assert gpipe_main(["--model-name", "gpt2", "--steps", "1"]) == 2
+    assert "error: --model-name gpt2: could not load it (OSError" in capsys.readouterr().err
+    assert gpipe_main(["--chunks", "9", "--batch-size", "4"]) == 2
+    assert "error: --chunks (9) must not exceed --batch-size (4)" in capsys.readouterr().err

@@ -92,7 +92,7 @@ def test_tied_gradients_sum_to_the_reference_gradient():
     assert torch.equal(emb.grad, head.grad)  # ...and the same sum afterwards
 
 
-def test_load_gpt2_falls_back_to_the_local_config_without_network(monkeypatch, capsys):
+def test_load_gpt2_refuses_a_named_model_it_cannot_load(monkeypatch):
     from gpt2_sequential import load_gpt2
 
     def offline(*args, **kwargs):
@@ -100,6 +100,6 @@ def test_load_gpt2_falls_back_to_the_local_config_without_network(monkeypatch, c
 
     monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", offline)
     config = tiny_config(VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4)
-    model = load_gpt2("gpt2", fallback=config)
-    assert model.config is config
-    assert "could not load 'gpt2' (OSError); falling back" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match=r"--model-name gpt2: could not load it \(OSError: We couldn't connect"):
+        load_gpt2("gpt2", fallback=config)
+    assert load_gpt2(None, fallback=config).config is config  # not named: the fresh model, by design

@@ -34,16 +34,15 @@ def test_random_windows_are_consecutive_tokens():
         next(random_windows(torch.arange(10), 2, 16))
 
 
-def test_squad_falls_back_to_local_text_without_network(monkeypatch, capsys):
+def test_squad_asked_for_without_network_is_an_error_not_a_substitute(monkeypatch):
     import datasets
 
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'squad' on the Hub")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    texts = load_texts("squad", max_chars=10_000)
-    assert "falling back to the standard library's docstrings" in capsys.readouterr().out
-    assert texts == load_texts("stdlib", max_chars=10_000)
+    with pytest.raises(RuntimeError, match=r"--dataset squad: could not load it \(ConnectionError: Couldn't reach"):
+        load_texts("squad", max_chars=10_000)
 
 
 def test_bad_arguments_name_the_values():
