@@ -291,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     try:
         torchrun(ns.script, *ns.args, nproc_per_node=ns.nproc, timeout=ns.timeout)
+    except (ValueError, FileNotFoundError) as e:  # a bad --nproc or script: nothing was started
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except LaunchError as e:
         print(e, file=sys.stderr)
         return 1

@@ -86,7 +86,7 @@ def main(argv=None) -> None:
     except ValueError as error:
         sys.exit(f"error: {error}")
     if args.tokenizer == "gpt2" and found is None:
-        sys.exit("--tokenizer gpt2: GPT-2's files are neither in --gpt2-dir nor downloadable")
+        sys.exit(f"error: --tokenizer gpt2: GPT-2's files are neither in --gpt2-dir ({args.gpt2_dir}) nor downloadable")
     if found is not None:
         for source, target in zip(found, (vocab_file, merge_file)):
             if os.path.abspath(source) != os.path.abspath(target):
@@ -100,7 +100,7 @@ def main(argv=None) -> None:
             train_byte_level_bpe(jsonl_texts(args.input, args.json_keys), args.vocab_size, args.output_dir,
                                  args.min_frequency)
         except (ValueError, OSError) as error:
-            sys.exit(f"error: {args.input}: {error}")
+            sys.exit(f"error: {error}" if str(error).startswith(args.input) else f"error: {args.input}: {error}")
         print(f"wrote {vocab_file}, {merge_file}")
 
     tokenizer = build_tokenizer(vocab_file, merge_file)

@@ -102,3 +102,14 @@ def test_interrupted_launch_leaves_no_process(script, tmp_path, known_launch_id)
     assert len(_rank_pids(tmp_path, 2)) == 2  # both ranks were running when Ctrl-C came
     assert [p for p in _rank_pids(tmp_path, 2) if _alive(p)] == []
     assert processes_of_launch(known_launch_id) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nproc", "0", "job.py"], "error: nproc_per_node must be >= 1, got 0"),
+    (["--nproc", "2", "no_such_script.py"], "error: no such script: no_such_script.py"),
+])
+def test_command_line_names_a_bad_request(argv, message, capsys):
+    from lessons_pkg.launch import main
+
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
