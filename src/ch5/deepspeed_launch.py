@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     try:
         deepspeed_launch(ns.script, *ns.args, num_gpus=ns.num_gpus, timeout=ns.timeout)
+    except (ValueError, FileNotFoundError) as e:  # a bad --num_gpus, script or installation: nothing started
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except DeepSpeedLaunchError as e:
         print(e, file=sys.stderr)
         return 1

@@ -62,3 +62,10 @@ def test_deepspeed_launch_kills_a_job_past_its_timeout_and_leaves_no_process(tmp
     except psutil.NoSuchProcess:
         alive = False
     assert not alive, f"rank {pid} outlived the launch"
+
+
+def test_deepspeed_launch_command_line_names_a_bad_request(capsys):
+    from deepspeed_launch import main
+
+    assert main(["--num_gpus", "0", "src/ch5/pipe_dream.py"]) == 2
+    assert "error: num_gpus must be >= 1, got 0" in capsys.readouterr().err
