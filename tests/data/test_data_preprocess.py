@@ -128,3 +128,33 @@ def test_found_tokenizer_files_are_described_from_their_contents(pipeline, tmp_p
     merges = sum(1 for line in (tmp / "merges.txt").read_text(encoding="utf-8").splitlines()[1:] if line)
     assert f"found 300 tokens and {merges} merges in {tmp / 'vocab.json'}" in out
     assert "GPT-2" not in out.split("\n")[0]  # 300 tokens: not GPT-2's, and not called so
+
+
+def test_tokenizer_requests_that_cannot_be_honoured(tmp_path, monkeypatch):
+    from lessons_pkg.data.tokenizer import train_byte_level_bpe
+
+    with pytest.raises(ValueError, match=r"1 texts \(11 characters\) yield only \d+ tokens with min_frequency 2, "
+                                         r"not the 400 asked for"):
+        train_byte_level_bpe(["hello world"], 400, str(tmp_path / "tok"))
+    assert not (tmp_path / "tok").exists()  # nothing written
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"text": oops}\n', encoding="utf-8")
+    with pytest.raises(SystemExit, match=rf"error: {bad}:2: not a JSON object with a 'text' field"):
+        train_tokenizer.main(["--input", str(bad), "--output-dir", str(tmp_path), "--tokenizer", "train"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit, match=r"error: --tokenizer gpt2: GPT-2's files are neither in --gpt2-dir"):
+        train_tokenizer.main(["--tokenizer", "gpt2", "--gpt2-dir", str(tmp_path / "none"), "--output-dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("preprocess_data", ["--input", "/nonexistent.jsonl", "--output-prefix", "x", "--vocab-file", __file__,
+                         "--merge-file", __file__], "--input /nonexistent.jsonl: no such file"),
+    ("preprocess_data", ["--input", __file__, "--output-prefix", "x", "--vocab-file", __file__, "--merge-file",
+                         __file__, "--workers", "0"], "--workers (0), --chunk-size (32) and --log-interval (1000) must be positive"),
+    ("megatron_datasets", ["--num-samples", "0"], "--num-samples (0) and --min-length (512) must be positive"),
+])
+def test_argument_errors_name_the_values(script, argv, message, capsys):
+    module = preprocess_data if script == "preprocess_data" else __import__("megatron_datasets")
+    with pytest.raises(SystemExit) as info:
+        module.get_args(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err

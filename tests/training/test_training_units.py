@@ -59,6 +59,8 @@ def test_missing_data_files_and_a_bad_split_are_named(tmp_path):
     with pytest.raises(ValueError) as err:
         validate_args(args, 1, "cpu")
     text = str(err.value)
+    with pytest.raises(ValueError, match=r"--data-path is required \(or --mock-data --vocab-size N\)"):
+        validate_args(parse_args(BASE[:-3]), 1, "cpu")
     for message in (f"no {tmp_path / 'nothing'}.bin", f"no {tmp_path / 'nothing'}.idx",
                     f"--vocab-file {tmp_path / 'v.json'}: no such file", f"--merge-file {tmp_path / 'm.txt'}: no such file",
                     "--split '' must be numbers"):
