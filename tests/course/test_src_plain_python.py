@@ -30,6 +30,7 @@ PLAIN = {
     "src/ch6/vocab_parallel_embedding.py": ([], ": True"),
     "src/ch6/vocab_parallel_cross_entropy.py": ([], ": True"),
     "src/ch6/parallel_gpt.py": ([], ": True"),
+    "src/ch6/parallel_gpt_fused.py": (["--nproc", "1"], "matches the plain model (atol = rtol = 1e-05): True"),
     "src/ch6/parallelformers_inference.py": (["--model", "local", "--max-new-tokens", "4"],
                                              "greedy generation identical: True"),
     "src/ch5/schedules_verify.py": (["--train-iters", "2", "--num-microbatches", "4"],
