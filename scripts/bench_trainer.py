@@ -2,6 +2,7 @@
 
     python scripts/bench_trainer.py                      # 3 alternating rounds, every variant (~10 min on 2 cores)
     python scripts/bench_trainer.py --rounds 1 --iters 6 --output outputs/bench_trainer.md
+    python scripts/bench_trainer.py --threads 1 --clock cpu  # on a shared machine: CPU time of one thread
 
 One configuration for everyone: GPT, 4 layers, hidden 256, 8 heads, sequence 256,
 micro-batch 8 (one micro-batch per iteration), vocabulary 2048, random tokens,
@@ -40,11 +41,17 @@ sys.path.insert(0, ROOT)
 CONFIG = dict(num_layers=4, hidden_size=256, num_attention_heads=8, seq_length=256, micro_batch_size=8,
               vocab_size=2048, lr=1e-4, weight_decay=0.01, clip_grad=1.0, dropout=0.1)
 VARIANTS = ("ours", "ours-fused", "hf-eager", "hf-sdpa", "ours-tp2")
+CLOCK_VAR = "BENCH_TRAINER_CLOCK"  # "wall" or "cpu", read by the workers
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
                "barrier", "send", "recv", "isend", "irecv")
 
 
 # --- the workers (run in child processes) ----------------------------------------------------------
+def step_clock():
+    """The clock of a one-process worker: elapsed time, or this process's CPU time (``--clock cpu``, 1 thread)."""
+    return time.process_time if os.environ.get(CLOCK_VAR) == "cpu" else time.perf_counter
+
+
 def worker_ours(iters: int, fused: bool, result_file: str) -> None:
     """Run pretrain_gpt.py in this process (one rank of a torchrun job), timing each iteration and its collectives."""
     import torch.distributed as dist
@@ -72,15 +79,17 @@ def worker_ours(iters: int, fused: bool, result_file: str) -> None:
     steps = []
     original = train_module.train_step
 
+    clock = step_clock()
+
     def train_step(*args, **kwargs):
         comm[0] = 0.0
         in_step[0] = True
-        start = time.perf_counter()
+        start = clock()
         try:
             return original(*args, **kwargs)
         finally:
             in_step[0] = False
-            steps.append((time.perf_counter() - start, comm[0]))
+            steps.append((clock() - start, comm[0]))
 
     train_module.train_step = train_step
     sys.path.insert(0, os.path.join(ROOT, "src", "ch6"))
@@ -123,25 +132,27 @@ def worker_hf(iters: int, attn: str, result_file: str) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"])
     g = torch.Generator().manual_seed(0)
     steps = []
+    clock = step_clock()
     for _ in range(iters):
         tokens = torch.randint(0, c["vocab_size"], (c["micro_batch_size"], c["seq_length"]), generator=g)
-        start = time.perf_counter()
+        start = clock()
         loss = model(input_ids=tokens, labels=tokens).loss  # the model shifts the labels itself
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), c["clip_grad"])
         opt.step()
         opt.zero_grad(set_to_none=True)
-        steps.append((time.perf_counter() - start, 0.0))
+        steps.append((clock() - start, 0.0))
     with open(result_file, "w") as f:
         json.dump({"steps": steps}, f)
 
 
 # --- the driver ------------------------------------------------------------------------------------
-def run_variant(variant: str, iters: int, threads: int, timeout: float) -> dict:
+def run_variant(variant: str, iters: int, threads: int, timeout: float, clock: str = "wall") -> dict:
     """Start one variant in a child process tree; return its per-step (seconds, communication seconds)."""
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
         result = os.path.join(tmp, "result.json")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # the CPU clock measures one process: the two-process TP=2 run is always timed by the wall clock
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{CLOCK_VAR: "wall" if variant == "ours-tp2" else clock})
         me = os.path.abspath(__file__)
         if variant == "ours-tp2":
             env["OMP_NUM_THREADS"] = "1"
@@ -173,7 +184,7 @@ def load_average() -> str:
     return ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def format_report(best: dict, rounds: int, iters: int, warmup: int, loads: list[str]) -> str:
+def format_report(best: dict, rounds: int, iters: int, warmup: int, loads: list[str], clock: str = "wall") -> str:
     import platform
 
     import torch
@@ -183,7 +194,8 @@ def format_report(best: dict, rounds: int, iters: int, warmup: int, loads: list[
              f"sequence {c['seq_length']}, micro-batch {c['micro_batch_size']}, vocabulary {c['vocab_size']}, "
              f"AdamW, clip {c['clip_grad']}, dropout {c['dropout']}, float32",
              f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
-             f"{rounds} alternating rounds of {iters} iterations (first {warmup} dropped), best round per variant",
+             f"{rounds} alternating rounds of {iters} iterations (first {warmup} dropped), best round per variant; "
+             f"clock: {clock}" + (" (CPU time of the one-process variants; ours-tp2 by the wall clock)" if clock == "cpu" else ""),
              f"load average at the start of each round: {' | '.join(loads)}", "",
              "| variant | processes x threads | ms / iteration | tokens/s | vs hf-eager | vs hf-sdpa | time in collectives |",
              "|---|---|---:|---:|---:|---:|---:|"]
@@ -204,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="first iterations of each run not timed")
     parser.add_argument("--threads", type=int, default=2, help="threads of the one-process variants")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run before it is killed")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: time the one-process variants by their CPU time (needs --threads 1), which "
+                             "other jobs on a shared machine do not inflate")
     parser.add_argument("--output", help="also write the report (markdown) to this file")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -214,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             worker_hf(args.iters, args.worker.split("-")[1], args.result)
         return 0
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu sums the CPU time of all threads: use it with --threads 1")
     if args.iters <= args.warmup:
         parser.error(f"--iters ({args.iters}) must exceed --warmup ({args.warmup})")
 
@@ -222,12 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         loads.append(load_average())
         for v in args.variants:
-            res = summarize(run_variant(v, args.iters, args.threads, args.timeout)["steps"], args.warmup, tokens)
+            res = summarize(run_variant(v, args.iters, args.threads, args.timeout, args.clock)["steps"], args.warmup, tokens)
             print(f"round {r + 1}: {v}: {res['tokens_per_s']:.0f} tokens/s, {100 * res['comm_share']:.1f}% in collectives "
                   f"(load {load_average()})", flush=True)
             if v not in best or res["tokens_per_s"] > best[v]["tokens_per_s"]:
                 best[v] = res
-    report = format_report(best, args.rounds, args.iters, args.warmup, loads) + f"\nload average at the end: {load_average()}"
+    report = format_report(best, args.rounds, args.iters, args.warmup, loads, args.clock) + f"\nload average at the end: {load_average()}"
     print(report)
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
