@@ -406,7 +406,7 @@ def split(key: str, full: torch.Tensor, tp: int, tp_rank: int) -> torch.Tensor:
 
 def adam_state_for(names: list[str], params_by_name: dict, moments: dict[str, dict], hyper: list[dict]) -> dict:
     """Our plain optimizer state for parameters ``names`` (the order ``Optimizer`` will use)."""
-    from lessons_pkg.training.optimizer import no_weight_decay
+    from lessons_pkg.training.param_groups import no_weight_decay
 
     decay = [n for n in names if not no_weight_decay(n, params_by_name[n])]
     no_decay = [n for n in names if no_weight_decay(n, params_by_name[n])]

@@ -3,8 +3,6 @@ a learner can read them in an order where each module uses only modules read bef
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -48,9 +46,6 @@ def find_cycle(graph):
     return None
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoint/reshard.py imports no_weight_decay from training.optimizer, "
-                   "whose get_optimizer reaches distributed_optimizer, which imports reshard: reshard should take "
-                   "it from training.param_groups (the checkpoint code's owner's change); then drop this mark")
 def test_no_import_cycles_between_modules():
     graph = module_graph()
     assert "lessons_pkg.training.optimizer" in graph and graph["lessons_pkg.training.optimizer"]
