@@ -91,18 +91,20 @@ def test_a_typical_wrong_answer_fails(exercise_id, tmp_path):
     assert not result.passed and "not written yet" not in result.report(), result.report()
 
 
-def test_command_line_check_and_list(tmp_path, capsys):
+def test_command_line_check_and_list(capsys):
     from lessons_pkg.labs.__main__ import main
 
     assert main(["list"]) == 0
     listed = capsys.readouterr().out
     assert all(i in listed for i in EXERCISES), listed
+    assert main(["check", "ch6c.1", "--file", str(ROOT / "labs/solutions/ch6c/idx_size.py")]) == 0
+    assert "PASS" in (out := capsys.readouterr().out) and "1,580,042 bytes" in out, out
     assert main(["check", "ch6c.1"]) == 1 and "FAIL" in capsys.readouterr().out
-    run = lambda *a: subprocess.run([sys.executable, "-m", "lessons_pkg.labs", *a], cwd=ROOT,  # noqa: E731
-                                    capture_output=True, text=True, timeout=120)
-    solved = run("check", "ch6c.1", "--file", "labs/solutions/ch6c/idx_size.py")
-    assert solved.returncode == 0 and "PASS" in solved.stdout and "1,580,042 bytes" in solved.stdout, solved.stdout
-    bad = run("check", "ch9.9")
-    assert bad.returncode == 2 and "no exercise 'ch9.9'" in bad.stderr, bad.stderr
+    assert main(["check", "ch9.9"]) == 2 and "no exercise 'ch9.9'" in capsys.readouterr().err
+    assert main(["check", "ch6c", "--file", "x.py"]) == 2  # one file cannot answer three exercises
+    # and as a learner types it (one subprocess: the module entry point)
+    run = subprocess.run([sys.executable, "-m", "lessons_pkg.labs", "check", "ch5.1"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "FAIL" in run.stdout, run.stdout + run.stderr
     with pytest.raises(ValueError, match="known: ch5.1"):
         find("nope")
