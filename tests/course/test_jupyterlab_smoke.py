@@ -4,7 +4,8 @@ scripts/lab.sh (what `make lab` runs) is started on a free loopback port with a 
 chapter notebooks are listed through the REST API (``/api/contents``, token auth, and a
 request without the token must be refused); then headless Chromium opens one notebook in
 JupyterLab's UI and must show its first heading. The browser part needs Debian's chromium
-and chromium-driver (scripts/install_chromium.sh) and is skipped, saying so, without them.
+and chromium-driver (scripts/install_chromium.sh) and is skipped, saying so, without them. The script's arguments are checked as root and as an
+ordinary user (``--allow-root`` only for root; no browser without a display).
 """
 from __future__ import annotations
 
@@ -109,3 +110,21 @@ def test_lab_opens_a_chapter_in_headless_chromium(lab):
         assert notebook in tabs, tabs
     finally:
         browser.quit()
+
+
+def test_lab_script_adds_allow_root_only_for_root_and_opens_no_browser_without_a_display():
+    # the arguments scripts/lab.sh hands to jupyter (JUPYTER=/bin/echo prints them instead of starting it)
+    def args(env):
+        base = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "LAB_OPEN")}
+        out = subprocess.run(["scripts/lab.sh"], cwd=ROOT, env=dict(base, JUPYTER="/bin/echo", **env), capture_output=True,
+                             text=True, timeout=30, check=True).stdout.split()
+        return out
+
+    mine = args({})
+    assert mine[:2] == ["lab", "chapters"] and "--ip=127.0.0.1" in mine and "--no-browser" in mine
+    assert ("--allow-root" in mine) == (os.getuid() == 0)
+    assert "--no-browser" not in args({"DISPLAY": ":0"}) and "--port=9999" in args({"LAB_PORT": "9999"})
+    if os.getuid() == 0 and shutil.which("su"):
+        as_user = subprocess.run(["su", "nobody", "-s", "/bin/bash", "-c", f"cd {ROOT} && JUPYTER=/bin/echo scripts/lab.sh"],
+                                 capture_output=True, text=True, timeout=30)
+        assert as_user.returncode == 0 and "--allow-root" not in as_user.stdout, as_user.stdout + as_user.stderr
