@@ -184,7 +184,8 @@ def load_average() -> str:
     return ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def format_report(best: dict, rounds: int, iters: int, warmup: int, loads: list[str], clock: str = "wall") -> str:
+def format_report(best: dict, rounds: int, iters: int, warmup: int, loads: list[str], clock: str = "wall",
+                  threads: int = 2) -> str:
     import platform
 
     import torch
@@ -203,7 +204,7 @@ def format_report(best: dict, rounds: int, iters: int, warmup: int, loads: list[
     for v, r in best.items():
         vs = [f"{r['tokens_per_s'] / best[h]['tokens_per_s']:.2f}x" if h in best else "-" for h in ("hf-eager", "hf-sdpa")]
         comm = f"{100 * r['comm_share']:.1f}%" if v.startswith("ours") else "-"
-        lines.append(f"| {v} | {layout.get(v, '1 x 2')} | {1e3 * r['step_s']:.1f} | {r['tokens_per_s']:.0f} | "
+        lines.append(f"| {v} | {layout.get(v, f'1 x {threads}')} | {1e3 * r['step_s']:.1f} | {r['tokens_per_s']:.0f} | "
                      f"{vs[0]} | {vs[1]} | {comm} |")
     return "\n".join(lines)
 
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"(load {load_average()})", flush=True)
             if v not in best or res["tokens_per_s"] > best[v]["tokens_per_s"]:
                 best[v] = res
-    report = format_report(best, args.rounds, args.iters, args.warmup, loads, args.clock) + f"\nload average at the end: {load_average()}"
+    report = format_report(best, args.rounds, args.iters, args.warmup, loads, args.clock, args.threads) + f"\nload average at the end: {load_average()}"
     print(report)
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
