@@ -211,3 +211,30 @@ def test_add_bos_and_segments(engine):
     assert out["tokens"][0][:3] == [0, ord("a"), ord("b")]
     assert out["segments"][0] == [chr(t) for t in out["tokens"][0]]
     assert out["logprobs"] is None
+
+
+# -- beam search -----------------------------------------------------------------------------
+@pytest.mark.parametrize("length_penalty", [1.0, 2.0, 0.5])
+def test_beam_search_with_stop_tokens_matches_the_plain_reference(model, length_penalty):
+    """Stop tokens among the candidates (finished hypotheses, the done rule) on the cached model."""
+    from inference_reference import reference_beam_search
+
+    from lessons_pkg.tensor_parallel.hf import to_hf_model
+
+    hf = to_hf_model(master_state_dict(model.config, seed=5), model.config)
+    prompt = [ord(c) for c in "Hi: there"]
+    engine = InferenceEngine(model, CharTokenizer())
+    greedy = engine.generate_ids([prompt], SamplingParams(tokens_to_generate=6, top_k=1,
+                                                          use_eod_token_for_early_termination=False)).tokens[0]
+    finished_any = False
+    for stop in greedy[len(prompt):len(prompt) + 3]:          # tokens the beams will meet early
+        hyps, scores = reference_beam_search(hf, prompt, 8, 3, length_penalty, stop)
+        from lessons_pkg.inference.beam_search import beam_search
+
+        got, got_scores = beam_search(engine, prompt, 8, 3, length_penalty, stop, False)
+        assert got == hyps, (stop, got, hyps)
+        torch.testing.assert_close(torch.tensor(got_scores, dtype=torch.float64),
+                                   torch.tensor(scores, dtype=torch.float64), atol=1e-5, rtol=0)
+        finished_any |= any(len(h) < len(prompt) + 8 for h in got)
+    if length_penalty < 1.0:   # short finished hypotheses are favoured: some must be among the best
+        assert finished_any, "no hypothesis ended on its stop token: the test did not exercise that branch"
