@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from lessons_pkg.tensor_parallel import vocab_parallel_cross_entropy
-from lessons_pkg.tensor_parallel.utils import vocab_range
+from lessons_pkg.tensor_parallel.utils import mask_vocab_padding, vocab_range
 
 
 def _rank_and_size(group) -> tuple[int, int]:
@@ -35,13 +35,9 @@ def _rank_and_size(group) -> tuple[int, int]:
 
 
 def mask_dummy_tokens(logits: torch.Tensor, vocab_size: int, tp_group=None) -> torch.Tensor:
-    """A copy of this rank's logits ``[b, s, V_pad/tp]`` with the padding ids' logits at ``-inf``."""
+    """This rank's logits ``[b, s, V_pad/tp]`` with the padding ids' logits at ``-inf`` (see ``mask_vocab_padding``)."""
     rank, _ = _rank_and_size(tp_group)
-    start, end = vocab_range(logits.size(-1), rank)
-    if end <= vocab_size:
-        return logits
-    ids = torch.arange(start, end, device=logits.device)
-    return logits.masked_fill(ids >= vocab_size, float("-inf"))
+    return mask_vocab_padding(logits, vocab_size, rank)
 
 
 def vocab_parallel_argmax(logits: torch.Tensor, tp_group=None) -> torch.Tensor:

@@ -15,16 +15,7 @@ import torch
 import torch.distributed as dist
 
 from lessons_pkg.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
-
-
-def mask_vocab_padding(logits: torch.Tensor, vocab_size: int, tp_rank: int) -> torch.Tensor:
-    """This rank's logits ``[..., V/tp]`` with the padded ids (global id >= ``vocab_size``) set to -inf."""
-    partition = logits.size(-1)
-    start = tp_rank * partition
-    if start + partition <= vocab_size:
-        return logits
-    ids = torch.arange(start, start + partition, device=logits.device)
-    return logits.masked_fill(ids >= vocab_size, float("-inf"))
+from lessons_pkg.tensor_parallel.utils import mask_vocab_padding
 
 
 def vocab_parallel_log_probs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
