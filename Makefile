@@ -126,10 +126,13 @@ course-ch5-schedules: setup
 	$(PY) src/ch5/pipeline_memory.py --nproc 4
 
 # ---- make test: unit and multi-rank tests, then every notebook under nbval ---
+# Two workers (pytest-xdist), one per core: most tests wait on process start-up and collectives, and
+# --dist loadfile keeps each module (and each notebook's cells, in order) on one worker.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest tests
-	$(PY) -m pytest --nbval --nbval-current-env --nbval-sanitize-with chapters/nbval_sanitize.cfg \
-		--nbval-cell-timeout 900 -p no:cacheprovider chapters
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --nbval --nbval-current-env \
+		--nbval-sanitize-with chapters/nbval_sanitize.cfg --nbval-cell-timeout 900 -p no:cacheprovider chapters
 
 # JupyterLab on chapters/, as a user or as root (adds --allow-root); LAB_IP, LAB_PORT, LAB_OPEN: see scripts/lab.sh
 lab: setup
