@@ -30,6 +30,9 @@ import json
 import subprocess
 import sys
 import tempfile
+import warnings
+
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's notebook widgets are not needed here
 
 from lessons_pkg.launch import torchrun
 
