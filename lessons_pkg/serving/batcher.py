@@ -26,7 +26,6 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from dataclasses import replace
 
 from lessons_pkg.serving.control import ControlChannel, WorkItem
 from lessons_pkg.serving.follower import describe, run_item
