@@ -387,6 +387,8 @@ def zero_moments_by_name(shards: list[dict]) -> dict[str, dict]:
 # --- the target --------------------------------------------------------------------------------
 def fit_vocab(full: torch.Tensor, true_vocab: int, padded: int) -> torch.Tensor:
     """Rows ``[V_src_pad, ...]`` -> ``[padded, ...]``: real rows kept, source dummy rows kept while they fit, zeros after."""
+    if padded < true_vocab:
+        raise ValueError(f"a padded vocabulary of {padded} rows cannot hold the {true_vocab} real tokens")
     if full.size(0) == padded:
         return full
     if full.size(0) > padded:
