@@ -185,7 +185,9 @@ def load_average() -> str:
 
 
 def format_report(best: dict, rounds: int, iters: int, warmup: int, loads: list[str], clock: str = "wall",
-                  threads: int = 2) -> str:
+                  threads: int = 2, every_round: dict | None = None) -> str:
+    """The table of each variant's best round; with ``every_round`` (variant -> its rounds' summaries),
+    also each variant's median round (less flattering, steadier: the best of a few rounds is a lucky draw)."""
     import platform
 
     import torch
@@ -206,6 +208,12 @@ def format_report(best: dict, rounds: int, iters: int, warmup: int, loads: list[
         comm = f"{100 * r['comm_share']:.1f}%" if v.startswith("ours") else "-"
         lines.append(f"| {v} | {layout.get(v, f'1 x {threads}')} | {1e3 * r['step_s']:.1f} | {r['tokens_per_s']:.0f} | "
                      f"{vs[0]} | {vs[1]} | {comm} |")
+    if every_round and rounds > 1:
+        medians = {v: statistics.median(r["tokens_per_s"] for r in runs) for v, runs in every_round.items()}
+        lines += ["", "median round (tokens/s): " + ", ".join(
+            f"{v} {m:.0f}" + "".join(f" ({m / medians[h]:.2f}x {h})" for h in ("hf-eager", "hf-sdpa")
+                                     if h in medians and v.startswith("ours"))
+            for v, m in medians.items())]
     return "\n".join(lines)
 
 
@@ -236,16 +244,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--iters ({args.iters}) must exceed --warmup ({args.warmup})")
 
     tokens = CONFIG["micro_batch_size"] * CONFIG["seq_length"]
-    best, loads = {}, []
+    best, loads, every_round = {}, [], {}
     for r in range(args.rounds):
         loads.append(load_average())
         for v in args.variants:
             res = summarize(run_variant(v, args.iters, args.threads, args.timeout, args.clock)["steps"], args.warmup, tokens)
             print(f"round {r + 1}: {v}: {res['tokens_per_s']:.0f} tokens/s, {100 * res['comm_share']:.1f}% in collectives "
                   f"(load {load_average()})", flush=True)
+            every_round.setdefault(v, []).append(res)
             if v not in best or res["tokens_per_s"] > best[v]["tokens_per_s"]:
                 best[v] = res
-    report = format_report(best, args.rounds, args.iters, args.warmup, loads, args.clock, args.threads) + f"\nload average at the end: {load_average()}"
+    report = (format_report(best, args.rounds, args.iters, args.warmup, loads, args.clock, args.threads, every_round)
+              + f"\nload average at the end: {load_average()}")
     print(report)
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

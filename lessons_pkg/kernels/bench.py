@@ -12,9 +12,12 @@ For each op and shape, forward and forward+backward, four implementations of the
     unfused   lessons_pkg.kernels.reference: the formula one PyTorch op per step (the lesson's strawman)
     compile   torch.compile of the eager function (inductor, dynamic=False)
 
-Timing: ``--rounds`` rounds; in each round every implementation runs once, in turn
-(so a burst of load from other processes hits all of them alike), and each reports its
-fastest round (noise only adds time). With ``--clock cpu`` and ``--threads 1`` it measures
+Timing: ``--rounds`` rounds; in each round every implementation runs once, in turn, the
+order rotating from round to round (so a burst of load from other processes hits all of
+them alike, and none always runs after the same other one), and each reports its fastest
+round (noise only adds time). A sample is an implementation's steady state, as in a
+training loop: one untimed call, then the mean of consecutive calls lasting about 10 ms;
+``--cold`` times single calls on caches flushed just before instead (``interleaved_best_ms``). With ``--clock cpu`` and ``--threads 1`` it measures
 this process's CPU time instead of the wall clock (stable on a shared machine).
 
 Also printed: the fused kernel's achieved bandwidth (the least bytes the op must move /
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import time
@@ -115,16 +119,57 @@ def best_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup
     return min(_time_once(fn, device) for _ in range(repeats))
 
 
+class CacheFlush:
+    """Writes a buffer larger than the last-level cache, evicting everything else (for ``--cold``)."""
+
+    def __init__(self, device: torch.device, mbytes: int = 256):
+        self.buffer = torch.empty(mbytes * 2**20 // 4, device=device)
+
+    def __call__(self) -> None:
+        self.buffer.fill_(1.0)
+
+
+def _time_calls(fn: Callable[[], object], device: torch.device, calls: int) -> float:
+    """The mean time of ``calls`` consecutive calls, in ms."""
+    _sync(device)
+    start = _clock()
+    for _ in range(calls):
+        fn()
+    _sync(device)
+    return (_clock() - start) * 1e3 / calls
+
+
 def interleaved_best_ms(fns: dict[str, Callable[[], object]], device: torch.device, rounds: int,
-                        warmup: int = 2) -> dict[str, float]:
-    """Time several functions in alternating rounds (f1, f2, ..., f1, f2, ...); each one's fastest round, ms."""
-    for fn in fns.values():
+                        warmup: int = 2, flush: Callable[[], None] | None = None,
+                        sample_ms: float = 10.0) -> dict[str, float]:
+    """Time several functions in alternating rounds; each one's fastest round, in ms per call.
+
+    Each round takes one sample of every function, starting with a different one each round
+    (f1 f2 f3, f2 f3 f1, f3 f1 f2, ...), so that no function always follows the same other one.
+    A sample is a function's steady state, as in a training loop that calls the op every layer
+    of every iteration: one untimed call, then the mean of enough consecutive calls to last
+    about ``sample_ms`` (at least 2). A single call timed right after another function would
+    measure the state that function left behind: here our LayerNorm (2048x256, forward+backward)
+    took 0.77 ms right after the step-by-step formula (which sweeps some 40 MB through the caches
+    and the heap) against 0.38 ms right after ``F.layer_norm``, and one warm-up call did not undo it.
+    With ``flush`` (:class:`CacheFlush`) every sample is one call on cold caches instead, flushed
+    just before it, for every function alike.
+    """
+    calls = {}
+    for name, fn in fns.items():
         for _ in range(warmup):
             fn()
+        once = _time_once(fn, device)
+        calls[name] = 1 if flush is not None else max(2, min(1000, math.ceil(sample_ms / max(once, 1e-3))))
+    names = list(fns)
     times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(_time_once(fn, device))
+    for k in range(rounds):
+        for name in names[k % len(names):] + names[:k % len(names)]:
+            if flush is not None:
+                flush()
+            else:
+                fns[name]()
+            times[name].append(_time_calls(fns[name], device, calls[name]))
     return {name: min(t) for name, t in times.items()}
 
 
@@ -198,9 +243,11 @@ def _forward_backward(fn, inputs):
 
 
 def run(shapes: str | dict = "course", device: str = "cpu", rounds: int = 7, compile: bool = True,
-        unfused: bool = True, log: Callable[[str], None] = print) -> list[Row]:
-    """Time every op at ``shapes`` (a key of :data:`SHAPES` or a dict like its values); return the rows."""
+        unfused: bool = True, cold: bool = False, log: Callable[[str], None] = print) -> list[Row]:
+    """Time every op at ``shapes`` (a key of :data:`SHAPES` or a dict like its values); return the rows.
+    ``cold``: flush the caches before every timed call (see :func:`interleaved_best_ms`)."""
     device = torch.device(device)
+    flush = CacheFlush(device) if cold else None
     shapes = SHAPES[shapes] if isinstance(shapes, str) else shapes
     kernels.bias_gelu(torch.ones(1, 1, device=device), torch.ones(1, device=device))  # compile/load first
     rows = []
@@ -216,7 +263,7 @@ def run(shapes: str | dict = "course", device: str = "cpu", rounds: int = 7, com
             else:
                 steps = {name: _forward_backward(f, inputs) for name, f in fns.items()}
             with torch.no_grad() if passes == "forward" else torch.enable_grad():
-                ms = interleaved_best_ms(steps, device, rounds, warmup=3)
+                ms = interleaved_best_ms(steps, device, rounds, warmup=3, flush=flush)
             fwd_only = passes == "forward"
             rows.append(Row(op, shape, passes, ms, bytes_fwd if fwd_only else bytes_fwd + bytes_bwd,
                             elements * (flops_fwd if fwd_only else flops_fwd + flops_bwd)))
@@ -294,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall: elapsed time; cpu: this process's CPU time, which other processes on a shared "
                              "machine do not inflate (use with --threads 1: it sums over threads)")
+    parser.add_argument("--cold", action="store_true",
+                        help="flush the caches (write 256 MB) before every timed call: each op reads its inputs "
+                             "from memory (default: each implementation's own steady state, as in a training loop)")
     parser.add_argument("--output", help="also write the complete report (markdown) to this file")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
@@ -305,14 +355,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    report = [f"machine: {machine_description(args.device)}; clock: {args.clock}; best of {rounds} alternating rounds"]
+    state = "cold caches (flushed before each call)" if args.cold else "steady state (mean of consecutive calls, ~10 ms per sample)"
+    report = [f"machine: {machine_description(args.device)}; clock: {args.clock}; best of {rounds} alternating rounds, "
+              f"{state}"]
     print(report[0], flush=True)
     ceiling = copy_bandwidth_gbps(device, mbytes=64 if args.quick else 256)
     peak = matmul_gflops(device, n=512 if args.quick else 1024)
     rows = []
     for name in shape_sets:
         rows += run(SHAPES[name], device=args.device, rounds=rounds, compile=not args.no_compile,
-                    unfused=not args.no_unfused, log=lambda m: print(m, flush=True))
+                    unfused=not args.no_unfused, cold=args.cold, log=lambda m: print(m, flush=True))
     report.append(format_table(rows, ceiling, peak))
     report.append("\ntargets (forward+backward):\n" + "\n".join(f"  {line}" for line in targets(rows)))
     if device.type == "cuda":

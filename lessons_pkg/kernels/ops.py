@@ -168,13 +168,13 @@ class LayerNorm(torch.autograd.Function):
                 f"weight {tuple(weight.shape)} and bias {tuple(bias.shape)} must both be ({hidden},), "
                 f"the last dim of x {tuple(x.shape)}"
             )
-        x = x.contiguous()
-        y, mean, rstd = _ops().layer_norm_forward(x, weight.contiguous(), bias.contiguous(), float(eps))
-        ctx.save_for_backward(x, weight, mean, rstd)
+        x, weight = x.contiguous(), weight.contiguous()
+        y, mean, rstd = _ops().layer_norm_forward(x, weight, bias.contiguous(), float(eps))
+        ctx.save_for_backward(x, mean, rstd, weight)
         return y
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x, weight, mean, rstd = ctx.saved_tensors
-        grad_x, grad_w, grad_b = _ops().layer_norm_backward(grad_y.contiguous(), x, mean, rstd, weight.contiguous())
+        # the kernel sums grad_weight and grad_bias over the rows itself (no extra op per call)
+        grad_x, grad_w, grad_b = _ops().layer_norm_backward(grad_y.contiguous(), *ctx.saved_tensors)
         return grad_x, grad_w, grad_b, None

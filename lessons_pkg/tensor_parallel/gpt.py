@@ -5,7 +5,7 @@
     input_ids [b, s] --VocabParallelEmbedding + position embedding--> [b, s, h]   (pre_process)
         --> layers layer_offset .. layer_offset + num_layers - 1                   (every stage)
         --> final LayerNorm --> x @ E_r^T = logits [b, s, V/tp]                     (post_process)
-        --> vocab_parallel_cross_entropy(logits, labels) = loss [b, s]              (if labels)
+        --> cross_entropy(logits, labels) = loss [b, s]  (if labels; vocab-parallel when TP > 1)
 
 The LM head is TIED to the word embedding E (``[V, h]``, rows split across
 ranks): rank r's logits are those of its own vocabulary slice, exactly the
@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from lessons_pkg import parallel_state
 from lessons_pkg.tensor_parallel.checkpointing import gather_full, shard_of
 from lessons_pkg.tensor_parallel.config import GPTConfig, init_method_normal
-from lessons_pkg.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from lessons_pkg.tensor_parallel.cross_entropy import cross_entropy
 from lessons_pkg.tensor_parallel.layers import TPShape, VocabParallelEmbedding, mark_partitioned, resolve_tp_group
 from lessons_pkg.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from lessons_pkg.tensor_parallel.transformer import LayerNorm, ParallelTransformerLayer
@@ -167,7 +167,7 @@ class ParallelGPT(nn.Module):
         logits = F.linear(x, self.shared_embedding_weight())          # [b, s, h] -> [b, s, V/tp]
         if labels is None:
             return logits
-        return vocab_parallel_cross_entropy(logits.float(), labels, tp_group=self.tp_group)  # [b, s]
+        return cross_entropy(logits.float(), labels, tp_group=self.tp_group)  # [b, s] (vocab-parallel when TP > 1)
 
     def _forward_cached(self, inputs: torch.Tensor, position_ids: torch.Tensor | None, kv_cache,
                         last_position_only: bool) -> torch.Tensor:

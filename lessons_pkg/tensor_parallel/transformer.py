@@ -17,9 +17,10 @@ a per-rank generator there): still a valid dropout, documented here.
 then): bias+GeLU, the scaled causal softmax and LayerNorm. The plain PyTorch
 code beside each call is the reference and the default. Attention itself is
 ``F.scaled_dot_product_attention`` by default (one fused call, no
-``[b, heads, s, s]`` tensor kept); :func:`attention_reference` spells out the
-same computation (scores, causal softmax, weighted sum) and serves the fused
-kernels and the tests.
+``[b, heads, s, s]`` tensor kept), except for training with attention dropout
+on the CPU (:func:`attention_with_dropout`); :func:`attention_reference` spells
+out the same computation (scores, causal softmax, weighted sum) and serves the
+fused kernels and the tests.
 """
 from __future__ import annotations
 
@@ -92,6 +93,27 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropo
     probs = scaled_causal_softmax(scores.reshape(b * nh, sq, sk), hd ** -0.5, fused).view(b, nh, sq, sk)
     probs = F.dropout(probs, dropout, training)
     return torch.matmul(probs, v)                                          # [b, nh, sq, hd]
+
+
+def attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+    """Causal attention with dropout on the probabilities: the training path on the CPU.
+
+    ``F.scaled_dot_product_attention`` has a fused CPU kernel only without dropout. With dropout it
+    runs its step-by-step "math" path, whose "safe softmax" adds three passes over the
+    ``[b, nh, sq, sk]`` scores (``isneginf``, ``all``, ``where``: a row with every key masked gives 0,
+    which a causal mask never has). Here the mask enters the scores' matrix multiply as a ``-inf`` bias
+    (``baddbmm``) and the scale is applied to q, sk/hd times smaller than the scores. The same maths
+    and, for the same random state, the same dropout mask (one ``bernoulli_`` draw of the same shape);
+    tests/tensor_parallel checks both. ``q [b, nh, sq, hd]`` are the last ``sq`` of the ``sk`` positions.
+    """
+    b, nh, sq, hd = q.shape
+    sk = k.size(2)
+    bias = torch.zeros(sq, sk, dtype=q.dtype, device=q.device).masked_fill_(
+        causal_mask(sq, sk, q.device).logical_not(), float("-inf"))        # [sq, sk]: 0 or -inf
+    scores = torch.baddbmm(bias, (q * hd ** -0.5).reshape(b * nh, sq, hd),
+                           k.reshape(b * nh, sk, hd).transpose(1, 2))       # [b*nh, sq, sk]
+    probs = F.dropout(torch.softmax(scores, dim=-1), dropout, True)
+    return torch.matmul(probs.view(b, nh, sq, sk), v)                      # [b, nh, sq, hd]
 
 
 class LayerNorm(nn.LayerNorm):
@@ -183,6 +205,8 @@ class ParallelAttention(nn.Module):
         dropout = self.attention_dropout if self.training else 0.0
         if self.fused:
             return attention_reference(q, k, v, dropout, self.training, fused=True)
+        if dropout > 0 and q.device.type == "cpu":  # SDPA has no fused CPU kernel with dropout
+            return attention_with_dropout(q, k, v, dropout)
         sq, sk = q.size(2), k.size(2)
         if sq == sk:    # training, scoring, a prompt without cache: the square causal mask
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)

@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from lessons_pkg.tensor_parallel import GPTConfig, ParallelGPT, master_state_dict, vocab_parallel_cross_entropy
+    from lessons_pkg.tensor_parallel import GPTConfig, ParallelGPT, master_state_dict
+    from lessons_pkg.tensor_parallel.cross_entropy import cross_entropy
     from lessons_pkg.tensor_parallel.utils import mask_vocab_padding, vocab_size_with_padding
     from lessons_pkg.training.train import initialize, pretrain
     from lessons_pkg.utils import print_rank_0
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         # logits [mb, s, V/tp] (this rank's vocabulary slice), labels [mb, s] -> mean loss over tokens;
         # the dummy tokens of the padded vocabulary take no probability (see mask_vocab_padding)
         logits = mask_vocab_padding(logits.float(), vocab_size, rt.tp_rank)
-        return vocab_parallel_cross_entropy(logits, labels, tp_group=rt.tp_group).mean()
+        return cross_entropy(logits, labels, tp_group=rt.tp_group).mean()  # vocab-parallel when TP > 1
 
     pretrain(args, rt, model_provider, datasets_provider, loss_fn, padded)
     dist.barrier()

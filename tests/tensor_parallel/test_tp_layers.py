@@ -24,6 +24,7 @@ from lessons_pkg.tensor_parallel import (
     shard_of,
     vocab_parallel_cross_entropy,
 )
+from lessons_pkg.tensor_parallel.cross_entropy import cross_entropy
 from lessons_pkg.tensor_parallel.hf import to_hf_model
 from lessons_pkg.tensor_parallel.instrument import count_collectives
 from lessons_pkg.testing import run_on_ranks
@@ -156,6 +157,12 @@ def check_cross_entropy(rank: int, tp: int, group) -> None:
         loss.backward(dloss)
         _close(mine.grad, ref.grad.chunk(tp, -1)[rank], f"cross entropy grad (smoothing {smoothing})")
         assert torch.equal(mine.detach(), before), "vocab_parallel_cross_entropy modified the caller's logits"
+        # the trainer's loss: this same function when TP > 1, F.cross_entropy when one rank has every logit
+        theirs = full_logits.chunk(tp, -1)[rank].clone().requires_grad_()
+        loss = cross_entropy(theirs, target, label_smoothing=smoothing, tp_group=group)
+        _close(loss, loss_ref.detach(), f"trainer's cross entropy loss (smoothing {smoothing})")
+        loss.backward(dloss)
+        _close(theirs.grad, mine.grad, f"trainer's cross entropy grad (smoothing {smoothing})")
 
     # an explicit ignore index: loss 0 and gradient 0 there, as F.cross_entropy; any other stray id is refused
     ignored = target.clone()
@@ -168,11 +175,17 @@ def check_cross_entropy(rank: int, tp: int, group) -> None:
     _close(loss, loss_ref.detach(), "cross entropy loss with ignore_index")
     loss.backward(dloss)
     _close(mine.grad, ref.grad.chunk(tp, -1)[rank], "cross entropy grad with ignore_index")
+    theirs = full_logits.chunk(tp, -1)[rank].clone().requires_grad_()
+    loss = cross_entropy(theirs, ignored, tp_group=group, ignore_index=-100)
+    _close(loss, loss_ref.detach(), "trainer's cross entropy loss with ignore_index")
+    loss.backward(dloss)
+    _close(theirs.grad, mine.grad, "trainer's cross entropy grad with ignore_index")
     for bad, kwargs in ((vocab, {}), (-100, {}), (-1, {"ignore_index": -100})):
         stray = target.clone()
         stray[1, 2] = bad
-        with pytest.raises(ValueError, match=rf"target: token id {bad} is outside \[0, {vocab}\)"):
-            vocab_parallel_cross_entropy(full_logits.chunk(tp, -1)[rank], stray, tp_group=group, **kwargs)
+        for loss_fn in (vocab_parallel_cross_entropy, cross_entropy):
+            with pytest.raises(ValueError, match=rf"target: token id {bad} is outside \[0, {vocab}\)"):
+                loss_fn(full_logits.chunk(tp, -1)[rank], stray, tp_group=group, **kwargs)
 
 
 def check_transformer_pieces(rank: int, tp: int, group) -> None:
@@ -285,3 +298,33 @@ def test_tensor_parallel_layers_match_serial(world, tp):
             assert rank_counts == {"forward": {"all_reduce": 0, "other": 0}, "backward": {"all_reduce": 0, "other": 0}}
         else:        # g of attention and of the MLP forward; their f backward; no other collective
             assert rank_counts == {"forward": {"all_reduce": 2, "other": 0}, "backward": {"all_reduce": 2, "other": 0}}
+
+
+@pytest.mark.parametrize("sq, sk", [(7, 7), (3, 10)])
+def test_attention_with_dropout_matches_sdpa_and_the_reference(sq, sk):
+    """The CPU training path gives SDPA's (square) and the step-by-step reference's (queries after cached
+    keys) outputs and gradients, dropout mask included: same random state, same mask.
+    Tolerance 1e-5: float32 sums of a few terms taken in another order."""
+    from lessons_pkg.tensor_parallel.transformer import attention_reference, attention_with_dropout
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, sq, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 3, sk, 8, generator=g, requires_grad=True) for _ in range(2))
+    dy = torch.randn(2, 3, sq, 8, generator=g)
+
+    def run(fn):
+        torch.manual_seed(11)
+        out = fn()
+        return (out, *torch.autograd.grad(out, (q, k, v), dy))
+
+    ours = run(lambda: attention_with_dropout(q, k, v, 0.5))
+    if sq == sk:
+        theirs = run(lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=0.5, is_causal=True))
+    else:
+        theirs = run(lambda: attention_reference(q, k, v, 0.5, training=True))
+    torch.manual_seed(12)
+    other_mask = attention_with_dropout(q, k, v, 0.5)
+    assert not torch.allclose(other_mask, ours[0]), "another random state must give another dropout mask"
+    for name, a, b in zip(("output", "grad q", "grad k", "grad v"), ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"attention with dropout, {name}: {m}")
+
