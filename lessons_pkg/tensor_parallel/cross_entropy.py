@@ -126,9 +126,10 @@ def vocab_parallel_cross_entropy(vocab_parallel_logits: torch.Tensor, target: to
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0,
                   tp_group: dist.ProcessGroup | None = None, ignore_index: int | None = None) -> torch.Tensor:
     """The training loss ``[b, s]``: :func:`vocab_parallel_cross_entropy` when the vocabulary is split
-    over several ranks; when one rank holds all of it (TP=1), PyTorch's ``F.cross_entropy``, one fused
-    log-softmax + NLL kernel that computes the same numbers (tests/tensor_parallel checks that they
-    agree) about 3x faster on the course's CPU (9 against 27 ms forward+backward for ``[8, 256, 2048]``).
+    over several ranks; when one rank holds all of it (TP=1), PyTorch's ``F.cross_entropy``: the same
+    numbers (tests/tensor_parallel checks that they agree) from one fused log-softmax + NLL kernel
+    instead of the five passes over ``[b, s, V]`` that the vocabulary-parallel version makes to stay
+    correct across ranks (see ``scripts/bench_trainer.py`` and docs/benchmarks.md for the trainer).
     """
     tp_group, world = _check_arguments(logits, target, label_smoothing, tp_group, ignore_index, "cross_entropy")
     if world > 1:
