@@ -128,9 +128,10 @@ course-ch5-schedules: setup
 # ---- make test: unit and multi-rank tests, then every notebook under nbval ---
 # Two workers (pytest-xdist), one per core: most tests wait on process start-up and collectives, and
 # --dist loadfile keeps each module (and each notebook's cells, in order) on one worker.
+# --durations=15 prints the slowest tests of every run: the ones to make cheaper before CI nears 15 minutes.
 TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --nbval --nbval-current-env \
 		--nbval-sanitize-with chapters/nbval_sanitize.cfg --nbval-cell-timeout 900 -p no:cacheprovider chapters
 
