@@ -39,7 +39,7 @@ PLAIN = {
                                       "--out", "{tmp}/timeline.png"], "every schedule's gradients match"),
     "src/ch5/pipeline_memory.py": (["--hidden-size", "32", "--seq-length", "8", "--microbatches", "2", "4",
                                     "--out", "{tmp}/memory.png"], "1f1b"),
-    "src/ch5/pipe_dream.py": (["--steps", "2", "--log-interval", "1"], "check: loss fell"),
+    "src/ch5/pipe_dream.py": (["--nproc", "3", "--steps", "2", "--log-interval", "1"], "check: loss fell"),
 }
 
 # one process, no launcher needed, already run the plain way (python FILE) by another test: not run twice
