@@ -102,3 +102,24 @@ def test_bench_trainer_summary_drops_warmup_and_takes_the_median():
     assert s["step_s"] == 2.0 and s["tokens_per_s"] == 50.0 and s["comm_share"] == 0.25
     with pytest.raises(ValueError, match="no timed iterations: 2 run, 2 dropped"):
         bench_trainer.summarize(steps[:2], warmup=2, tokens_per_step=100)
+
+
+def test_kernel_bench_rotates_the_order_and_times_steady_states(monkeypatch):
+    """interleaved_best_ms: each round starts with the next implementation; a sample is one untimed call
+    then at least two timed ones (their mean); with a flush, one timed call right after the flush."""
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(bench, "_clock", lambda: next(ticks) * 1e-3)  # every clock read: +1 ms
+    log = []
+    fns = {name: (lambda n=name: log.append(n)) for name in "abc"}
+    ms = bench.interleaved_best_ms(fns, torch.device("cpu"), rounds=3, warmup=0, sample_ms=0.0)
+    # one call each to size the samples, then per round 3 calls each, starting a, b, c in turn
+    rounds = [log[3 + 9 * k:3 + 9 * (k + 1)] for k in range(3)]
+    assert log[:3] == list("abc")
+    assert rounds == [list("aaabbbccc"), list("bbbcccaaa"), list("cccaaabbb")]
+    assert ms == pytest.approx({"a": 0.5, "b": 0.5, "c": 0.5})  # 2 calls between 2 clock reads: 1 ms / 2
+
+    log.clear()
+    flushes = []
+    bench.interleaved_best_ms(fns, torch.device("cpu"), rounds=2, warmup=0, flush=lambda: flushes.append(len(log)))
+    assert log[3:] == list("abcbca")          # one timed call per sample, no untimed call
+    assert flushes == [3, 4, 5, 6, 7, 8]      # a flush right before each of them
