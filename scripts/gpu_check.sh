@@ -13,7 +13,7 @@
 #                      TP=1, 30 iterations of 8 x 1024 tokens: tokens/s and MFU; goal MFU >= 40% on H100/H200
 #   5. generation      scripts/bench_generation.py (or src/ch6/bench_generation.py) if it exists
 # Without a CUDA device every GPU step is SKIPPED (with the reason) and the script exits 0: that is
-# what the CPU test (tests/kernels/test_gpu_check.py) checks. Logs: <results dir>/logs/<step>.log;
+# what the CPU test (tests/kernels/test_bench_scripts.py) checks. Logs: <results dir>/logs/<step>.log;
 # the results file is written by scripts/gpu_check_summary.py from those logs.
 #
 # Environment: GPU_CHECK_BUDGET_S (460: a step that would start after it is skipped), PYTHON (default .venv/bin/python if present, else python3), GPU_CHECK_TRAIN_ITERS (30),
@@ -24,7 +24,7 @@ RESULTS=${1:-outputs/gpu_check/results.md}
 DIR=$(dirname "$RESULTS")
 LOGS="$DIR/logs"
 mkdir -p "$LOGS"
-rm -f "$LOGS"/*.log "$LOGS"/*.status
+rm -f "$LOGS"/*.log "$LOGS"/*.status "$LOGS"/kernel_bench.md  # nothing of an earlier run
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
@@ -94,8 +94,10 @@ if grep -q "^cuda_available True" "$LOGS/environment.log"; then
   else
     skip_step generation "no scripts/bench_generation.py or src/ch6/bench_generation.py in this checkout"
   fi
-else
+elif grep -q "^cuda_available False" "$LOGS/environment.log"; then
   for step in kernel_build kernel_tests kernel_bench training generation; do skip_step $step "no CUDA device (torch.cuda.is_available() is False)"; done
+else
+  for step in kernel_build kernel_tests kernel_bench training generation; do skip_step $step "the environment step did not finish (see its log)"; done
 fi
 
 "$PYTHON" scripts/gpu_check_summary.py "$LOGS" "$RESULTS" --seconds $(( $(date +%s) - START ))

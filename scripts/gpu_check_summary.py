@@ -48,9 +48,14 @@ def parse_pytest(log: str) -> str | None:
 def parse_bandwidth(log: str) -> tuple[float | None, list[dict]]:
     """Copy bandwidth and, per forward kernel, its GB/s and share of it (from bench's 'GPU forward bandwidth')."""
     copy = re.search(r"measured copy bandwidth \(y\.copy_\(x\), read \+ write\): ([\d.]+) GB/s", log)
-    rows = [{"kernel": m.group(1), "gbps": float(m.group(2)), "percent": float(m.group(3))}
-            for m in re.finditer(r"^\s+(\S+ \S+) forward: ([\d.]+) GB/s = (\d+)% of copy", log, flags=re.M)]
-    return (float(copy.group(1)) if copy else None), rows
+    copy_gbps = float(copy.group(1)) if copy else None
+    rows = []
+    for m in re.finditer(r"^\s+(\S+ \S+) forward: ([\d.]+) GB/s = (\d+)% of copy", log, flags=re.M):
+        gbps = float(m.group(2))
+        # the share from the unrounded numbers (the printed percent is rounded: 74.6% prints as 75%)
+        percent = 100 * gbps / copy_gbps if copy_gbps else float(m.group(3))
+        rows.append({"kernel": m.group(1), "gbps": gbps, "percent": percent})
+    return copy_gbps, rows
 
 
 def parse_training(log: str) -> list[dict]:
@@ -64,9 +69,10 @@ def parse_training(log: str) -> list[dict]:
         ms = re.search(r"elapsed time per iteration \(ms\): ([\d.]+)", line)
         tflops = re.search(r"TFLOP/s per device: ([\d.]+)", line)
         mfu = re.search(r"MFU: ([\d.]+)%", line)
+        nan = re.search(r"number of nan iterations:\s*(\d+)", line)
         out.append({"iteration": int(it.group(1)), "ms": float(ms.group(1)) if ms else None,
                     "tokens_per_s": float(tps.group(1)), "tflops": float(tflops.group(1)) if tflops else None,
-                    "mfu": float(mfu.group(1)) if mfu else None})
+                    "mfu": float(mfu.group(1)) if mfu else None, "nan_iterations": int(nan.group(1)) if nan else 0})
     return out
 
 
@@ -93,7 +99,9 @@ def summarize(log_dir: str, seconds: int | None = None) -> tuple[str, bool]:
     for s in STEPS:
         st = statuses[s]
         lines.append(f"| {s} | {st['status']} | {'' if st['seconds'] is None else st['seconds']} | {st['reason']} |")
-    failed = [s for s in STEPS if statuses[s]["status"].startswith(("failed", "timeout"))]
+    # not passed: failed, timed out, never ran, or skipped for lack of time (a missing GPU is a skip, not a failure)
+    failed = [s for s in STEPS if statuses[s]["status"].startswith(("failed", "timeout", "missing"))
+              or "budget" in statuses[s]["reason"]]
 
     if statuses["kernel_tests"]["status"] != "skipped":
         lines += ["", "## CUDA kernel tests", f"pytest: {parse_pytest(logs['kernel_tests']) or 'no summary line found'}"]
@@ -101,10 +109,13 @@ def summarize(log_dir: str, seconds: int | None = None) -> tuple[str, bool]:
         copy, rows = parse_bandwidth(logs["kernel_bench"])
         lines += ["", "## Kernel benchmark (forward goal: >= 75% of the copy bandwidth)",
                   f"copy bandwidth: {copy if copy is not None else 'not found'} GB/s"]
+        bench_ok = statuses["kernel_bench"]["status"] == "ok"
+        if not bench_ok:
+            lines.append(f"(the benchmark did not finish: {statuses['kernel_bench']['status']}; no verdicts)")
         for r in rows:
-            verdict = "met" if r["percent"] >= 100 * FORWARD_GOAL else "NOT met"
+            verdict = ("met" if r["percent"] >= 100 * FORWARD_GOAL else "NOT met") if bench_ok else "no verdict"
             lines.append(f"- {r['kernel']}: {r['gbps']:.1f} GB/s, {r['percent']:.0f}% ({verdict})")
-        if rows:
+        if rows and bench_ok:
             met = sum(r["percent"] >= 100 * FORWARD_GOAL for r in rows)
             lines.append(f"forward kernels at >= 75% of copy: {met} of {len(rows)}")
         table = read(os.path.join(log_dir, "kernel_bench.md"))
@@ -119,7 +130,11 @@ def summarize(log_dir: str, seconds: int | None = None) -> tuple[str, bool]:
                 mfu = "-" if p["mfu"] is None else f"{p['mfu']:.1f}%"
                 lines.append(f"| {p['iteration']} | {p['ms']} | {p['tokens_per_s']:.0f} | {p['tflops']} | {mfu} |")
             last = progress[-1]
-            if last["mfu"] is not None:
+            nan_iterations = sum(p["nan_iterations"] for p in progress)
+            if statuses["training"]["status"] != "ok" or nan_iterations:
+                lines.append(f"no verdict: the run's status is {statuses['training']['status']}, "
+                             f"{nan_iterations} NaN iteration(s)")
+            elif last["mfu"] is not None:
                 verdict = "met" if last["mfu"] >= MFU_GOAL else "NOT met"
                 lines.append(f"last interval: {last['tokens_per_s']:.0f} tokens/s, MFU {last['mfu']:.1f}% ({verdict})")
             else:
@@ -140,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results")
     parser.add_argument("--seconds", type=int, default=None, help="total time of the check")
     args = parser.parse_args(argv)
+    if not os.path.isdir(args.log_dir):
+        parser.error(f"log folder {args.log_dir!r} does not exist (the logs of scripts/gpu_check.sh)")
     text, ok = summarize(args.log_dir, args.seconds)
     with open(args.results, "w") as f:
         f.write(text)

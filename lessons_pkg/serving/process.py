@@ -52,7 +52,10 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+                output = self.output()
+                self.stop()    # the ranks a plain-python server started may outlive it: end its whole group
+                self.close()
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{output}")
             try:
                 if requests.get(self.url + "/health", timeout=2).status_code == 200:
                     break
@@ -60,7 +63,9 @@ class ServerProcess:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"server not up within {timeout} s:\n{self.output()}")
+                output = self.output()
+                self.close()
+                raise RuntimeError(f"server not up within {timeout} s:\n{output}")
             time.sleep(0.3)
 
     def output(self) -> str:

@@ -151,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     rank, world_size = dist.get_rank(), dist.get_world_size()
 
     torch.manual_seed(args.seed)  # same seed on every rank: the same reference weights everywhere
-    try:  # every rank fails alike (no collective before this), rank 0 says why
+    # An unavailable model or dataset fails alike on every rank (no collective before this) and rank 0 says
+    # why. A failure on some ranks only (a flaky hub download) leaves the others waiting in the first
+    # collective until the launcher's timeout ends the job.
+    try:
         reference, pretrained = build_model(args) if rank == 0 else _quiet(build_model, args)
         tokens = build_tokens(args, pretrained) if rank == 0 else _quiet(build_tokens, args, pretrained)
     except RuntimeError as error:

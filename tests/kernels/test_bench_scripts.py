@@ -123,3 +123,24 @@ def test_kernel_bench_rotates_the_order_and_times_steady_states(monkeypatch):
     bench.interleaved_best_ms(fns, torch.device("cpu"), rounds=2, warmup=0, flush=lambda: flushes.append(len(log)))
     assert log[3:] == list("abcbca")          # one timed call per sample, no untimed call
     assert flushes == [3, 4, 5, 6, 7, 8]      # a flush right before each of them
+
+
+def test_summary_gives_no_verdict_for_unfinished_or_nan_runs_and_counts_missing_steps(tmp_path, capsys):
+    bench_log = ("measured copy bandwidth (y.copy_(x), read + write): 100.0 GB/s\nGPU forward bandwidth:\n"
+                 "  bias_gelu 4096x3072 forward: 74.6 GB/s = 75% of copy (NOT met: goal 75%)\n")
+    _write_step(tmp_path, "environment", "ok", "gpu NVIDIA H200 | 139.8 GiB | 132 SMs\n")
+    _write_step(tmp_path, "kernel_bench", "ok", bench_log)
+    nan_line = (" iteration       10/      30 | elapsed time per iteration (ms): 100.0 | lm loss: nan | "
+                "number of nan iterations:   3 | tokens per second: 81920.0 | TFLOP/s per device: 500.0 | MFU: 50.6% |\n")
+    _write_step(tmp_path, "training", "ok", nan_line)
+    text, ok = summary.summarize(str(tmp_path))
+    assert "74.6 GB/s, 75% (NOT met)" in text  # 74.6% is below the goal although it prints as 75%
+    assert "no verdict: the run's status is ok, 3 NaN iteration(s)" in text and "(met)" not in text
+    assert not ok and "| kernel_build | missing |" in text  # steps that never ran are not passed
+
+    _write_step(tmp_path, "kernel_bench", "timeout(180s)", bench_log)
+    text, _ = summary.summarize(str(tmp_path))
+    assert "the benchmark did not finish: timeout(180s); no verdicts" in text and "(NOT met)" not in text
+    with pytest.raises(SystemExit) as stop:
+        summary.main([str(tmp_path / "nowhere"), str(tmp_path / "r.md")])
+    assert stop.value.code == 2 and "log folder" in capsys.readouterr().err and not (tmp_path / "r.md").exists()
