@@ -73,10 +73,23 @@ def test_hung_job_is_killed_at_its_timeout_and_leaves_no_process(script, tmp_pat
     # SIGTERM: the call must still return with every process of the job gone
     from lessons_pkg.launch import processes_of_launch
 
+    seen = []  # processes_of_launch while the job runs: the finder must see it (else "none left" proves nothing)
+
+    def look(signum, frame):
+        seen.append(len(processes_of_launch(known_launch_id)))
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+
+    previous = signal.signal(signal.SIGALRM, look)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
     start = time.monotonic()
-    with pytest.raises(LaunchTimeout, match="ran past its timeout of 10 s"):
-        torchrun(script, "hang", str(tmp_path), nproc_per_node=2, timeout=10, echo=False)
+    try:
+        with pytest.raises(LaunchTimeout, match="ran past its timeout of 10 s"):
+            torchrun(script, "hang", str(tmp_path), nproc_per_node=2, timeout=10, echo=False)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
     assert time.monotonic() - start < 40
+    assert max(seen, default=0) >= 1, f"the launch's processes were never found while it ran: {seen}"
     assert processes_of_launch(known_launch_id) == []
     pids = _rank_pids(tmp_path, 2)  # the ranks that had started (on a loaded machine torchrun may be slow)
     assert [p for p in pids if _alive(p)] == []
@@ -86,8 +99,11 @@ def test_interrupted_launch_leaves_no_process(script, tmp_path, known_launch_id)
     """Ctrl-C (KeyboardInterrupt) while the ranks run: the call re-raises it and no rank survives."""
     from lessons_pkg.launch import processes_of_launch
 
+    seen = []
+
     def interrupt_once_ranks_run(signum, frame):
         if all((tmp_path / f"pid{r}").exists() for r in range(2)):
+            seen.append(len(processes_of_launch(known_launch_id)))  # torchrun and both ranks, at least
             raise KeyboardInterrupt
         signal.setitimer(signal.ITIMER_REAL, 0.2)
 
@@ -100,6 +116,7 @@ def test_interrupted_launch_leaves_no_process(script, tmp_path, known_launch_id)
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert len(_rank_pids(tmp_path, 2)) == 2  # both ranks were running when Ctrl-C came
+    assert seen and seen[0] >= 3, f"the finder saw {seen} processes of the running launch (torchrun + 2 ranks)"
     assert [p for p in _rank_pids(tmp_path, 2) if _alive(p)] == []
     assert processes_of_launch(known_launch_id) == []
 
