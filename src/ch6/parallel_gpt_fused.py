@@ -71,4 +71,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    parallel_state.destroy_model_parallel()
+    torch.distributed.destroy_process_group()  # a clean exit: no gloo threads left running at shutdown
+    sys.exit(status)
