@@ -5,6 +5,7 @@
     layers         ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
     cross_entropy  vocab_parallel_cross_entropy: the loss without gathering the logits
     config         GPTConfig and Megatron's initialisations
+    dropout        dropout with 15-bit masks: a quarter of F.dropout's mask time on the CPU
     transformer    ParallelMLP, ParallelAttention, ParallelTransformerLayer
     gpt            ParallelGPT (whole model or one pipeline stage), tied LM head
     checkpointing  full-size master weights: from a seed, to a shard, back to full

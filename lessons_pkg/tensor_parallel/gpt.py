@@ -33,6 +33,7 @@ from lessons_pkg import parallel_state
 from lessons_pkg.tensor_parallel.checkpointing import gather_full, shard_of
 from lessons_pkg.tensor_parallel.config import GPTConfig, init_method_normal
 from lessons_pkg.tensor_parallel.cross_entropy import cross_entropy
+from lessons_pkg.tensor_parallel.dropout import dropout as apply_dropout
 from lessons_pkg.tensor_parallel.layers import TPShape, VocabParallelEmbedding, mark_partitioned, resolve_tp_group
 from lessons_pkg.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from lessons_pkg.tensor_parallel.transformer import LayerNorm, ParallelTransformerLayer
@@ -53,7 +54,7 @@ class GPTEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)  # [b, s] -> [b, s, h]
-        return F.dropout(x, self.dropout, self.training)
+        return apply_dropout(x, self.dropout, self.training)
 
 
 class ParallelGPT(nn.Module):

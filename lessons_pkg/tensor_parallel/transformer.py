@@ -20,7 +20,8 @@ code beside each call is the reference and the default. Attention itself is
 ``[b, heads, s, s]`` tensor kept), except for training with attention dropout
 on the CPU (:func:`attention_with_dropout`); :func:`attention_reference` spells
 out the same computation (scores, causal softmax, weighted sum) and serves the
-fused kernels and the tests.
+fused kernels and the tests. Dropout is :mod:`lessons_pkg.tensor_parallel.dropout`
+(``F.dropout`` off the CPU).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lessons_pkg.tensor_parallel.config import GPTConfig, init_method_normal, scaled_init_method_normal
+from lessons_pkg.tensor_parallel.dropout import dropout as apply_dropout
 from lessons_pkg.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, resolve_tp_group
 from lessons_pkg.tensor_parallel.utils import divide
 
@@ -91,7 +93,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropo
     sk = k.size(2)
     scores = torch.matmul(q, k.transpose(-1, -2))                          # [b, nh, sq, sk]
     probs = scaled_causal_softmax(scores.reshape(b * nh, sq, sk), hd ** -0.5, fused).view(b, nh, sq, sk)
-    probs = F.dropout(probs, dropout, training)
+    probs = apply_dropout(probs, dropout, training)
     return torch.matmul(probs, v)                                          # [b, nh, sq, hd]
 
 
@@ -101,10 +103,12 @@ def attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dr
     ``F.scaled_dot_product_attention`` has a fused CPU kernel only without dropout. With dropout it
     runs its step-by-step "math" path, whose "safe softmax" adds three passes over the
     ``[b, nh, sq, sk]`` scores (``isneginf``, ``all``, ``where``: a row with every key masked gives 0,
-    which a causal mask never has). Here the mask enters the scores' matrix multiply as a ``-inf`` bias
-    (``baddbmm``) and the scale is applied to q, sk/hd times smaller than the scores. The same maths
-    and, for the same random state, the same dropout mask (one ``bernoulli_`` draw of the same shape);
-    tests/tensor_parallel checks both. ``q [b, nh, sq, hd]`` are the last ``sq`` of the ``sk`` positions.
+    which a causal mask never has), and draws its dropout mask with ``bernoulli_``. Here the mask enters
+    the scores' matrix multiply as a ``-inf`` bias (``baddbmm``), the scale is applied to q, sk/hd times
+    smaller than the scores, and the dropout is :func:`~lessons_pkg.tensor_parallel.dropout.dropout`
+    (15-bit masks, a quarter of ``bernoulli_``'s time). The same maths as SDPA (tested without dropout)
+    and as :func:`attention_reference`, dropout mask included (tested: same random state, same mask).
+    ``q [b, nh, sq, hd]`` are the last ``sq`` of the ``sk`` positions.
     """
     b, nh, sq, hd = q.shape
     sk = k.size(2)
@@ -112,7 +116,7 @@ def attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dr
         causal_mask(sq, sk, q.device).logical_not(), float("-inf"))        # [sq, sk]: 0 or -inf
     scores = torch.baddbmm(bias, (q * hd ** -0.5).reshape(b * nh, sq, hd),
                            k.reshape(b * nh, sk, hd).transpose(1, 2))       # [b*nh, sq, sk]
-    probs = F.dropout(torch.softmax(scores, dim=-1), dropout, True)
+    probs = apply_dropout(torch.softmax(scores, dim=-1), dropout, True)
     return torch.matmul(probs.view(b, nh, sq, sk), v)                      # [b, nh, sq, hd]
 
 
@@ -229,7 +233,7 @@ class ParallelTransformerLayer(nn.Module):
         self.mlp = ParallelMLP(config, tp_group)
 
     def _bias_dropout_add(self, x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return residual + F.dropout(x + bias, self.hidden_dropout, self.training)
+        return residual + apply_dropout(x + bias, self.hidden_dropout, self.training)
 
     def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
         attn, attn_bias = self.self_attention(self.input_layernorm(x), kv_cache)  # [b, s, h]

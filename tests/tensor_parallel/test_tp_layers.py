@@ -302,9 +302,9 @@ def test_tensor_parallel_layers_match_serial(world, tp):
 
 @pytest.mark.parametrize("sq, sk", [(7, 7), (3, 10)])
 def test_attention_with_dropout_matches_sdpa_and_the_reference(sq, sk):
-    """The CPU training path gives SDPA's (square) and the step-by-step reference's (queries after cached
-    keys) outputs and gradients, dropout mask included: same random state, same mask.
-    Tolerance 1e-5: float32 sums of a few terms taken in another order."""
+    """The CPU training path gives the step-by-step reference's outputs and gradients, dropout mask
+    included (same random state, same mask), for square attention and for queries after cached keys;
+    without dropout it gives SDPA's. Tolerance 1e-5: float32 sums of a few terms taken in another order."""
     from lessons_pkg.tensor_parallel.transformer import attention_reference, attention_with_dropout
 
     g = torch.Generator().manual_seed(0)
@@ -317,14 +317,18 @@ def test_attention_with_dropout_matches_sdpa_and_the_reference(sq, sk):
         out = fn()
         return (out, *torch.autograd.grad(out, (q, k, v), dy))
 
-    ours = run(lambda: attention_with_dropout(q, k, v, 0.5))
-    if sq == sk:
-        theirs = run(lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=0.5, is_causal=True))
-    else:
-        theirs = run(lambda: attention_reference(q, k, v, 0.5, training=True))
+    pairs = {"dropout 0.5, against the reference": (run(lambda: attention_with_dropout(q, k, v, 0.5)),
+                                                    run(lambda: attention_reference(q, k, v, 0.5, training=True)))}
+    mask = torch.ones(sq, sk, dtype=torch.bool).tril(sk - sq)
+    pairs["no dropout, against SDPA"] = (run(lambda: attention_with_dropout(q, k, v, 0.0)),
+                                         run(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
+    no_dropout = pairs["no dropout, against SDPA"][0][0]
+    assert not torch.allclose(pairs["dropout 0.5, against the reference"][0][0], no_dropout), "dropout changed nothing"
     torch.manual_seed(12)
     other_mask = attention_with_dropout(q, k, v, 0.5)
-    assert not torch.allclose(other_mask, ours[0]), "another random state must give another dropout mask"
-    for name, a, b in zip(("output", "grad q", "grad k", "grad v"), ours, theirs):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"attention with dropout, {name}: {m}")
+    assert not torch.allclose(other_mask, pairs["dropout 0.5, against the reference"][0][0]), \
+        "another random state must give another dropout mask"
+    for what, (ours, theirs) in pairs.items():
+        for name, a, b in zip(("output", "grad q", "grad k", "grad v"), ours, theirs):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{what}, {name}: {m}")
 
