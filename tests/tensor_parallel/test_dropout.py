@@ -7,6 +7,10 @@ wrong keep probability (a bias of 2^-16 goes undetected, one of 0.005 does not) 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,3 +110,17 @@ def test_dtypes_shapes_and_non_contiguous_input():
     assert dropout(torch.empty(0, 5), 0.5).shape == (0, 5)
     x = torch.full((1000,), float("nan"))
     assert dropout(x, 0.5).isnan().all(), "x * noise, as in F.dropout: NaN stays NaN, dropped or not"
+
+
+def test_bench_dropout_script_runs_and_reports_both():
+    """scripts/bench_dropout.py runs end to end (tiny shapes): every pass timed for both, ratios computed."""
+    script = Path(__file__).resolve().parents[2] / "scripts" / "bench_dropout.py"
+    out = subprocess.run([sys.executable, str(script), "--small", "--rounds", "2", "--threads", "1"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| small")]
+    assert [r.split("|")[2].strip() for r in rows] == ["mask", "forward", "forward+backward"], out.stdout
+    for r in rows:
+        cells = [c.strip() for c in r.split("|")[3:6]]
+        f_ms, ours_ms, ratio = float(cells[0]), float(cells[1]), float(cells[2].rstrip("x"))
+        assert f_ms > 0 and ours_ms > 0 and abs(ratio - f_ms / ours_ms) <= 0.05 * ratio, r  # ms printed to 3 decimals
