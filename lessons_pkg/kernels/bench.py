@@ -4,9 +4,7 @@
     python -m lessons_pkg.kernels.bench --quick --no-compile # small shapes, seconds (make course)
     python -m lessons_pkg.kernels.bench --output docs/kernels.md   # also write the table to a file
 
-For each op and shape, forward and forward+backward, four implementations of the same maths
-(forward+backward: per op, timed over 4 applications in a row and one ``torch.autograd.grad``
-call, as a training step runs every op's backward from one ``loss.backward()``):
+For each op and shape, forward and forward+backward, four implementations of the same maths:
 
     fused     lessons_pkg.kernels: one compiled kernel per pass
     eager     the native PyTorch op a user calls: F.gelu(x + b, approximate="tanh"),
@@ -233,39 +231,15 @@ def _cases(shapes: dict, device: torch.device):
            (x, w, b), 2 * e, 3 * e, x.numel())
 
 
-# Forward+backward samples run this many applications of an op in a row, differentiated by one
-# torch.autograd.grad call; the time per op is the sample's time divided by CHAIN (see _forward_backward).
-CHAIN = 4
-
-
-def _forward_backward(fn, inputs, chain: int = CHAIN):
-    """One forward+backward through ``chain`` applications of ``fn`` in a row (each output is the next
-    one's first input; the other inputs are shared), then one ``torch.autograd.grad`` call, as in a
-    training step, where one ``loss.backward()`` runs the backward of every op. One op per
-    ``torch.autograd.grad`` call would add that call's own Python to every op's time alike (see
-    :func:`autograd_call_us`; ~35 us here, a tenth of a 2048x256 LayerNorm), which no training loop pays per op."""
+def _forward_backward(fn, inputs):
     leaves = [t.detach().requires_grad_(True) for t in inputs]
-
-    def forward():
-        out = leaves[0]
-        for _ in range(chain):
-            out = fn(out, *leaves[1:])
-        return out
-
-    grad = torch.ones_like(forward())
+    grad = torch.ones_like(fn(*leaves))
 
     def step():
-        torch.autograd.grad(forward(), leaves, grad)
+        out = fn(*leaves)
+        torch.autograd.grad(out, leaves, grad)
 
     return step
-
-
-def autograd_call_us(device: torch.device, rounds: int = 7) -> float:
-    """The cost of one ``torch.autograd.grad`` call on a one-element graph, in us (what :data:`CHAIN` amortises)."""
-    x = torch.ones(1, device=device, requires_grad=True)
-    grad = torch.ones(1, device=device)
-    ms = interleaved_best_ms({"grad": lambda: torch.autograd.grad(x * 2, (x,), grad)}, device, rounds)["grad"]
-    return 1e3 * ms
 
 
 def run(shapes: str | dict = "course", device: str = "cpu", rounds: int = 7, compile: bool = True,
@@ -274,7 +248,6 @@ def run(shapes: str | dict = "course", device: str = "cpu", rounds: int = 7, com
     ``cold``: flush the caches before every timed call (see :func:`interleaved_best_ms`)."""
     device = torch.device(device)
     flush = CacheFlush(device) if cold else None
-    chain = 1 if cold else CHAIN  # cold: one op on flushed caches (in a chain, the next op finds its input cached)
     shapes = SHAPES[shapes] if isinstance(shapes, str) else shapes
     kernels.bias_gelu(torch.ones(1, 1, device=device), torch.ones(1, device=device))  # compile/load first
     rows = []
@@ -288,12 +261,10 @@ def run(shapes: str | dict = "course", device: str = "cpu", rounds: int = 7, com
             if passes == "forward":
                 steps = {name: (lambda f: (lambda: f(*inputs)))(f) for name, f in fns.items()}
             else:
-                steps = {name: _forward_backward(f, inputs, chain) for name, f in fns.items()}
+                steps = {name: _forward_backward(f, inputs) for name, f in fns.items()}
             with torch.no_grad() if passes == "forward" else torch.enable_grad():
                 ms = interleaved_best_ms(steps, device, rounds, warmup=3, flush=flush)
             fwd_only = passes == "forward"
-            if not fwd_only:
-                ms = {name: t / chain for name, t in ms.items()}  # per op
             rows.append(Row(op, shape, passes, ms, bytes_fwd if fwd_only else bytes_fwd + bytes_bwd,
                             elements * (flops_fwd if fwd_only else flops_fwd + flops_bwd)))
             log(f"  timed {op} {shape} {passes}")
@@ -395,9 +366,6 @@ def main(argv: list[str] | None = None) -> int:
         rows += run(SHAPES[name], device=args.device, rounds=rounds, compile=not args.no_compile,
                     unfused=not args.no_unfused, cold=args.cold, log=lambda m: print(m, flush=True))
     report.append(format_table(rows, ceiling, peak))
-    if not args.cold:
-        report.append(f"forward+backward: per op, {CHAIN} ops in a row and one torch.autograd.grad call per sample; "
-                      f"that call alone costs {autograd_call_us(device):.0f} us (one-element graph)")
     report.append("\ntargets (forward+backward):\n" + "\n".join(f"  {line}" for line in targets(rows)))
     if device.type == "cuda":
         report.append("\nGPU forward bandwidth:\n" + "\n".join(f"  {line}" for line in forward_bandwidth_share(rows, ceiling)))

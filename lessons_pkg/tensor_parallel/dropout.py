@@ -1,23 +1,25 @@
-"""Dropout whose mask costs a quarter of ``F.dropout``'s on the CPU: 15 random bits per element.
+"""Dropout whose mask costs a quarter of ``F.dropout``'s on this course's CPU: 15 random bits per element.
 
     y = x * keep / (1 - p')        keep ~ Bernoulli(1 - p'),  p' = round(p * 2^15) / 2^15
 
-On the CPU, ``F.dropout`` draws its mask with ``bernoulli_``: one call of the Mersenne-Twister
-generator and a float comparison per element, about 6 ns each on the course's machine. With
+On the CPU, ``F.dropout`` draws its mask with ``bernoulli_``: on the course's AMD EPYC, one call of the
+Mersenne-Twister generator and a float comparison per element, about 6 ns each (PyTorch builds with
+MKL can take a vectorised path on Intel CPUs; measure there before relying on this). With
 attention dropout on the ``[b, heads, s, s]`` probabilities that is 13% of a training
 iteration of the course's GPT (``torch.profiler``; docs/benchmarks.md). Here one call of
-``random_`` on an int64 gives 63 random bits, four 15-bit numbers u (the top bit of the fourth is
-always 0 and is masked off from all four), and ``keep = u >= round(p * 2^15)``. The keep
-probability is then ``1 - p'``, within ``2^-16`` (1.5e-5) of ``1 - p``, and the kept values are
-scaled by the exact ``1 / (1 - p')``, so ``E[y] = x`` holds exactly (FlashAttention quantises
-its keep probability to 8 bits the same way). As in ``F.dropout``, x is multiplied by the noise
-``keep / (1 - p')``, in x's dtype (so a NaN stays NaN even where dropped), and the noise is what
-backward keeps. (``torch.where(keep, x, 0)`` would keep a one-byte mask instead, but its CPU kernel
-is not vectorised: it costs twice a multiply.)
+``random_`` on an int64 gives 63 random bits, four 15-bit numbers u (the one always-0 bit is the
+top bit of one of the four 16-bit lanes; every lane is masked to its low 15 bits), and
+``keep = u >= round(p * 2^15)``. The keep probability is then ``1 - p'``, within ``2^-16`` (1.5e-5)
+of ``1 - p``, and the kept values are scaled by ``1 / (1 - p')``, not ``1 / (1 - p)``, so
+``E[y] = x`` up to the rounding of that scale to x's dtype (about 1e-7 in float32; in bfloat16 up to
+0.2%, exactly as for ``F.dropout``, whose scale is rounded the same way). As in ``F.dropout``, x is
+multiplied by the noise ``keep / (1 - p')`` in x's dtype (so a NaN stays NaN even where dropped),
+and the noise is what backward keeps. (``torch.where(keep, x, 0)`` would keep a one-byte mask
+instead, but its CPU kernel is not vectorised: it costs twice a multiply.)
 
-Only where this approximation is within 0.2% of ``p`` (``0.0077 <= p < 0.99998``, every rate in use) and
-only on the CPU; elsewhere, and for ``p`` = 1, it is ``F.dropout``: on a GPU ``F.dropout`` is one
-fused kernel with a counter-based generator already.
+Only where ``|p' - p| <= 0.2% p`` (always for ``0.0077 <= p < 0.99998``, every rate in use) and only on
+the CPU; elsewhere, and for ``p`` = 1, it is ``F.dropout``: on a GPU ``F.dropout`` is one fused
+kernel with a counter-based generator already.
 
 The mask comes from the default generator of the tensor's device, like ``F.dropout``'s: ranks
 seeded alike draw the same mask, checkpoints that save the generator state resume the same stream.

@@ -2,7 +2,8 @@
 
 Statistical bounds are 6 standard deviations of the binomial count (a false failure about once
 in 10^9 runs): the seeds are fixed, so a run passes or fails the same way every time, and a
-wrong keep probability (a bias of 2^-16 goes undetected, one of 0.005 does not) fails them.
+wrong keep probability (a bias of 2^-16 goes undetected, one of 0.005 in the whole mask, or of 0.01
+in one lane of a word, does not) fails them.
 """
 from __future__ import annotations
 
@@ -36,9 +37,10 @@ def test_keep_rate_is_one_minus_p_in_every_lane_of_a_word(p):
     assert_rate(keep, expected, f"p={p}")
     for lane in range(4):
         assert_rate(keep.view(-1, 4)[:, lane], expected, f"p={p}, lane {lane} of each word")
-    # neighbours are independent: both kept at rate (1 - p')^2
-    pairs = keep.view(-1, 2)
-    assert_rate(pairs[:, 0] & pairs[:, 1], expected**2, f"p={p}, two neighbours kept")
+    # elements 1 to 4 apart are independent (within a word and across words): both kept at rate (1 - p')^2
+    flat = keep.flatten()
+    for lag in range(1, 5):
+        assert_rate(flat[:-lag] & flat[lag:], expected**2, f"p={p}, elements {lag} apart both kept")
 
 
 def test_quantised_probability_is_within_2_to_the_minus_16():
