@@ -21,7 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lessons_pkg.kernels import bench  # noqa: E402
-from lessons_pkg.tensor_parallel.dropout import dropout, keep_mask  # noqa: E402
+from lessons_pkg.tensor_parallel.dropout import _quantization_fits, dropout, keep_mask  # noqa: E402
 
 SHAPES = {"attention probabilities": (8, 8, 256, 256), "residual stream": (8, 256, 256)}
 
@@ -65,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu measures one CPU thread: use it with --threads 1")
+    if args.rounds < 1 or args.threads < 1:
+        parser.error(f"--rounds and --threads must be >= 1, got --rounds {args.rounds} --threads {args.threads}")
+    if not _quantization_fits(args.p):  # else dropout() is F.dropout and the table compares it with itself
+        parser.error(f"--p {args.p}: the 15-bit path serves 0.0077 <= p < 0.99998 (|p' - p| <= 0.2% p); "
+                     f"outside it dropout() calls F.dropout")
     torch.set_num_threads(args.threads)
     bench.set_clock(args.clock)
     shapes = {"small": (4, 64, 64)} if args.small else SHAPES

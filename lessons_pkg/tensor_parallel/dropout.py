@@ -44,6 +44,8 @@ def quantized_drop_probability(p: float) -> float:
 
 
 def _quantization_fits(p: float) -> bool:
+    if not 0.0 < p < 1.0:  # also False for NaN
+        return False
     q = quantized_drop_probability(p)
     return 0.0 < q < 1.0 and abs(q - p) <= MAX_RELATIVE_ERROR * p
 

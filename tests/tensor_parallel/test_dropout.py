@@ -126,3 +126,32 @@ def test_bench_dropout_script_runs_and_reports_both():
         cells = [c.strip() for c in r.split("|")[3:6]]
         f_ms, ours_ms, ratio = float(cells[0]), float(cells[1]), float(cells[2].rstrip("x"))
         assert f_ms > 0 and ours_ms > 0 and abs(ratio - f_ms / ours_ms) <= 0.05 * ratio, r  # ms printed to 3 decimals
+    for bad, named in ((["--p", "0.001"], "--p 0.001"), (["--p", "nan"], "--p nan"), (["--rounds", "0"], "--rounds 0")):
+        out = subprocess.run([sys.executable, str(script), "--small", *bad], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and named in out.stderr and "|" not in out.stdout, (bad, out.stderr)
+
+
+def _replicated_dropout_on_a_rank(seed: int) -> torch.Tensor:
+    """What one tensor-parallel rank does: seeded like its peers, it drops out a replicated
+    ``[b, s, h]`` tensor after an attention-shaped draw (each rank's heads: the same size on every rank)."""
+    import torch.distributed as dist
+
+    torch.manual_seed(seed)
+    heads_per_rank = 8 // dist.get_world_size()
+    dropout(torch.ones(2, heads_per_rank, 16, 16), 0.1)      # [b, nh/tp, s, s] on every rank alike
+    return dropout(torch.arange(2 * 16 * 32, dtype=torch.float32).view(2, 16, 32), 0.1)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_seeded_alike_draw_the_same_mask_as_one_process(world):
+    """The module's claim that replicated activations see one mask: every rank's output equals the
+    others' and that of one process making the same draws from the same seed (bitwise)."""
+    from lessons_pkg.testing import run_on_ranks
+
+    outputs = run_on_ranks(_replicated_dropout_on_a_rank, world, args=(21,), timeout=120)
+    torch.manual_seed(21)
+    dropout(torch.ones(2, 8 // world, 16, 16), 0.1)
+    reference = dropout(torch.arange(2 * 16 * 32, dtype=torch.float32).view(2, 16, 32), 0.1)
+    assert (reference == 0).any() and (reference != 0).any()
+    for rank, out in enumerate(outputs):
+        assert torch.equal(out, reference), f"rank {rank} of {world} drew another mask"
