@@ -2,6 +2,7 @@
 
     python scripts/bench_generation.py                       # both models, batch 1 and 8, 2 threads
     python scripts/bench_generation.py --quick               # fewer tokens and contexts (a smoke run)
+    python scripts/bench_generation.py --device cuda         # on a GPU (float32; what scripts/gpu_check.sh runs)
 
 For each model (the course's: 4 layers, hidden 64, vocabulary 2048, 64
 positions; GPT-2 124M's sizes: 12 layers, hidden 768, vocabulary 50257, 1024
@@ -43,20 +44,30 @@ MODELS = {
 }
 
 
+DEVICE = torch.device("cpu")
+
+
 def build(name: str, seed: int = 0):
     config = GPTConfig(**MODELS[name], hidden_dropout=0.0, attention_dropout=0.0)
     weights = master_state_dict(config, seed=seed)
     ours = ParallelGPT(config)
     ours.load_master_state_dict(weights)
-    return config, ours.eval(), to_hf_model(weights, config)
+    return config, ours.eval().to(DEVICE), to_hf_model(weights, config).to(DEVICE)
 
 
 CLOCK = time.perf_counter
 
 
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)   # a GPU runs kernels asynchronously: wait for them before reading the clock
+
+
 def time_once(fn) -> tuple[float, object]:
+    _sync()
     start = CLOCK()
     out = fn()
+    _sync()
     return CLOCK() - start, out
 
 
@@ -64,6 +75,7 @@ def bench_generate(name: str, batch: int, prompt_len: int, tokens: int, repeats:
     config, ours, hf = build(name)
     engine = InferenceEngine(ours, None, eod=config.vocab_size - 1)
     prompts = torch.randint(0, config.vocab_size - 1, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
+    prompts = prompts.to(DEVICE)
     params = SamplingParams(tokens_to_generate=tokens, top_k=1, use_eod_token_for_early_termination=False)
 
     def run_ours():
@@ -95,6 +107,7 @@ def bench_context(name: str, lengths: list[int], repeats: int) -> list[dict]:
     """ms for one new token at context length L: cached (one position) vs recomputed (all L positions)."""
     config, model, _ = build(name)
     ids = torch.randint(0, config.vocab_size, (1, max(lengths)), generator=torch.Generator().manual_seed(2))
+    ids = ids.to(DEVICE)
     rows = []
     with torch.inference_mode():
         for length in lengths:
@@ -145,6 +158,8 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def machine() -> str:
+    if DEVICE.type == "cuda":
+        return f"{torch.cuda.get_device_name(DEVICE)}, torch {torch.__version__} (CUDA {torch.version.cuda}), float32"
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                  platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -154,7 +169,8 @@ def machine() -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N (float32 on both)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (on a GPU: the host's threads)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--tokens", type=int, default=32, help="new tokens per prompt")
@@ -168,10 +184,20 @@ def main(argv=None) -> int:
     p.add_argument("--json", default="outputs/bench_generation.json")
     p.add_argument("--plot", default="docs/generation_cache.png")
     args = p.parse_args(argv)
+    global CLOCK, DEVICE
+    try:
+        DEVICE = torch.device(args.device)
+    except RuntimeError as error:
+        p.error(f"--device {args.device!r} is not a device torch knows: {error}")
+    if DEVICE.type not in ("cpu", "cuda"):
+        p.error(f"--device {args.device!r}: only cpu and cuda are supported")
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device!r}: this torch ({torch.__version__}) sees no CUDA device")
+    if DEVICE.type == "cuda" and args.clock == "cpu":
+        p.error("--clock cpu measures this process's CPU time, not the GPU's: use --clock wall with --device cuda")
     if args.quick:
         args.tokens, args.contexts, args.repeats = 8, [16, 64], 1
     torch.set_num_threads(args.threads)
-    global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     print(f"machine: {machine()}; clock: {args.clock}", flush=True)
 

@@ -11,7 +11,8 @@
 #                      measured copy bandwidth
 #   4. training        GPT-2 124M (12 layers, hidden 768, 12 heads, sequence 1024, vocabulary 50257), bf16,
 #                      TP=1, 30 iterations of 8 x 1024 tokens: tokens/s and MFU; goal MFU >= 40% on H100/H200
-#   5. generation      scripts/bench_generation.py (or src/ch6/bench_generation.py) if it exists
+#   5. generation      scripts/bench_generation.py --device cuda --quick (our KV-cache engine against transformers'
+#                      generate, float32, same tokens required); its JSON and plot go to the logs folder
 # Without a CUDA device every GPU step is SKIPPED (with the reason) and the script exits 0: that is
 # what the CPU test (tests/kernels/test_bench_scripts.py) checks. Logs: <results dir>/logs/<step>.log;
 # the results file is written by scripts/gpu_check_summary.py from those logs.
@@ -24,7 +25,7 @@ RESULTS=${1:-outputs/gpu_check/results.md}
 DIR=$(dirname "$RESULTS")
 LOGS="$DIR/logs"
 mkdir -p "$LOGS"
-rm -f "$LOGS"/*.log "$LOGS"/*.status "$LOGS"/kernel_bench.md  # nothing of an earlier run
+rm -f "$LOGS"/*.log "$LOGS"/*.status "$LOGS"/kernel_bench.md "$LOGS"/generation.json "$LOGS"/generation_cache.png  # nothing of an earlier run
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
@@ -90,6 +91,8 @@ if grep -q "^cuda_available True" "$LOGS/environment.log"; then
     GEN_ARGS=()
     grep -q -- '"--device"' "$GEN" && GEN_ARGS+=(--device cuda)
     grep -q -- '"--quick"' "$GEN" && GEN_ARGS+=(--quick)
+    grep -q -- '"--json"' "$GEN" && GEN_ARGS+=(--json "$LOGS/generation.json")
+    grep -q -- '"--plot"' "$GEN" && GEN_ARGS+=(--plot "$LOGS/generation_cache.png")
     run_step generation 120 "$PYTHON" "$GEN" "${GEN_ARGS[@]}"
   else
     skip_step generation "no scripts/bench_generation.py or src/ch6/bench_generation.py in this checkout"
