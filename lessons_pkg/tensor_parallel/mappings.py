@@ -62,7 +62,9 @@ class _CopyToModelParallelRegion(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         # clone: autograd may hand the same gradient tensor to several branches (a residual add does),
-        # and the all-reduce works in place
+        # and the all-reduce works in place (one rank: no all-reduce, no copy)
+        if _world_size(ctx.group) == 1:
+            return grad, None
         return _all_reduce(grad.clone(), ctx.group), None
 
 
@@ -71,6 +73,8 @@ class _ReduceFromModelParallelRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
+        if _world_size(group) == 1:
+            return x.view_as(x)  # one rank: the sum is x itself
         return _all_reduce(x.clone(), group)  # clone: the caller's partial sums stay as they were
 
     @staticmethod

@@ -48,14 +48,16 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, fused: bool = False) -> torch
     """GeLU(x + bias) with the tanh approximation (GPT-2's ``gelu_new``, Megatron's ``bias_gelu``).
 
     Under autocast ``x`` (a matmul's output) is bf16/fp16 while ``bias`` (a
-    parameter) stays float32: the fused kernel gets both in one dtype.
+    parameter) stays float32: both paths add it in ``x``'s dtype (as a bf16
+    ``addmm`` would), so the 4h activations stay bf16 instead of being
+    promoted to float32, read and written at twice the bytes.
     """
     if fused:
         from lessons_pkg import kernels
 
         dtype = _kernel_dtype(x)
         return kernels.bias_gelu(x.to(dtype), bias.to(dtype)).to(x.dtype)
-    return F.gelu(x + bias, approximate="tanh")
+    return F.gelu(x + bias.to(x.dtype), approximate="tanh")
 
 
 def scaled_causal_softmax(scores: torch.Tensor, scale: float, fused: bool = False) -> torch.Tensor:
@@ -197,7 +199,7 @@ class ParallelAttention(nn.Module):
         nh, hd = self.num_heads_per_partition, self.head_dim
         qkv, _ = self.query_key_value(x)                            # [b, s, h] -> [b, s, 3h/tp]
         qkv = qkv.view(b, s, nh, 3, hd)                             # this rank's heads, each [q k v]
-        q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # 3 x [b, nh, s, hd]
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(3))        # 3 x [b, nh, s, hd] (backward: one stack)
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)                            # 2 x [b, nh, cached + s, hd]
         context = self.core_attention(q, k, v)                      # [b, nh, s, hd]

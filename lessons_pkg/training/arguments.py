@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(course) also write every iteration's numbers, one JSON object a line")
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="(course) peak dense TFLOP/s of one device, to report model FLOPs utilisation")
+    g.add_argument("--profile", action="store_true",
+                   help="profile iterations --profile-step-start to --profile-step-end - 1 with torch.profiler; "
+                        "rank 0 prints the ops that took the most time")
+    g.add_argument("--profile-step-start", type=int, default=10)
+    g.add_argument("--profile-step-end", type=int, default=12)
+    g.add_argument("--profile-trace", type=str, default=None,
+                   help="(course) with --profile, also write rank 0's trace (Chrome trace format) to this file")
     return p
 
 
@@ -233,6 +240,11 @@ def validate_args(args: argparse.Namespace, world_size: int, device: torch.devic
             errors.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.eval_iters < 0:
         errors.append(f"--eval-iters must be >= 0, got {args.eval_iters}")
+    if args.profile and not 1 <= args.profile_step_start < args.profile_step_end <= args.train_iters + 1:
+        errors.append(f"--profile needs 1 <= --profile-step-start ({args.profile_step_start}) < --profile-step-end "
+                      f"({args.profile_step_end}) <= train-iters + 1 ({args.train_iters + 1})")
+    if args.profile_trace and not args.profile:
+        errors.append(f"--profile-trace ({args.profile_trace}) is set but --profile is not")
 
     if args.vocab_size is not None and args.vocab_size < 1:
         errors.append(f"--vocab-size must be a positive integer, got {args.vocab_size}")

@@ -80,7 +80,7 @@ class DistributedOptimizer:
                 adam_groups.append({"params": [shard_param], "weight_decay": wd})
             else:  # keep two groups on every rank, so param_groups look alike everywhere
                 adam_groups.append({"params": [], "weight_decay": wd})
-        self.adam = torch.optim.AdamW(adam_groups, **adam_kwargs(args))
+        self.adam = torch.optim.AdamW(adam_groups, **adam_kwargs(args, self.main_shard.device))
         self._padded, self._total, self._numels = padded, total, numels
 
     @property

@@ -71,8 +71,9 @@ def global_grad_norm(params: list[torch.nn.Parameter], tp_rank: int, tp_group, p
     """L2 norm of the whole model's gradient (every shard of every stage, replicas counted once)."""
     counted = [p.grad for p in params if p.grad is not None and counts_in_norm(p, tp_rank)]
     squares = torch.zeros((), dtype=torch.float32, device=params[0].device if params else "cpu")
-    if counted:
-        squares = torch.stack([g.float().pow(2).sum() for g in counted]).sum()
+    if counted:  # one norm kernel per group of tensors (torch's clip_grad_norm_ does the same), then their squares
+        norms = torch._foreach_norm([g if g.dtype == torch.float32 else g.float() for g in counted])
+        squares = torch.stack(norms).pow(2).sum()
     return sum_across_model_parallel(squares, tp_group, pp_group).sqrt().item()
 
 

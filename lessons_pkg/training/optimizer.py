@@ -41,7 +41,7 @@ class Optimizer:
         self.groups, self.clip_grad, self.loss_scaler = groups, args.clip_grad, loss_scaler
         self.adam = torch.optim.AdamW(
             [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            **adam_kwargs(args))
+            **adam_kwargs(args, self.params[0].device if self.params else "cpu"))
 
     @property
     def param_groups(self):

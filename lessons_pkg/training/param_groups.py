@@ -46,5 +46,8 @@ def param_names(params: list, named_params) -> list[str]:
     return [names[id(p)] for p in params]
 
 
-def adam_kwargs(args) -> dict:
-    return dict(lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, foreach=True)
+def adam_kwargs(args, device: torch.device | str = "cpu") -> dict:
+    """AdamW's arguments. On a GPU ``fused=True`` (one kernel reads and writes each parameter's state once;
+    ``foreach`` runs about ten passes, see docs/benchmarks.md); on the CPU ``foreach``, as the tests run it."""
+    impl = {"fused": True} if torch.device(device).type == "cuda" else {"foreach": True}
+    return dict(lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, **impl)

@@ -32,6 +32,7 @@ from lessons_pkg.training.grads import allreduce_embedding_grads
 from lessons_pkg.training.logging import TrainingLogger
 from lessons_pkg.training.lr_scheduler import OptimizerParamScheduler
 from lessons_pkg.training.optimizer import Groups, get_optimizer
+from lessons_pkg.training.profiling import IterationProfiler
 from lessons_pkg.utils import print_rank_0, set_seed
 
 # Fault injection for the tests: SIGKILL every rank right after the checkpoint of this iteration is complete.
@@ -221,8 +222,12 @@ def pretrain(args, rt: Runtime, model_provider, datasets_provider, loss_fn, padd
     print_rank_0(f"training ... (iterations {iteration + 1} to {args.train_iters})")
     last_saved = iteration if args.load else None
     result = {"iteration": iteration}
+    profiler = (IterationProfiler(args.profile_step_start, args.profile_step_end, rt.device, dist.get_rank(),
+                                  args.profile_trace) if args.profile else None)
 
     while iteration < args.train_iters:
+        if profiler:
+            profiler.before(iteration + 1)
         sync()
         start = time.perf_counter()
         ids = microbatch_sample_ids(consumed, args.micro_batch_size, args.data_parallel_size, rt.dp_rank,
@@ -235,6 +240,8 @@ def pretrain(args, rt: Runtime, model_provider, datasets_provider, loss_fn, padd
         consumed += args.global_batch_size
         scale = optimizer.loss_scaler.scale if optimizer.loss_scaler is not None else None
         logger.iteration(iteration, consumed, time.perf_counter() - start, lr, loss, grad_norm, scale)
+        if profiler:
+            profiler.after(iteration)
 
         if do_eval and valid_ds is not None and iteration % args.eval_interval == 0:
             valid_loss = evaluate(run_chunks, valid_ds, consumed_valid, rt, args, loss_fn)

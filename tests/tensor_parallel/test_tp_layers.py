@@ -332,3 +332,18 @@ def test_attention_with_dropout_matches_sdpa_and_the_reference(sq, sk):
         for name, a, b in zip(("output", "grad q", "grad k", "grad v"), ours, theirs):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{what}, {name}: {m}")
 
+
+
+def test_one_rank_mappings_pass_tensors_through_without_a_copy():
+    """At TP=1 f and g are identities both ways: no all-reduce and no clone (a copy of every activation
+    and gradient of the residual stream otherwise: 0.5 ms an iteration of GPT-2 124M on an H200)."""
+    from lessons_pkg.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                      reduce_from_tensor_model_parallel_region)
+
+    x = torch.randn(4, 8, requires_grad=True)
+    for fn in (copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region):
+        y = fn(x, None)
+        assert y.data_ptr() == x.data_ptr() and torch.equal(y, x)
+        g = torch.randn(4, 8)
+        (grad,) = torch.autograd.grad(y, x, g)
+        assert torch.equal(grad, g)

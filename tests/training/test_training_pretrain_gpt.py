@@ -84,7 +84,10 @@ TP2PP2 = ("--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size",
 @pytest.fixture(scope="module")
 def serial(data):
     log = data["root"] / "serial.jsonl"
-    result = launch(1, data, log, "--tensorboard-dir", str(data["root"] / "tensorboard"))
+    # --profile records iterations 2-3 (it changes no number: the other layouts are compared with this run)
+    result = launch(1, data, log, "--tensorboard-dir", str(data["root"] / "tensorboard"), "--profile",
+                    "--profile-step-start", "2", "--profile-step-end", "4",
+                    "--profile-trace", str(data["root"] / "trace.json"))
     return log, result
 
 
@@ -120,6 +123,13 @@ def test_serial_run_logs_like_megatron(serial):
     train = losses(log)
     assert train[ITERS] < train[1], "the loss should go down in 6 iterations"
     assert list((log.parent / "tensorboard").glob("events.out.tfevents.*")), "--tensorboard-dir wrote no events"
+    # --profile: one table of iterations 2-3, CPU time here (on a GPU: CUDA time), the matmuls in it
+    assert out.count("profile of iteration(s) 2-3 (2 iteration(s)), sorted by self_cpu_time_total:") == 1
+    table = out.split("profile of iteration(s) 2-3")[1]
+    assert "Self CPU time total:" in table and ("aten::mm" in table or "aten::addmm" in table), table[:3000]
+    trace = json.loads((log.parent / "trace.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert "Optimizer.step#AdamW.step" in names and "aten::mm" in names
 
 
 def test_tp2_pp2_matches_single_process(serial, tp2pp2):

@@ -46,6 +46,11 @@ def test_valid_arguments_derive_megatron_sizes():
     (("--lr-warmup-iters", "20"), 1, "lr-warmup-iters (20) must be between 0 and lr-decay-iters (10"),
     (("--vocab-size", "0"), 1, "--vocab-size must be a positive integer, got 0"),
     (("--ffn-hidden-size", "64"), 1, "ffn-hidden-size (64) must be 4 x hidden-size (128)"),
+    (("--profile", "--profile-step-start", "5", "--profile-step-end", "5"), 1,
+     "--profile needs 1 <= --profile-step-start (5) < --profile-step-end (5) <= train-iters + 1 (11)"),
+    (("--profile", "--profile-step-start", "0"), 1, "--profile-step-start (0)"),
+    (("--profile", "--profile-step-start", "9", "--profile-step-end", "13"), 1, "--profile-step-end (13)"),
+    (("--profile-trace", "t.json"), 1, "--profile-trace (t.json) is set but --profile is not"),
 ])
 def test_inconsistent_arguments_are_named(extra, world, message):
     with pytest.raises(ValueError) as err:
@@ -218,3 +223,33 @@ def test_interleaved_schedule_runs_on_the_nccl_branch_with_the_shape_train_passe
 
     for with_headers, without_headers in run_on_ranks(_interleaved_forward_on_the_nccl_branch, 2, timeout=90):
         assert math.isfinite(with_headers) and with_headers == without_headers  # same messages, same sums
+
+
+def test_adam_is_fused_on_a_gpu_and_foreach_on_the_cpu():
+    from lessons_pkg.training.param_groups import adam_kwargs
+
+    args = args_with()
+    assert adam_kwargs(args, "cpu")["foreach"] is True and "fused" not in adam_kwargs(args, "cpu")
+    assert adam_kwargs(args, torch.device("cuda", 0))["fused"] is True and "foreach" not in adam_kwargs(args, "cuda")
+    # the CPU optimizer the trainer builds takes it as it is
+    w = torch.nn.Parameter(torch.ones(3))
+    torch.optim.AdamW([w], **adam_kwargs(args, w.device))
+
+
+def test_iteration_profiler_records_only_its_iterations(capsys):
+    from lessons_pkg.training.profiling import IterationProfiler
+
+    with pytest.raises(ValueError, match="start=3, end=3"):
+        IterationProfiler(3, 3, torch.device("cpu"), 0)
+    prof = IterationProfiler(2, 3, torch.device("cpu"), rank=0, rows=5)
+    a = torch.randn(64, 64)
+    for it in range(1, 5):
+        prof.before(it)
+        a @ a if it == 2 else torch.cumsum(a, 0)     # only iteration 2 multiplies
+        prof.after(it)
+    out = capsys.readouterr().out
+    assert out.count("profile of iteration(s) 2-2 (1 iteration(s))") == 1
+    assert "aten::mm" in out and "aten::cumsum" not in out, out
+    quiet = IterationProfiler(1, 2, torch.device("cpu"), rank=1)   # only rank 0 prints
+    quiet.before(1), quiet.after(1)
+    assert capsys.readouterr().out == "" and "profile of iteration(s) 1-1" in quiet.report
