@@ -15,6 +15,7 @@ hanging CI.
 from __future__ import annotations
 
 import multiprocessing as mp
+import pickle
 import os
 import queue
 import tempfile
@@ -53,7 +54,10 @@ def _rank_main(fn, rank, world_size, store_path, timeout, backend, args, kwargs,
             timeout=timedelta(seconds=timeout),
         )
         value = fn(*args, **kwargs)
-        results.put((rank, "ok", value))
+        # pickled here, by value: put on the queue as they are, tensors would travel as shared-memory
+        # handles (torch registers that with multiprocessing), which the parent cannot open once this rank
+        # has exited; and a value that cannot be pickled is reported as this rank's error
+        results.put((rank, "ok", pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -125,5 +129,5 @@ def _collect(procs, results, world_size: int, timeout: float) -> list[Any]:
                 continue
         if status == "error":
             raise RankError(f"rank {rank} of {world_size} failed:\n{value}")
-        values[rank] = value
+        values[rank] = pickle.loads(value)
     return [values[r] for r in range(world_size)]

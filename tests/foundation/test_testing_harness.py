@@ -56,3 +56,25 @@ def test_hung_rank_fails_within_timeout():
 def test_world_size_must_be_positive():
     with pytest.raises(ValueError, match="world_size must be >= 1, got 0"):
         run_on_ranks(_all_reduce_rank, 0)
+
+
+def _big_tensor_then_exit():
+    # several MB: large enough for the queue to have used a shared-memory handle before the fix
+    return torch.full((1 << 20,), float(dist.get_rank()))
+
+
+def test_returned_tensors_survive_their_rank_exiting():
+    """A rank returns a tensor and exits at once: the parent still gets the values (they travel by value)."""
+    for _ in range(3):
+        results = run_on_ranks(_big_tensor_then_exit, 2)
+        assert [r.shape for r in results] == [(1 << 20,)] * 2
+        assert all(torch.equal(r, torch.full((1 << 20,), float(k))) for k, r in enumerate(results))
+
+
+def _returns_a_lambda():
+    return lambda: None
+
+
+def test_a_result_that_cannot_be_pickled_is_the_rank_s_error():
+    with pytest.raises(RankError, match="rank 0 of 1 failed"):
+        run_on_ranks(_returns_a_lambda, 1, timeout=30)
