@@ -218,6 +218,11 @@ def _failure_report(result: LaunchResult, launcher_output: str) -> str:
             parts.append(f"--- rank {rank} stderr (last lines) ---\n{tail}")
     if not parts:
         parts.append(f"--- torchrun output ---\n{launcher_output.strip()[-4000:]}")
+    elif "Root Cause" in launcher_output:
+        # which rank failed first, with its exit code or signal: a rank killed by a signal (the kernel's
+        # OOM killer, a segfault) writes nothing to its stderr, and the others then die of torchrun's SIGTERM
+        root = launcher_output[launcher_output.index("Root Cause"):].strip()
+        parts.append(f"--- torchrun: the first rank to fail ---\n{root[:1500]}")
     return "\n".join(parts)
 
 
