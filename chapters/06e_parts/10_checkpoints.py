@@ -197,4 +197,4 @@ same = continue_from(CKPT, f"{OUT}/same.jsonl", 4, "--tensor-model-parallel-size
 moved = continue_from(CKPT, f"{OUT}/moved.jsonl", 2, "--use-distributed-optimizer")
 print("iterations", sorted(moved), "| same as at TP=2 x PP=2:", sorted(moved) == sorted(same))
 gap = max(abs(moved[i] - same[i]) for i in same)
-print(f"largest loss difference {gap:.1e} < 2e-5: {gap < 2e-5}")
+print(f"largest loss difference < 2e-5: {gap < 2e-5}")  # the value itself varies from run to run (0 to ~1e-6)

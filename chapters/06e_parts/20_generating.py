@@ -158,4 +158,4 @@ for i, prompt in enumerate(prompts):
     worst = max(worst, float((torch.tensor(ours["logprobs"][i], dtype=torch.float64) - lp).abs().max()))
 print("TP=1 and TP=2 x PP=2 generate the same tokens:", ours["tokens"] == parallel["tokens"])
 print("... and the same as transformers' generate:", same_hf)
-print(f"log-probabilities vs transformers: max error {worst:.1e} < 2e-5: {worst < 2e-5}")
+print(f"log-probabilities vs transformers: max error < 2e-5: {worst < 2e-5}")  # the value varies (~1e-6)
