@@ -15,8 +15,8 @@ hanging CI.
 from __future__ import annotations
 
 import multiprocessing as mp
-import pickle
 import os
+import pickle
 import queue
 import tempfile
 import time

@@ -224,6 +224,9 @@ def pretrain(args, rt: Runtime, model_provider, datasets_provider, loss_fn, padd
     result = {"iteration": iteration}
     profiler = (IterationProfiler(args.profile_step_start, args.profile_step_end, rt.device, dist.get_rank(),
                                   args.profile_trace) if args.profile else None)
+    if profiler and iteration >= args.profile_step_start:
+        print_rank_0(f"WARNING: --profile-step-start {args.profile_step_start} is not after the loaded iteration "
+                     f"{iteration}: nothing will be profiled")
 
     while iteration < args.train_iters:
         if profiler:

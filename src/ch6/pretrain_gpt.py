@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         # logits [mb, s, V/tp] (this rank's vocabulary slice), labels [mb, s] -> mean loss over tokens;
         # the dummy tokens of the padded vocabulary take no probability (see mask_vocab_padding)
         if args.tensor_model_parallel_size == 1:  # one rank holds the whole vocabulary, dummy tokens last:
-            logits = logits[..., :vocab_size]  # cutting them off (a view) = masking them (no -inf pass, no copy)
+            logits = logits[..., :vocab_size]  # cut off (a view): the loss of masking them, without its passes
         logits = mask_vocab_padding(logits.float(), vocab_size, rt.tp_rank)
         return cross_entropy(logits, labels, tp_group=rt.tp_group).mean()  # vocab-parallel when TP > 1
 
