@@ -11,8 +11,9 @@ carries the tail of its output; if it runs past ``timeout``, every process of
 the job is killed first. However the call ends (Ctrl-C included), no process it
 started is left running (the same clean-up as :func:`lessons_pkg.launch.torchrun`).
 
-The first DeepSpeed run on a CPU machine compiles DeepSpeed's shared-memory
-communication op (a minute or two; cached in ``~/.cache/torch_extensions``).
+On a CPU machine DeepSpeed would compile a shared-memory all-reduce for inference
+when it initialises (a minute or two per environment); ``pipe_dream.py`` skips that
+build, which its training never needs.
 
 Command line::
 

@@ -143,10 +143,20 @@ def hf_name(name: str, n_layer: int) -> str:
     return f"transformer.h.{index - 2}.{rest}"
 
 
+def skip_cpu_inference_all_reduce_build() -> None:
+    """On the CPU, DeepSpeed's communication backend compiles a shared-memory all-reduce for *inference*
+    (``deepspeed_shm_comm``, about a minute of C++ in every new environment) when it initialises. Training
+    never calls it (without it, DeepSpeed's ``inference_all_reduce`` falls back to ``torch.distributed``), so
+    mark it unavailable before ``init_distributed``. On a GPU nothing changes."""
+    if not torch.cuda.is_available():
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start_ranks(args)  # plain python: start 4 ranks under torchrun; under a launcher: already a rank
     deepspeed.utils.logger.setLevel(logging.WARNING)  # keep the output to this script's lines
+    skip_cpu_inference_all_reduce_build()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
 
