@@ -193,6 +193,8 @@ def main(argv=None) -> int:
         p.error(f"--device {args.device!r}: only cpu and cuda are supported")
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device!r}: this torch ({torch.__version__}) sees no CUDA device")
+    if DEVICE.type == "cuda" and DEVICE.index is not None and DEVICE.index >= torch.cuda.device_count():
+        p.error(f"--device {args.device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if DEVICE.type == "cuda" and args.clock == "cpu":
         p.error("--clock cpu measures this process's CPU time, not the GPU's: use --clock wall with --device cuda")
     if args.quick:

@@ -29,9 +29,9 @@ from collections import defaultdict
 
 # (group, words): the first group with a word in the launch site takes the kernel
 GROUPS = [
-    ("loss (log-softmax, NLL, vocabulary cut)", ("softmax", "nll", "cross_entropy", "slice_backward",
-                                                   "masked_fill")),
-    ("attention (SDPA)", ("attention",)),
+    ("loss (log-softmax, NLL, vocabulary cut)", ("log_softmax", "logsoftmax", "nll", "cross_entropy",
+                                                   "slice_backward", "masked_fill")),
+    ("attention (SDPA, or softmax over the scores)", ("attention", "_softmax", "scaled_masked", "upper_triang")),
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul")),
     ("optimizer (AdamW)", ("adam", "_foreach_mul", "_foreach_add", "_foreach_lerp", "_foreach_sqrt",
                            "_foreach_div")),
@@ -91,7 +91,10 @@ def group_of(site: str) -> str:
 
 
 def busy_and_span(events: list[dict]) -> tuple[float, float]:
+    """The GPU's busy time (the union of its kernels' intervals) and the span from first start to last end, in us."""
     kernels = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in DEVICE_CATEGORIES)
+    if not kernels:
+        raise ValueError("no GPU kernels in these events")
     busy, cur_start, cur_end = 0.0, None, None
     for s, e in kernels:  # union of intervals: overlapping kernels (several streams) count once
         if cur_end is None or s > cur_end:
@@ -113,8 +116,10 @@ def report(events: list[dict], iterations: int, depth: int, top: int) -> str:
         per_site[site].append(d)
     busy, span = busy_and_span(events)
     ms = 1e-3 / iterations
+    share = 100 * busy / span if span else 100.0
     lines = [f"GPU busy {busy * ms:.2f} ms per iteration over a span of {span * ms:.2f} ms "
-             f"({100 * busy / span:.0f}% busy); kernel time summed: {total * ms:.2f} ms", "",
+             f"({share:.0f}% busy); kernel time summed: {total * ms:.2f} ms; "
+             f"{len(sites) / iterations:g} kernels, copies and fills per iteration", "",
              "| group | ms / iteration | share |", "|---|---:|---:|"]
     for name, d in sorted(per_group.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {name} | {d * ms:.2f} | {100 * d / total:.1f}% |")
@@ -128,7 +133,9 @@ def report(events: list[dict], iterations: int, depth: int, top: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("trace", help="a torch.profiler Chrome trace (.json or .json.gz)")
-    p.add_argument("--iterations", type=int, default=1, help="iterations the trace holds (times are divided by it)")
+    p.add_argument("--iterations", type=int, required=True,
+                   help="iterations the trace holds (times are divided by it): the trainer's --profile-step-end "
+                        "minus --profile-step-start")
     p.add_argument("--depth", type=int, default=3, help="ops named per launch site (the launching op and outer ones)")
     p.add_argument("--top", type=int, default=25)
     args = p.parse_args(argv)

@@ -62,9 +62,7 @@ class _CopyToModelParallelRegion(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         # clone: autograd may hand the same gradient tensor to several branches (a residual add does),
-        # and the all-reduce works in place (one rank: no all-reduce, no copy)
-        if _world_size(ctx.group) == 1:
-            return grad, None
+        # and the all-reduce works in place
         return _all_reduce(grad.clone(), ctx.group), None
 
 
@@ -73,8 +71,6 @@ class _ReduceFromModelParallelRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
-        if _world_size(group) == 1:
-            return x.view_as(x)  # one rank: the sum is x itself
         return _all_reduce(x.clone(), group)  # clone: the caller's partial sums stay as they were
 
     @staticmethod
@@ -112,8 +108,12 @@ def copy_to_tensor_model_parallel_region(x: torch.Tensor, group: dist.ProcessGro
     """The paper's **f**: forward identity, backward all-reduce (sum) over ``group``.
 
     Put it where a replicated activation enters a column-parallel layer: every
-    rank's partial gradient with respect to that activation is summed.
+    rank's partial gradient with respect to that activation is summed. On one
+    rank it is the identity both ways and returns ``x`` itself: no autograd
+    node, no copy of the gradient.
     """
+    if _world_size(group) == 1:
+        return x
     return _CopyToModelParallelRegion.apply(x, group)
 
 
@@ -121,8 +121,11 @@ def reduce_from_tensor_model_parallel_region(x: torch.Tensor, group: dist.Proces
     """The paper's **g**: forward all-reduce (sum) over ``group``, backward identity.
 
     Put it where the partial sums of a row-parallel layer become the full output.
-    The input is not modified.
+    The input is not modified. On one rank the sum is ``x`` itself, returned as
+    it is (no autograd node, no copy).
     """
+    if _world_size(group) == 1:
+        return x
     return _ReduceFromModelParallelRegion.apply(x, group)
 
 

@@ -48,9 +48,12 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, fused: bool = False) -> torch
     """GeLU(x + bias) with the tanh approximation (GPT-2's ``gelu_new``, Megatron's ``bias_gelu``).
 
     Under autocast ``x`` (a matmul's output) is bf16/fp16 while ``bias`` (a
-    parameter) stays float32: both paths add it in ``x``'s dtype (as a bf16
-    ``addmm`` would), so the 4h activations stay bf16 instead of being
-    promoted to float32, read and written at twice the bytes.
+    parameter) stays float32. The plain path adds it in ``x``'s dtype (as a
+    bf16 ``addmm`` would), so the 4h activations stay bf16 instead of being
+    promoted to float32, read and written at twice the bytes; the bias's
+    gradient is summed in that dtype too and reaches the float32 parameter
+    through the cast. The fused kernel gets both in one dtype: ``x``'s on a
+    GPU, float32 on the CPU (which has no half-precision kernels).
     """
     if fused:
         from lessons_pkg import kernels

@@ -116,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--profile", action="store_true",
                    help="profile iterations --profile-step-start to --profile-step-end - 1 with torch.profiler; "
                         "rank 0 prints the ops that took the most time")
-    g.add_argument("--profile-step-start", type=int, default=10)
-    g.add_argument("--profile-step-end", type=int, default=12)
+    g.add_argument("--profile-step-start", type=int, default=10, help="first iteration profiled (1-based)")
+    g.add_argument("--profile-step-end", type=int, default=12, help="iteration after the last one profiled")
     g.add_argument("--profile-trace", type=str, default=None,
                    help="(course) with --profile, also write rank 0's trace (Chrome trace format) to this file")
     return p
@@ -242,9 +242,11 @@ def validate_args(args: argparse.Namespace, world_size: int, device: torch.devic
         errors.append(f"--eval-iters must be >= 0, got {args.eval_iters}")
     if args.profile and not 1 <= args.profile_step_start < args.profile_step_end <= args.train_iters + 1:
         errors.append(f"--profile needs 1 <= --profile-step-start ({args.profile_step_start}) < --profile-step-end "
-                      f"({args.profile_step_end}) <= train-iters + 1 ({args.train_iters + 1})")
+                      f"({args.profile_step_end}) <= --train-iters + 1 ({args.train_iters + 1})")
     if args.profile_trace and not args.profile:
         errors.append(f"--profile-trace ({args.profile_trace}) is set but --profile is not")
+    elif args.profile_trace and not os.path.isdir(os.path.dirname(os.path.abspath(args.profile_trace))):
+        errors.append(f"--profile-trace ({args.profile_trace}): its folder does not exist")
 
     if args.vocab_size is not None and args.vocab_size < 1:
         errors.append(f"--vocab-size must be a positive integer, got {args.vocab_size}")

@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from lessons_pkg.training import grads as G
 from lessons_pkg.training.loss_scaler import DynamicLossScaler
-from lessons_pkg.training.param_groups import Groups, adam_kwargs, param_names, split_by_weight_decay
+from lessons_pkg.training.param_groups import Groups, adam_kwargs, load_adam_state, param_names, split_by_weight_decay
 
 
 class DistributedOptimizer:
@@ -145,7 +145,7 @@ class DistributedOptimizer:
         if (state["dp_size"], state["dp_rank"]) != (self.dp_size, self.dp_rank):
             raise ValueError(f"distributed-optimizer state of data-parallel rank {state['dp_rank']} of "
                              f"{state['dp_size']} cannot be loaded on rank {self.dp_rank} of {self.dp_size}")
-        self.adam.load_state_dict(state["adam"])
+        load_adam_state(self.adam, state["adam"], self.main_shard.device)
         if self.loss_scaler is not None and "loss_scaler" in state:
             self.loss_scaler.load_state_dict(state["loss_scaler"])
         self.reload_model_params()
@@ -182,7 +182,7 @@ class DistributedOptimizer:
                 offset += n
         groups = [dict(saved, params=t["params"]) for saved, t in zip(state["adam"]["param_groups"],
                                                                        template["param_groups"])]
-        self.adam.load_state_dict({"state": new_state, "param_groups": groups})
+        load_adam_state(self.adam, {"state": new_state, "param_groups": groups}, self.main_shard.device)
         if self.loss_scaler is not None and "loss_scaler" in state:
             self.loss_scaler.load_state_dict(state["loss_scaler"])
         self.reload_model_params()

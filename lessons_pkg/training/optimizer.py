@@ -24,6 +24,7 @@ from lessons_pkg.training.loss_scaler import DynamicLossScaler
 from lessons_pkg.training.param_groups import (  # noqa: F401  (Groups, no_weight_decay: part of this module's API)
     Groups,
     adam_kwargs,
+    load_adam_state,
     no_weight_decay,
     param_names,
     split_by_weight_decay,
@@ -77,7 +78,7 @@ class Optimizer:
             bad = next(((a, b) for a, b in zip(saved, self.names) if a != b), (len(saved), len(self.names)))
             raise ValueError(f"optimizer state was saved for other parameters: {bad[0]!r} where this model has "
                              f"{bad[1]!r} (a checkpoint of another layout must be resharded, see lessons_pkg.checkpoint)")
-        self.adam.load_state_dict(state["adam"])
+        load_adam_state(self.adam, state["adam"], self.params[0].device if self.params else "cpu")
         if self.loss_scaler is not None and "loss_scaler" in state:
             self.loss_scaler.load_state_dict(state["loss_scaler"])
 

@@ -49,5 +49,17 @@ def param_names(params: list, named_params) -> list[str]:
 def adam_kwargs(args, device: torch.device | str = "cpu") -> dict:
     """AdamW's arguments. On a GPU ``fused=True`` (one kernel reads and writes each parameter's state once;
     ``foreach`` runs about ten passes, see docs/benchmarks.md); on the CPU ``foreach``, as the tests run it."""
-    impl = {"fused": True} if torch.device(device).type == "cuda" else {"foreach": True}
-    return dict(lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, **impl)
+    return dict(lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, **_implementation(device))
+
+
+def _implementation(device) -> dict:
+    return {"fused": True, "foreach": None} if torch.device(device).type == "cuda" else {"fused": None, "foreach": True}
+
+
+def load_adam_state(adam: torch.optim.Optimizer, state: dict, device) -> None:
+    """``adam.load_state_dict(state)``, keeping this machine's implementation: torch copies every group
+    setting from the checkpoint, ``fused``/``foreach`` included, so a GPU run resumed from a CPU
+    checkpoint would otherwise fall back to ``foreach`` (and a CPU run try ``fused``)."""
+    adam.load_state_dict(state)
+    for group in adam.param_groups:
+        group.update(_implementation(device))

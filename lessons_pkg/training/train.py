@@ -228,37 +228,41 @@ def pretrain(args, rt: Runtime, model_provider, datasets_provider, loss_fn, padd
         print_rank_0(f"WARNING: --profile-step-start {args.profile_step_start} is not after the loaded iteration "
                      f"{iteration}: nothing will be profiled")
 
-    while iteration < args.train_iters:
-        if profiler:
-            profiler.before(iteration + 1)
-        sync()
-        start = time.perf_counter()
-        ids = microbatch_sample_ids(consumed, args.micro_batch_size, args.data_parallel_size, rt.dp_rank,
-                                    args.num_micro_batches)
-        batches = [get_batch(train_ds, i, rt.device) for i in ids]
-        lr = optimizer.param_groups[0]["lr"]
-        loss, grad_norm = train_step(chunks, run_chunks, optimizer, scheduler, batches, rt, args, loss_fn)
-        sync()
-        iteration += 1
-        consumed += args.global_batch_size
-        scale = optimizer.loss_scaler.scale if optimizer.loss_scaler is not None else None
-        logger.iteration(iteration, consumed, time.perf_counter() - start, lr, loss, grad_norm, scale)
-        if profiler:
-            profiler.after(iteration)
+    try:
+        while iteration < args.train_iters:
+            if profiler:
+                profiler.before(iteration + 1)
+            sync()
+            start = time.perf_counter()
+            ids = microbatch_sample_ids(consumed, args.micro_batch_size, args.data_parallel_size, rt.dp_rank,
+                                        args.num_micro_batches)
+            batches = [get_batch(train_ds, i, rt.device) for i in ids]
+            lr = optimizer.param_groups[0]["lr"]
+            loss, grad_norm = train_step(chunks, run_chunks, optimizer, scheduler, batches, rt, args, loss_fn)
+            sync()
+            iteration += 1
+            consumed += args.global_batch_size
+            scale = optimizer.loss_scaler.scale if optimizer.loss_scaler is not None else None
+            logger.iteration(iteration, consumed, time.perf_counter() - start, lr, loss, grad_norm, scale)
+            if profiler:
+                profiler.after(iteration)
 
-        if do_eval and valid_ds is not None and iteration % args.eval_interval == 0:
-            valid_loss = evaluate(run_chunks, valid_ds, consumed_valid, rt, args, loss_fn)
-            consumed_valid += args.eval_iters * args.global_batch_size
-            logger.evaluation(f"iteration {iteration}", iteration, valid_loss)
-        exiting = args.exit_interval is not None and iteration % args.exit_interval == 0
-        if args.save and (iteration % (args.save_interval or args.train_iters) == 0 or exiting
-                          or iteration == args.train_iters):
-            _save(args, iteration, chunks, optimizer, scheduler, consumed, rt)
-            last_saved = iteration
-        if exiting:
-            print_rank_0(f"exiting program at iteration {iteration} (--exit-interval {args.exit_interval})")
-            logger.close()
-            return {"iteration": iteration}
+            if do_eval and valid_ds is not None and iteration % args.eval_interval == 0:
+                valid_loss = evaluate(run_chunks, valid_ds, consumed_valid, rt, args, loss_fn)
+                consumed_valid += args.eval_iters * args.global_batch_size
+                logger.evaluation(f"iteration {iteration}", iteration, valid_loss)
+            exiting = args.exit_interval is not None and iteration % args.exit_interval == 0
+            if args.save and (iteration % (args.save_interval or args.train_iters) == 0 or exiting
+                              or iteration == args.train_iters):
+                _save(args, iteration, chunks, optimizer, scheduler, consumed, rt)
+                last_saved = iteration
+            if exiting:
+                print_rank_0(f"exiting program at iteration {iteration} (--exit-interval {args.exit_interval})")
+                logger.close()
+                return {"iteration": iteration}
+    finally:
+        if profiler:  # a run that ended inside the profiling window (--exit-interval, an error) still reports
+            profiler.close(iteration)
 
     result["iteration"] = iteration
     if do_eval and valid_ds is not None:

@@ -149,7 +149,11 @@ def skip_cpu_inference_all_reduce_build() -> None:
     never calls it (without it, DeepSpeed's ``inference_all_reduce`` falls back to ``torch.distributed``), so
     mark it unavailable before ``init_distributed``. On a GPU nothing changes."""
     if not torch.cuda.is_available():
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        from deepspeed.accelerator import get_accelerator
+
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is not None:
+            deepspeed.ops.__compatible_ops__[builder.NAME] = False  # the table DeepSpeed reads before building
 
 
 def main(argv: list[str] | None = None) -> int:

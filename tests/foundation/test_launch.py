@@ -16,10 +16,14 @@ mode = sys.argv[1]
 if mode == "fail" and rank == 1:
     raise ValueError("deliberate failure on rank 1")
 if mode == "killed":
+    said = os.path.join(sys.argv[2], "rank0-said")
     if rank == 1:
-        os.kill(os.getpid(), signal.SIGKILL)   # dies silently, as under the OOM killer
+        while not os.path.exists(said):        # rank 0's stderr line first, so the report has one
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGKILL)   # then die silently, as under the OOM killer
     print("rank 0 waits", file=sys.stderr, flush=True)
-    time.sleep(60)                             # ended by torchrun once rank 1 is gone
+    open(said, "w").close()
+    time.sleep(300)                            # ended by torchrun once rank 1 is gone
 if mode == "hang":
     # a rank that ignores SIGTERM, so only SIGKILL ends it; it says who it is first
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -50,17 +54,17 @@ def test_failing_rank_error_is_shown(script):
     assert "deliberate failure on rank 1" in str(info.value)
 
 
-def test_a_rank_killed_by_a_signal_is_named_even_when_others_wrote_stderr(script):
+def test_a_rank_killed_by_a_signal_is_named_even_when_others_wrote_stderr(script, tmp_path):
     """Rank 1 leaves no stderr (SIGKILL); rank 0 wrote some: the report still says rank 1 failed first, and how."""
     start = time.monotonic()
     with pytest.raises(LaunchError) as info:
-        torchrun(script, "killed", nproc_per_node=2, timeout=120, echo=False)
+        torchrun(script, "killed", str(tmp_path), nproc_per_node=2, timeout=120, echo=False)
     message = str(info.value)
     assert "rank 0 stderr" in message and "rank 0 waits" in message
     assert "the first rank to fail" in message, message
     first = message.split("the first rank to fail")[1]
     assert "rank      : 1" in first and ("SIGKILL" in first or "-9" in first), first
-    assert time.monotonic() - start < 50
+    assert time.monotonic() - start < 100    # torchrun ended rank 0 (else its 300 s sleep, past the 120 s timeout)
 
 
 def _alive(pid: int) -> bool:

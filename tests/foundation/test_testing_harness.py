@@ -59,7 +59,7 @@ def test_world_size_must_be_positive():
 
 
 def _big_tensor_then_exit():
-    # several MB: large enough for the queue to have used a shared-memory handle before the fix
+    # 4 MB; before the fix any tensor crossed the queue as a shared-memory handle, whatever its size
     return torch.full((1 << 20,), float(dist.get_rank()))
 
 

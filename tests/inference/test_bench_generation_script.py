@@ -1,8 +1,9 @@
 """scripts/bench_generation.py end to end on the CPU (the course's model, a few tokens), and its refusals.
 
-The GPU path (``--device cuda``) is what scripts/gpu_check.sh runs; here the same code runs with
-``--device cpu``: the models and prompts are moved to the named device, the timer synchronises
-with it, and the run must generate exactly the tokens transformers generates (else exit 1).
+The GPU path (``--device cuda``) is what scripts/gpu_check.sh runs (recorded in docs/gpu/); here the
+same code runs with ``--device cpu``: the models and prompts are moved to the named device and the run
+must generate exactly the tokens transformers generates (else exit 1). The timer's synchronisation
+with a GPU is a no-op on the CPU, so only the GPU run exercises it.
 """
 from __future__ import annotations
 

@@ -46,6 +46,9 @@ def test_each_kernel_is_charged_to_its_launch_site_and_group():
     assert trace_breakdown.group_of("MmBackward0 > aten::mm") == "matmul"
     assert trace_breakdown.group_of("aten::_fused_adamw_") == "optimizer (AdamW)"
     assert trace_breakdown.group_of("k") == "other"
+    # the attention's softmax (fused path, eager attention) is not the loss
+    assert trace_breakdown.group_of("aten::_softmax").startswith("attention")
+    assert trace_breakdown.group_of("LogSoftmaxBackward0 > aten::_log_softmax_backward_data").startswith("loss")
     busy, span = trace_breakdown.busy_and_span(EVENTS)
     assert (busy, span) == (650 + 310, 2310)     # [1000, 1650] and [3000, 3310]
 
@@ -57,7 +60,8 @@ def test_script_prints_per_iteration_times(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), str(path), "--iterations", "2"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "GPU busy 0.48 ms per iteration over a span of 1.16 ms (42% busy); kernel time summed: 0.51 ms" in proc.stdout
+    assert ("GPU busy 0.48 ms per iteration over a span of 1.16 ms (42% busy); kernel time summed: 0.51 ms; "
+            "2.5 kernels, copies and fills per iteration") in proc.stdout
     assert "| matmul | 0.20 | 39.6% |" in proc.stdout         # 400 of 1010 us
     assert "| 0.15 | 1 | 150.0 | aten::to > aten::_to_copy > aten::copy_ |" in proc.stdout  # 100 + 200 us
 
@@ -65,7 +69,8 @@ def test_script_prints_per_iteration_times(tmp_path):
 def test_a_trace_without_gpu_kernels_or_a_bad_argument_is_refused(tmp_path):
     cpu_only = tmp_path / "cpu.json"
     cpu_only.write_text(json.dumps({"traceEvents": EVENTS[:6]}))
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(cpu_only)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(cpu_only), "--iterations", "1"], capture_output=True,
+                          text=True, timeout=60)
     assert proc.returncode == 2 and "no GPU kernels in this trace" in proc.stderr and str(cpu_only) in proc.stderr
     proc = subprocess.run([sys.executable, str(SCRIPT), str(cpu_only), "--iterations", "0"], capture_output=True,
                           text=True, timeout=60)

@@ -47,10 +47,12 @@ def test_valid_arguments_derive_megatron_sizes():
     (("--vocab-size", "0"), 1, "--vocab-size must be a positive integer, got 0"),
     (("--ffn-hidden-size", "64"), 1, "ffn-hidden-size (64) must be 4 x hidden-size (128)"),
     (("--profile", "--profile-step-start", "5", "--profile-step-end", "5"), 1,
-     "--profile needs 1 <= --profile-step-start (5) < --profile-step-end (5) <= train-iters + 1 (11)"),
+     "--profile needs 1 <= --profile-step-start (5) < --profile-step-end (5) <= --train-iters + 1 (11)"),
     (("--profile", "--profile-step-start", "0"), 1, "--profile-step-start (0)"),
     (("--profile", "--profile-step-start", "9", "--profile-step-end", "13"), 1, "--profile-step-end (13)"),
     (("--profile-trace", "t.json"), 1, "--profile-trace (t.json) is set but --profile is not"),
+    (("--profile", "--profile-trace", "/no/such/folder/t.json"), 1,
+     "--profile-trace (/no/such/folder/t.json): its folder does not exist"),
 ])
 def test_inconsistent_arguments_are_named(extra, world, message):
     with pytest.raises(ValueError) as err:
@@ -229,11 +231,28 @@ def test_adam_is_fused_on_a_gpu_and_foreach_on_the_cpu():
     from lessons_pkg.training.param_groups import adam_kwargs
 
     args = args_with()
-    assert adam_kwargs(args, "cpu")["foreach"] is True and "fused" not in adam_kwargs(args, "cpu")
-    assert adam_kwargs(args, torch.device("cuda", 0))["fused"] is True and "foreach" not in adam_kwargs(args, "cuda")
+    cpu, cuda = adam_kwargs(args, "cpu"), adam_kwargs(args, torch.device("cuda", 0))
+    assert (cpu["foreach"], cpu["fused"]) == (True, None) and (cuda["fused"], cuda["foreach"]) == (True, None)
     # the CPU optimizer the trainer builds takes it as it is
     w = torch.nn.Parameter(torch.ones(3))
     torch.optim.AdamW([w], **adam_kwargs(args, w.device))
+
+
+def test_a_loaded_adam_state_keeps_this_machine_s_implementation():
+    """torch's load_state_dict copies fused/foreach from the checkpoint; the trainer's optimizer keeps its own."""
+    from lessons_pkg.training.optimizer import Groups, Optimizer
+
+    args = args_with()
+    model = torch.nn.Linear(3, 2)
+    opt = Optimizer(list(model.named_parameters()), args, Groups(None, None, None, 0))
+    model(torch.randn(4, 3)).sum().backward()
+    opt.adam.step()
+    saved = opt.state_dict()
+    for group in saved["adam"]["param_groups"]:      # as a GPU run would have saved it
+        group.update(fused=True, foreach=None)
+    opt.load_state_dict(saved)
+    assert all(g["foreach"] is True and g["fused"] is None for g in opt.adam.param_groups)
+    opt.adam.step()                                  # and it still steps on this CPU
 
 
 def test_iteration_profiler_records_only_its_iterations(capsys):
@@ -253,3 +272,13 @@ def test_iteration_profiler_records_only_its_iterations(capsys):
     quiet = IterationProfiler(1, 2, torch.device("cpu"), rank=1)   # only rank 0 prints
     quiet.before(1), quiet.after(1)
     assert capsys.readouterr().out == "" and "profile of iteration(s) 1-1" in quiet.report
+    early = IterationProfiler(2, 9, torch.device("cpu"), rank=0)   # the run stops after iteration 3
+    for it in (1, 2, 3):
+        early.before(it), a @ a, early.after(it)
+    assert early.prof is not None and capsys.readouterr().out == ""
+    early.close(3)
+    assert early.prof is None
+    assert "profile of iteration(s) 2-3 (2 iteration(s)) (the run ended inside the window, which was 2-8)" in \
+        capsys.readouterr().out
+    early.close(3)                                                  # a second close: nothing left to do
+    assert capsys.readouterr().out == ""
