@@ -194,7 +194,9 @@ def main(argv=None) -> None:
             M.write_json(args.results_json, result)
             print(f"> results written to {args.results_json}")
     print_rank_0("done :-)")
-    dist.destroy_process_group()
+    dist.barrier()  # every rank past its last send before any rank closes its connections
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()  # a clean exit: no gloo threads left running at shutdown
 
 
 if __name__ == "__main__":

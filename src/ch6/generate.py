@@ -128,7 +128,9 @@ def main(argv=None) -> None:
         if args.compare_hf:
             same = compare_with_transformers(pre, args.prompt, out["tokens"], args)
     print_rank_0("done :-)")
-    dist.destroy_process_group()
+    dist.barrier()  # every rank past its last send before any rank closes its connections
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()  # a clean exit: no gloo threads left running at shutdown
     if not same:
         raise SystemExit(1)
 
