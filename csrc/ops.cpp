@@ -1,9 +1,17 @@
-// The operator schemas: torch.ops.lessons_kernels.<name>. Each op has a CPU
-// kernel (csrc/<op>.cpp) and, when compiled for CUDA, a CUDA one (csrc/cuda/<op>.cu);
-// the dispatcher picks by the device of the inputs. Autograd: lessons_pkg/kernels/ops.py.
+// The operator schemas: torch.ops.lessons_kernels.<name>. Each <op>_forward and <op>_backward has a
+// CPU kernel (csrc/<op>.cpp) and, when compiled for CUDA, a CUDA one (csrc/cuda/<op>.cu); the
+// dispatcher picks by the device of the inputs. The ops without a suffix (bias_gelu, ...) are the
+// differentiable ones: their autograd (csrc/autograd.cpp) runs the forward kernel and records the
+// backward one. Python calls them through lessons_pkg/kernels/ops.py, which checks the arguments.
 #include <torch/library.h>
 
 TORCH_LIBRARY(lessons_kernels, m) {
+  // Differentiable: forward kernel now, backward kernel in loss.backward() (csrc/autograd.cpp).
+  m.def("bias_gelu(Tensor x, Tensor bias) -> Tensor");
+  m.def("scaled_masked_softmax(Tensor x, Tensor? mask, int heads, float scale) -> Tensor");
+  m.def("scaled_upper_triang_masked_softmax(Tensor x, float scale) -> Tensor");
+  m.def("layer_norm(Tensor x, Tensor weight, Tensor bias, float eps) -> Tensor");
+
   // y = gelu_tanh(x + bias); backward returns (grad_x, grad_bias).
   m.def("bias_gelu_forward(Tensor x, Tensor bias) -> Tensor");
   m.def("bias_gelu_backward(Tensor grad_y, Tensor x, Tensor bias) -> (Tensor, Tensor)");

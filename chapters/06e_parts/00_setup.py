@@ -26,7 +26,9 @@ if pathlib.Path.cwd().name == "chapters":
     os.chdir(pathlib.Path.cwd().parent)
 ROOT = os.getcwd()
 
+import atexit
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,6 +39,7 @@ warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's noteb
 from lessons_pkg.launch import torchrun
 
 OUT = tempfile.mkdtemp(prefix="06e-")  # everything this notebook writes goes here
+atexit.register(shutil.rmtree, OUT, ignore_errors=True)  # and is removed when the kernel shuts down
 
 
 def run(script, *args, timeout=300):

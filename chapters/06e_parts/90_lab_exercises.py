@@ -13,3 +13,8 @@
 # ```
 # python -m lessons_pkg.labs check ch6e        # or one of them: ch6e.1
 # ```
+
+# %%
+# The end: remove the scratch folder with everything this notebook wrote (skip this cell to keep it).
+shutil.rmtree(OUT)
+print("scratch folder removed:", not os.path.exists(OUT))

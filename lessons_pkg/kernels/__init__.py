@@ -8,8 +8,8 @@
     p = scaled_upper_triang_masked_softmax(scores, scale)   # causal softmax, scores [b*heads, sq, sq]
     y = layer_norm(x, weight, bias, eps)                    # LayerNorm over the last dim, float32 statistics
 
-Each is an autograd function (``ops.py``) whose forward and backward are one
-compiled kernel each; ``reference.py`` holds the same maths in eager PyTorch.
+Each is differentiable (``ops.py``, autograd in ``csrc/autograd.cpp``): its forward and backward
+are one compiled kernel each; ``reference.py`` holds the same maths in eager PyTorch.
 Importing this package compiles nothing: the C++ (and, on a CUDA machine, the
 CUDA) sources are compiled on first use, once, and cached in ``build/kernels``.
 ``python -m lessons_pkg.kernels build`` compiles them ahead of time.
@@ -34,9 +34,9 @@ __all__ = [
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``gelu_tanh(x + bias)`` in one fused kernel; backward gives the gradients of ``x`` and ``bias``."""
-    from lessons_pkg.kernels.ops import BiasGeLU
+    from lessons_pkg.kernels import ops
 
-    return BiasGeLU.apply(x, bias)
+    return ops.bias_gelu(x, bias)
 
 
 def scaled_masked_softmax(x: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -47,20 +47,20 @@ def scaled_masked_softmax(x: torch.Tensor, mask: torch.Tensor | None, scale: flo
     Boolean mask: ``True`` ignores the key. Floating mask: added to the scores.
     A fully masked row (every score ``-inf``) gives zeros. ``mask=None``: no mask.
     """
-    from lessons_pkg.kernels.ops import ScaledMaskedSoftmax
+    from lessons_pkg.kernels import ops
 
-    return ScaledMaskedSoftmax.apply(x, mask, scale)
+    return ops.scaled_masked_softmax(x, mask, scale)
 
 
 def scaled_upper_triang_masked_softmax(x: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal ``softmax(scale * x)`` for ``x`` of ``[b*heads, sq, sq]``: query i ignores keys j > i."""
-    from lessons_pkg.kernels.ops import ScaledUpperTriangMaskedSoftmax
+    from lessons_pkg.kernels import ops
 
-    return ScaledUpperTriangMaskedSoftmax.apply(x, scale)
+    return ops.scaled_upper_triang_masked_softmax(x, scale)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dim of ``x`` with affine ``weight`` and ``bias`` (float32 statistics)."""
-    from lessons_pkg.kernels.ops import LayerNorm
+    from lessons_pkg.kernels import ops
 
-    return LayerNorm.apply(x, weight, bias, eps)
+    return ops.layer_norm(x, weight, bias, eps)

@@ -311,11 +311,12 @@ def targets(rows: list[Row]) -> list[str]:
     for r in rows:
         if r.passes != "forward+backward":
             continue
+        # three decimals: a ratio of 1.497 would print as "1.50x (NOT met)" with two
         vs_eager = r.speedup("eager")
-        line = f"{r.op} {r.shape}: {vs_eager:.2f}x eager ({'met' if vs_eager >= 1.5 else 'NOT met'}: target 1.5x)"
+        line = f"{r.op} {r.shape}: {vs_eager:.3f}x eager ({'met' if vs_eager >= 1.5 else 'NOT met'}: target 1.5x)"
         vs_compile = r.speedup("compile")
         if vs_compile is not None:
-            line += f", {vs_compile:.2f}x torch.compile ({'met' if vs_compile >= 1.0 else 'NOT met'}: target 1.0x)"
+            line += f", {vs_compile:.3f}x torch.compile ({'met' if vs_compile >= 1.0 else 'NOT met'}: target 1.0x)"
         out.append(line)
     return out
 

@@ -70,6 +70,6 @@ EXERCISES = [
              "compare with the kernel: python -m lessons_pkg.kernels.check", check_bias_gelu),
     Exercise("ch6b.2", "the causal scaled softmax and its backward from the saved probabilities", "ch6b/softmax.py",
              "compare with the kernel: python -m lessons_pkg.kernels.check", check_softmax),
-    Exercise("ch6b.3", "LayerNorm by hand, and why the variance needs two passes", "ch6b/layer_norm.py",
+    Exercise("ch6b.3", "LayerNorm by hand, and why E[x^2] - E[x]^2 fails in float32", "ch6b/layer_norm.py",
              "benchmark the fused one: python -m lessons_pkg.kernels.bench --quick --no-compile", check_layer_norm),
 ]

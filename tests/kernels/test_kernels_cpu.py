@@ -123,6 +123,23 @@ def test_layer_norm_matches_reference(rows, h):
         baseline=lambda x, w, b: torch.nn.functional.layer_norm(x, (h,), w, b, 1e-5))
 
 
+@pytest.mark.parametrize("h", [256, 1024])
+def test_layer_norm_first_element_far_from_the_mean(h):
+    # The kernel sums x - x[0] (one pass for mean and variance), which loses a factor 1 + (x[0] - mean)^2 / var
+    # of the variance's precision; rows whose first element is more than 2 deviations out are summed again,
+    # shifted by their mean. Here half the rows have their first element 30 deviations out (an outlier
+    # channel at index 0), half their last (no second sum); otherwise as test_layer_norm_matches_reference.
+    # Without the second sum the kernel missed by 3x (h = 256) and 9x (h = 1024) PyTorch's own error.
+    x = rand(64, h, seed=h, scale=2.0, offset=300.0)
+    x[:32, 0] += 60.0
+    x[32:, -1] += 60.0
+    x, w, b = leaf(x), leaf(rand(h, seed=1) + 1.0), leaf(rand(h, seed=2))
+    assert_close_to_reference(
+        lambda x, w, b: kernels.layer_norm(x, w, b, 1e-5), lambda x, w, b: reference.layer_norm(x, w, b, 1e-5),
+        [x, w, b], atol=1e-5, rtol=0, what=f"layer_norm, outlier first [64, {h}]",
+        baseline=lambda x, w, b: torch.nn.functional.layer_norm(x, (h,), w, b, 1e-5))
+
+
 def test_layer_norm_3d_matches_torch():
     x, w, b = leaf(rand(2, 7, 48)), leaf(rand(48, seed=1)), leaf(rand(48, seed=2))
     assert_close_to_reference(
@@ -191,6 +208,30 @@ def test_errors_name_the_values():
         kernels.layer_norm(x, torch.ones(7), torch.zeros(8), 1e-5)
     with pytest.raises(TypeError, match="weight is torch.float64"):
         kernels.layer_norm(x, torch.ones(8, dtype=torch.float64), torch.zeros(8), 1e-5)
+
+
+def test_ops_run_without_autograd_and_record_nothing_under_no_grad():
+    """The differentiable ops (csrc/autograd.cpp) have a kernel for inference mode, where autograd's
+    dispatch keys are off, and record no graph under torch.no_grad: same values as with a graph."""
+    x, w, b = rand(6, 40).float(), rand(40, seed=1).float(), rand(40, seed=2).float()
+    s = rand(2, 3, 5, 5, seed=3).float()
+    mask = torch.rand(2, 1, 5, 5, generator=torch.Generator().manual_seed(4)) < 0.3
+    calls = {
+        "bias_gelu": lambda x, w, b, s: kernels.bias_gelu(x, b),
+        "softmax": lambda x, w, b, s: kernels.scaled_masked_softmax(s, mask, 0.5),
+        "causal": lambda x, w, b, s: kernels.scaled_upper_triang_masked_softmax(s.view(6, 5, 5), 0.5),
+        "layer_norm": lambda x, w, b, s: kernels.layer_norm(x, w, b, 1e-5),
+    }
+    for name, call in calls.items():
+        with_graph = call(*(t.clone().requires_grad_() for t in (x, w, b, s)))
+        assert with_graph.grad_fn is not None, name
+        with torch.no_grad():
+            no_grad = call(*(t.clone().requires_grad_() for t in (x, w, b, s)))
+        with torch.inference_mode():
+            inference = call(x, w, b, s)
+        assert no_grad.grad_fn is None and not no_grad.requires_grad, name
+        assert inference.is_inference(), name
+        assert torch.equal(no_grad, with_graph.detach()) and torch.equal(inference, with_graph.detach()), name
 
 
 def test_check_command_fails_on_a_nan_and_passes_the_reference_itself(capsys):

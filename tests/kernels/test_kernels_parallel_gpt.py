@@ -21,17 +21,22 @@ from lessons_pkg.tensor_parallel import GPTConfig, ParallelGPT, master_state_dic
 from lessons_pkg.testing import run_on_ranks
 
 ATOL = RTOL = 1e-5
-FUSED_NODES = {"BiasGeLUBackward", "ScaledUpperTriangMaskedSoftmaxBackward", "LayerNormBackward"}
+# the graph nodes of the fused ops' C++ autograd Functions (csrc/autograd.cpp)
+FUSED_NODES = {"lessons_kernels::BiasGeLU", "lessons_kernels::ScaledUpperTriangMaskedSoftmax",
+               "lessons_kernels::LayerNorm"}
 
 
 def graph_node_names(t: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes behind ``t``: ``MmBackward0``, ..., ``lessons_kernels::LayerNorm``."""
     seen, stack, names = set(), [t.grad_fn], set()
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        names.add(type(node).__name__)
+        # a C++ Function's node is "torch::autograd::CppNode<lessons_kernels::(anonymous namespace)::LayerNorm>"
+        names.add(node.name().removeprefix("torch::autograd::CppNode<").removesuffix(">")
+                  .replace("(anonymous namespace)::", ""))
         stack.extend(next_fn for next_fn, _ in node.next_functions)
     return names
 

@@ -4,8 +4,9 @@
 * concurrent clients are batched and each gets its own (HF-equal) answer;
 * an error inside generation (on the last pipeline stage only, when PP=2) answers 500, and the next request is right;
 * SIGTERM to a plain-python server (which started its own ranks) stops every rank within seconds, port freed;
-* a rank killed with SIGKILL brings the whole torchrun job down (no hang) and frees the port.
-(SIGTERM to torchrun, and to rank 0 alone, are shown by the notebook part chapters/06e_parts/30_serving.py.)
+* a rank killed with SIGKILL brings the whole torchrun job down (no hang) and frees the port;
+* SIGTERM to torchrun itself (what Ctrl-C or a cluster's scheduler sends) stops every rank, port freed.
+(SIGTERM to rank 0 alone is shown by the notebook part chapters/06e_parts/30_serving.py.)
 """
 from __future__ import annotations
 
@@ -114,4 +115,24 @@ def test_stop(server, request):
         time.sleep(0.1)
     assert not any(_alive(p) for p in pids), "a rank outlived the job"
     assert took < 20
+    assert _port_free(server.port)
+
+
+def test_sigterm_to_torchrun_stops_every_rank(server_factory, tiny_gpt2_folder):
+    """A TP=2 server under torchrun, SIGTERM to torchrun (not to a rank): torchrun passes it to the
+    ranks, and every rank is gone within 20 s with the port free, before anything is killed by force."""
+    server = server_factory(tiny_gpt2_folder, tp=2, launcher="torchrun")
+    pids = requests.get(server.url + "/health").json()["rank_pids"]
+    assert len(pids) == 2 and all(_alive(p) for p in pids)
+    start = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    try:
+        server.proc.wait(20)
+    except Exception:
+        pytest.fail(f"torchrun outlived SIGTERM by 20 s:\n{server.output()[-3000:]}")
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids), f"a rank outlived torchrun:\n{server.output()[-3000:]}"
+    assert time.monotonic() - start < 20
     assert _port_free(server.port)

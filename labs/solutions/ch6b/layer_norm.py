@@ -1,5 +1,7 @@
 """Solution ch6b.3. Two passes: the mean first, then the mean of squared deviations (no cancellation).
-(Kernels that must read x once use Welford's running update, which is as stable.)"""
+Kernels that read x once use Welford's running update, or (csrc/layer_norm.cpp) E[d^2] - E[d]^2 on
+d = x - x[0]: shifted by one of the row's own values, the subtraction cancels by 1 + (x[0] - mean)^2 / var,
+not by (mean / std)^2, and the kernel sums again, shifted by the mean, the rare rows where that is large."""
 import torch
 
 
