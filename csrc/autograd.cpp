@@ -11,6 +11,7 @@
 // course's LayerNorm shape (2048 x 256, forward + backward 0.3 ms) the Python class cost about
 // 30 us more per call (docs/benchmarks.md). lessons_pkg/kernels/ops.py checks the arguments
 // (errors that name the values) and calls these ops; reference.py has the same maths in PyTorch.
+#include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -23,6 +24,14 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using Tensor = at::Tensor;
+
+// The backward kernels are not differentiable themselves: backward(create_graph=True) (grad mode on
+// during backward) would give a graph without them, a silently wrong second derivative; refuse it.
+void no_double_backward(const char* op) {
+  TORCH_CHECK(!at::GradMode::is_enabled(), "lessons_kernels::", op,
+              ": no double backward (create_graph=True): its backward kernel is not differentiable; use the "
+              "plain PyTorch version in lessons_pkg.kernels.reference for higher derivatives");
+}
 
 // The typed handle of lessons_kernels::<name> (looked up once per call site: a static).
 template <typename Signature>
@@ -42,6 +51,7 @@ struct BiasGeLU : torch::autograd::Function<BiasGeLU> {
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
     static auto op = kernel<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&)>(
         "lessons_kernels::bias_gelu_backward");
+    no_double_backward("bias_gelu");
     const variable_list saved = ctx->get_saved_variables();
     auto [grad_x, grad_bias] = op.call(grad_out[0].contiguous(), saved[0], saved[1]);
     return {grad_x, grad_bias};
@@ -65,6 +75,7 @@ struct ScaledMaskedSoftmax : torch::autograd::Function<ScaledMaskedSoftmax> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
     static auto op = kernel<Tensor(const Tensor&, const Tensor&, double)>("lessons_kernels::scaled_softmax_backward");
+    no_double_backward("scaled_masked_softmax");
     Tensor grad_x = op.call(grad_out[0].contiguous(), ctx->get_saved_variables()[0],
                             ctx->saved_data["scale"].toDouble());
     return {grad_x, Tensor(), Tensor(), Tensor()};
@@ -86,6 +97,7 @@ struct ScaledUpperTriangMaskedSoftmax : torch::autograd::Function<ScaledUpperTri
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
     static auto op = kernel<Tensor(const Tensor&, const Tensor&, double)>(
         "lessons_kernels::scaled_upper_triang_masked_softmax_backward");
+    no_double_backward("scaled_upper_triang_masked_softmax");
     Tensor grad_x = op.call(grad_out[0].contiguous(), ctx->get_saved_variables()[0],
                             ctx->saved_data["scale"].toDouble());
     return {grad_x, Tensor()};
@@ -109,6 +121,7 @@ struct LayerNorm : torch::autograd::Function<LayerNorm> {
     static auto op = kernel<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                                const Tensor&, const Tensor&)>(
         "lessons_kernels::layer_norm_backward");
+    no_double_backward("layer_norm");
     const variable_list s = ctx->get_saved_variables();
     auto [grad_x, grad_weight, grad_bias] = op.call(grad_out[0].contiguous(), s[0], s[1], s[2], s[3]);
     return {grad_x, grad_weight, grad_bias, Tensor()};

@@ -97,9 +97,10 @@ inline void shifted_sums(const T* row, T k, int64_t h, T& sum_d, T& sum_sq) {
   sum_sq = lanes_sum(sq[0] + sq[1]);
 }
 
-// A shift k is kept when the row's mean is within kMaxShift standard deviations of it. With 4 instead
-// of 2 (a factor up to 17 instead of 5), float32 rows whose first element was 4 to 5 deviations out
-// erred up to 14x PyTorch's own LayerNorm; with 2, within 1.7x (rows of 17, 256 and 1024 values).
+// A shift k is kept when the row's mean is within kMaxShift standard deviations of it: the variance
+// then loses at most a factor 1 + kMaxShift^2 = 5 of its precision (float32 rows of zero mean with
+// x[0] 1.9 deviations out erred up to 4x PyTorch's own LayerNorm; with a threshold of 4, rows with
+// x[0] 3 to 5 deviations out erred 7x to 14x; tests/kernels/test_kernels_cpu.py pins it).
 constexpr double kMaxShift = 2.0;
 
 // R rows starting at x (row stride h); y, mean, rstd likewise.
@@ -124,14 +125,17 @@ inline void forward_rows(const T* x, const T* w, const T* b, T* y, T* mean, T* r
   Vec vmu[R], vrs[R];
   for (int r = 0; r < R; ++r) {
     T m = sum_d[r] / T(h), h_var = sum_sq[r] - m * sum_d[r];
-    if (m * m * T(h) > T(kMaxShift * kMaxShift) * h_var) {  // m^2 > kMaxShift^2 var
+    // m^2 > kMaxShift^2 var, or NaN: d^2 can overflow where (x - mean)^2 does not (|d| up to twice
+    // as large), inf - inf is NaN, and the sums shifted by the mean are then the right ones
+    if (!(m * m * T(h) <= T(kMaxShift * kMaxShift) * h_var)) {
       shift[r] += m;
       shifted_sums<T>(x + r * h, shift[r], h, sum_d[r], sum_sq[r]);
       m = sum_d[r] / T(h);
       h_var = sum_sq[r] - m * sum_d[r];
     }
     const T mu = shift[r] + m;
-    const T var = std::max(T(0), h_var / T(h));
+    T var = h_var / T(h);
+    if (var < T(0)) var = T(0);  // rounding; a NaN (from NaN or inf in x) stays NaN, as in PyTorch
     const T rs = T(1) / std::sqrt(var + eps);
     mean[r] = mu;
     rstd[r] = rs;

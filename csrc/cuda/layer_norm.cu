@@ -32,7 +32,9 @@ __global__ void forward_kernel(const T* __restrict__ x, const T* __restrict__ w,
   A sum = 0;
   for (int64_t j = lane; j < h; j += kWarp) sum += static_cast<A>(xr[j]);
   const A mu0 = warp_sum(sum) / A(h);
-  // Corrected two-pass: the sum of d = x - mu0 fixes the rounding of mu0 (see csrc/layer_norm.cpp).
+  // Corrected two-pass: the sum of d = x - mu0 fixes the rounding of mu0, and (sum d^2 - (sum d)^2 / h)
+  // does not cancel. (The CPU kernel gets both in one pass over x - x[0]; this one is unchanged: it
+  // needs a GPU to measure.)
   A sd = 0, sq = 0;
   for (int64_t j = lane; j < h; j += kWarp) {
     const A d = static_cast<A>(xr[j]) - mu0;

@@ -52,6 +52,7 @@ IN_REPOSITORY = (REPO_ROOT / "csrc").is_dir()
 CSRC = REPO_ROOT / "csrc" if IN_REPOSITORY else _PACKAGED_CSRC
 NAMESPACE = "lessons_kernels"  # torch.ops.lessons_kernels.*
 OPERATORS = (  # declared in csrc/ops.cpp
+    "bias_gelu", "scaled_masked_softmax", "scaled_upper_triang_masked_softmax", "layer_norm",  # differentiable
     "bias_gelu_forward", "bias_gelu_backward",
     "scaled_masked_softmax_forward", "scaled_upper_triang_masked_softmax_forward", "scaled_softmax_backward",
     "scaled_upper_triang_masked_softmax_backward",

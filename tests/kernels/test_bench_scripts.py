@@ -129,6 +129,17 @@ def test_kernel_bench_rotates_the_order_and_times_steady_states(monkeypatch):
     assert flushes == [3, 4, 5, 6, 7, 8]      # a flush right before each of them
 
 
+def test_kernel_bench_target_lines_never_round_up_to_the_target():
+    """1.4996x the native op misses the 1.5x target, and its line must not print it as 1.50x or 1.500x."""
+    rows = [bench.Row("layer_norm", "2048x256", "forward+backward", {"fused": 1.0, "eager": 1.4996, "compile": 1.6}),
+            bench.Row("layer_norm", "2048x256", "forward", {"fused": 1.0, "eager": 9.0}),
+            bench.Row("bias_gelu", "2048x1024", "forward+backward", {"fused": 2.0, "eager": 3.0})]
+    assert bench.targets(rows) == [
+        "layer_norm 2048x256: 1.499x eager (NOT met: target 1.5x), 1.600x torch.compile (met: target 1.0x)",
+        "bias_gelu 2048x1024: 1.500x eager (met: target 1.5x)",
+    ]
+
+
 def test_summary_gives_no_verdict_for_unfinished_or_nan_runs_and_counts_missing_steps(tmp_path, capsys):
     bench_log = ("measured copy bandwidth (y.copy_(x), read + write): 100.0 GB/s\nGPU forward bandwidth:\n"
                  "  bias_gelu 4096x3072 forward: 74.6 GB/s = 75% of copy (NOT met: goal 75%)\n")

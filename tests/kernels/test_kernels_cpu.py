@@ -140,6 +140,40 @@ def test_layer_norm_first_element_far_from_the_mean(h):
         baseline=lambda x, w, b: torch.nn.functional.layer_norm(x, (h,), w, b, 1e-5))
 
 
+@pytest.mark.parametrize("h", [17, 256, 1024])
+def test_layer_norm_variance_precision_wherever_the_first_element_is(h):
+    # Zero-mean, unit-variance float32 rows with x[0] set to c deviations: below 2 the kernel keeps the shift
+    # x[0] (its variance loses at most a factor 1 + c^2 < 5 of precision), above 2 it sums the row again,
+    # shifted by the mean. Either way its largest error stays within 5x PyTorch's (Welford) float32 LayerNorm
+    # (at most 3.7x here, at c = 1.9); with the threshold at 4 deviations instead, rows at c = 2.9 and 3.9
+    # missed by 7x to 8x and this test failed.
+    g = torch.Generator().manual_seed(h)
+    for c in (0.0, 1.0, 1.9, 2.9, 3.9, 6.0):
+        x = torch.randn(256, h, generator=g, dtype=torch.float64)
+        x = (x - x.mean(-1, keepdim=True)) / x.std(-1, unbiased=False, keepdim=True)
+        x[:, 0] = c
+        x = x.float()
+        w, b = torch.ones(h), torch.zeros(h)
+        ref = torch.nn.functional.layer_norm(x.double(), (h,), w.double(), b.double(), 1e-5)
+        ours = (kernels.layer_norm(x, w, b, 1e-5).double() - ref).abs().max().item()
+        base = (torch.nn.functional.layer_norm(x, (h,), w, b, 1e-5).double() - ref).abs().max().item()
+        assert ours <= 5 * base + 1e-7, f"h={h}, x[0] at {c} deviations: error {ours:.3g} > 5 x PyTorch's {base:.3g}"
+
+
+def test_layer_norm_huge_and_non_finite_rows():
+    """Shifted by x[0], d = x - x[0] can overflow in d^2 where x - mean does not: such a row is summed again,
+    shifted by its mean. NaN or inf in a row gives NaN there, as PyTorch does; a variance past float32 (rows of
+    +-3e19) gives rstd 0, hence y = bias, as PyTorch does."""
+    x = torch.tensor([[1e19, -1e19, 0.0, 0.0], [3e19, -3e19, 1.0, 2.0], [1.0, 2.0, 3.0, float("inf")],
+                      [1.0, float("nan"), 2.0, 3.0], [0.5, 1.5, -2.0, 4.0]])
+    w, b = torch.tensor([1.0, 2.0, 0.5, 1.0]), torch.tensor([0.0, 0.1, 0.0, -0.1])
+    ours, theirs = kernels.layer_norm(x, w, b, 1e-5), torch.nn.functional.layer_norm(x, (4,), w, b, 1e-5)
+    finite = [0, 1, 4]
+    assert torch.isfinite(theirs[finite]).all()
+    torch.testing.assert_close(ours[finite], theirs[finite], rtol=1e-5, atol=1e-5)
+    assert ours[2:4].isnan().all() and theirs[2:4].isnan().all()
+
+
 def test_layer_norm_3d_matches_torch():
     x, w, b = leaf(rand(2, 7, 48)), leaf(rand(48, seed=1)), leaf(rand(48, seed=2))
     assert_close_to_reference(
@@ -208,6 +242,24 @@ def test_errors_name_the_values():
         kernels.layer_norm(x, torch.ones(7), torch.zeros(8), 1e-5)
     with pytest.raises(TypeError, match="weight is torch.float64"):
         kernels.layer_norm(x, torch.ones(8, dtype=torch.float64), torch.zeros(8), 1e-5)
+
+
+def test_double_backward_is_refused_naming_the_op():
+    """The backward kernels are not differentiable: create_graph=True must fail, not give a wrong
+    second derivative."""
+    x, w, b = leaf(rand(3, 8).float()), leaf(rand(8, seed=1).float()), leaf(rand(8, seed=2).float())
+    s = leaf(rand(2, 1, 4, 4, seed=3).float())
+    calls = {
+        "bias_gelu": lambda: kernels.bias_gelu(x, b),
+        "scaled_masked_softmax": lambda: kernels.scaled_masked_softmax(s, None, 0.5),
+        "scaled_upper_triang_masked_softmax": lambda: kernels.scaled_upper_triang_masked_softmax(s.view(2, 4, 4), 0.5),
+        "layer_norm": lambda: kernels.layer_norm(x, w, b, 1e-5),
+    }
+    for name, call in calls.items():
+        out = call()
+        with pytest.raises(RuntimeError, match=f"lessons_kernels::{name}: no double backward"):
+            torch.autograd.grad(out.square().sum(), [x, s], create_graph=True, allow_unused=True)
+        torch.autograd.grad(call().sum(), [x, s], allow_unused=True)  # a first derivative still works
 
 
 def test_ops_run_without_autograd_and_record_nothing_under_no_grad():
