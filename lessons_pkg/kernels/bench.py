@@ -308,6 +308,8 @@ def format_table(rows: list[Row], ceiling_gbps: float, peak_gflops: float | None
 def _floor3(ratio: float) -> str:
     """Three decimals, rounded down: a ratio just under a target never prints as the target
     (1.4996 is "1.499", not "1.500"; rounded to two it would even read "1.50x (NOT met)")."""
+    if not math.isfinite(ratio):  # a broken timing: show it as it is (and its verdict is "NOT met")
+        return str(ratio)
     return f"{math.floor(ratio * 1000) / 1000:.3f}"
 
 

@@ -138,6 +138,8 @@ def test_kernel_bench_target_lines_never_round_up_to_the_target():
         "layer_norm 2048x256: 1.499x eager (NOT met: target 1.5x), 1.600x torch.compile (met: target 1.0x)",
         "bias_gelu 2048x1024: 1.500x eager (met: target 1.5x)",
     ]
+    broken = [bench.Row("causal_softmax", "64x256x256", "forward+backward", {"fused": 1.0, "eager": float("nan")})]
+    assert bench.targets(broken) == ["causal_softmax 64x256x256: nanx eager (NOT met: target 1.5x)"]
 
 
 def test_summary_gives_no_verdict_for_unfinished_or_nan_runs_and_counts_missing_steps(tmp_path, capsys):
