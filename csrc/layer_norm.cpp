@@ -15,13 +15,11 @@
 // Short rows go kRowBlock at a time (see kBlockBytes). One row alone is mostly waiting: a short chain of
 // dependent vector adds, a shuffle tree to sum the lanes, a division, a square
 // root, each needing the previous result. The sums of four rows are independent,
-// so the CPU overlaps them. The first pass of each direction reads the block row
-// after row (memory in order, which the hardware prefetcher follows: interleaving
-// four rows vector by vector halved the speed on cold caches, and made the backward
-// 20% slower on warm ones). The last pass walks the block's rows side by side (they
-// are in L1 by then), so that w and b, and the gw and gb accumulators, are loaded
-// (and stored) once per block instead of once per row: the forward at 2048x256
-// took 74-76 us instead of 83-86 (docs/benchmarks.md, kernel item 7).
+// so the CPU overlaps them. Each pass still reads the block row after row (memory
+// in order, which the hardware prefetcher follows: interleaving four rows vector by
+// vector halved the speed on cold caches), except the backward's last pass, which
+// walks the block's rows side by side (they are in L1 by then) so that the gw and
+// gb accumulators are loaded and stored once per block instead of once per row.
 // Every row is summed in the same order as it would be alone and the gw, gb sums
 // add rows in order, so results do not depend on how rows are grouped (or split
 // between threads).
@@ -144,14 +142,13 @@ inline void forward_rows(const T* x, const T* w, const T* b, T* y, T* mean, T* r
     vmu[r] = Vec(mu);
     vrs[r] = Vec(rs);
   }
-  // Pass 2, the R rows side by side (in L1 now; w and b loaded once per block): y = xhat * w + b.
-  row_vectors<T>(h, [&](int64_t j, int n) {
-    const Vec wj = Vec::loadu(w + j, n), bj = Vec::loadu(b + j, n);
-    for (int r = 0; r < R; ++r) {
+  // Pass 2: y = xhat * w + b.
+  for (int r = 0; r < R; ++r) {
+    row_vectors<T>(h, [&](int64_t j, int n) {
       const Vec xhat = (Vec::loadu(x + r * h + j, n) - vmu[r]) * vrs[r];
-      at::vec::fmadd(xhat, wj, bj).store(y + r * h + j, n);
-    }
-  });
+      at::vec::fmadd(xhat, Vec::loadu(w + j, n), Vec::loadu(b + j, n)).store(y + r * h + j, n);
+    });
+  }
 }
 
 // x, y: [rows, h]; w, b: [h]; mean, rstd: [rows].

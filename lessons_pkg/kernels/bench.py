@@ -16,7 +16,7 @@ Timing: ``--rounds`` rounds; in each round every implementation runs once, in tu
 order rotating from round to round (so a burst of load from other processes hits all of
 them alike, and none always runs after the same other one), and each reports its fastest
 round (noise only adds time). A sample is an implementation's steady state, as in a
-training loop: one untimed call, then the mean of consecutive calls lasting about 10 ms;
+training loop: untimed calls for about 5 ms, then the mean of consecutive calls lasting about 10 ms;
 ``--cold`` times single calls on caches flushed just before instead (``interleaved_best_ms``). With ``--clock cpu`` and ``--threads 1`` it measures
 this process's CPU time instead of the wall clock (stable on a shared machine).
 
@@ -147,11 +147,13 @@ def interleaved_best_ms(fns: dict[str, Callable[[], object]], device: torch.devi
     Each round takes one sample of every function, starting with a different one each round
     (f1 f2 f3, f2 f3 f1, f3 f1 f2, ...), so that no function always follows the same other one.
     A sample is a function's steady state, as in a training loop that calls the op every layer
-    of every iteration: one untimed call, then the mean of enough consecutive calls to last
-    about ``sample_ms`` (at least 2). A single call timed right after another function would
-    measure the state that function left behind: here our LayerNorm (2048x256, forward+backward)
-    took 0.77 ms right after the step-by-step formula (which sweeps some 40 MB through the caches
-    and the heap) against 0.38 ms right after ``F.layer_norm``, and one warm-up call did not undo it.
+    of every iteration: untimed calls for about half of ``sample_ms`` (half as many as the timed
+    ones, at least 1), then the mean of enough consecutive calls to last about ``sample_ms`` (at
+    least 2). Calls timed right after another function measure the state that function left
+    behind, and it takes more than one call to leave it: here our LayerNorm (2048x256, forward+backward,
+    0.27 ms in steady state) took 0.52, 0.34, 0.28 and 0.27 ms in its first four calls after
+    ``F.layer_norm`` (whose fresh, page-faulting outputs sweep the caches), and 1.00, 0.52, 0.30 and
+    0.29 ms after the step-by-step formula (medians of 5).
     With ``flush`` (:class:`CacheFlush`) every sample is one call on cold caches instead, flushed
     just before it, for every function alike.
     """
@@ -168,7 +170,8 @@ def interleaved_best_ms(fns: dict[str, Callable[[], object]], device: torch.devi
             if flush is not None:
                 flush()
             else:
-                fns[name]()
+                for _ in range(max(1, calls[name] // 2)):
+                    fns[name]()
             times[name].append(_time_calls(fns[name], device, calls[name]))
     return {name: min(t) for name, t in times.items()}
 
@@ -363,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    state = "cold caches (flushed before each call)" if args.cold else "steady state (mean of consecutive calls, ~10 ms per sample)"
+    state = "cold caches (flushed before each call)" if args.cold else "steady state (~5 ms of untimed calls, then the mean of consecutive calls, ~10 ms per sample)"
     report = [f"machine: {machine_description(args.device)}; clock: {args.clock}; best of {rounds} alternating rounds, "
               f"{state}"]
     print(report[0], flush=True)

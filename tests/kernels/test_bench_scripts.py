@@ -109,8 +109,9 @@ def test_bench_trainer_summary_drops_warmup_and_takes_the_median():
 
 
 def test_kernel_bench_rotates_the_order_and_times_steady_states(monkeypatch):
-    """interleaved_best_ms: each round starts with the next implementation; a sample is one untimed call
-    then at least two timed ones (their mean); with a flush, one timed call right after the flush."""
+    """interleaved_best_ms: each round starts with the next implementation; a sample is untimed calls
+    (half as many as timed, at least one) then at least two timed ones (their mean); with a flush, one
+    timed call right after the flush."""
     ticks = iter(range(10**6))
     monkeypatch.setattr(bench, "_clock", lambda: next(ticks) * 1e-3)  # every clock read: +1 ms
     log = []
@@ -121,6 +122,12 @@ def test_kernel_bench_rotates_the_order_and_times_steady_states(monkeypatch):
     assert log[:3] == list("abc")
     assert rounds == [list("aaabbbccc"), list("bbbcccaaa"), list("cccaaabbb")]
     assert ms == pytest.approx({"a": 0.5, "b": 0.5, "c": 0.5})  # 2 calls between 2 clock reads: 1 ms / 2
+
+    # longer samples: untimed calls for half as long as the timed ones (the first calls after another
+    # implementation are slower than its steady state)
+    log.clear()
+    bench.interleaved_best_ms(fns, torch.device("cpu"), rounds=1, warmup=0, sample_ms=7.5)
+    assert log == list("abc") + list("a" * 12 + "b" * 12 + "c" * 12)  # 1 ms a call: 8 timed, 4 untimed
 
     log.clear()
     flushes = []
