@@ -147,9 +147,9 @@ def interleaved_best_ms(fns: dict[str, Callable[[], object]], device: torch.devi
     Each round takes one sample of every function, starting with a different one each round
     (f1 f2 f3, f2 f3 f1, f3 f1 f2, ...), so that no function always follows the same other one.
     A sample is a function's steady state, as in a training loop that calls the op every layer
-    of every iteration: untimed calls for about half of ``sample_ms`` (half as many as the timed
-    ones, at least 1), then the mean of enough consecutive calls to last about ``sample_ms`` (at
-    least 2). Calls timed right after another function measure the state that function left
+    of every iteration: untimed calls for about half of ``sample_ms`` (``calls // 2`` of them for
+    ``calls`` timed ones, at least 1), then the mean of ``calls`` consecutive calls, enough to last
+    about ``sample_ms`` (at least 2). Calls timed right after another function measure the state that function left
     behind, and it takes more than one call to leave it: here our LayerNorm (2048x256, forward+backward,
     0.27 ms in steady state) took 0.52, 0.34, 0.28 and 0.27 ms in its first four calls after
     ``F.layer_norm`` (whose fresh, page-faulting outputs sweep the caches), and 1.00, 0.52, 0.30 and

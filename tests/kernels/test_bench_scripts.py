@@ -126,8 +126,11 @@ def test_kernel_bench_rotates_the_order_and_times_steady_states(monkeypatch):
     # longer samples: untimed calls for half as long as the timed ones (the first calls after another
     # implementation are slower than its steady state)
     log.clear()
+    monkeypatch.setattr(bench, "_clock", lambda: log.append("|") or next(ticks) * 1e-3)  # "|": a clock read
     bench.interleaved_best_ms(fns, torch.device("cpu"), rounds=1, warmup=0, sample_ms=7.5)
-    assert log == list("abc") + list("a" * 12 + "b" * 12 + "c" * 12)  # 1 ms a call: 8 timed, 4 untimed
+    sizing = "|a||b||c|"  # one timed call each: 1 ms, so 8 timed calls (and 4 untimed) per sample
+    assert "".join(log) == sizing + "aaaa|aaaaaaaa|" + "bbbb|bbbbbbbb|" + "cccc|cccccccc|"
+    monkeypatch.setattr(bench, "_clock", lambda: next(ticks) * 1e-3)
 
     log.clear()
     flushes = []
