@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lessons_pkg.testing import RankError, RankTimeout, run_on_ranks
+from lessons_pkg import testing
+from lessons_pkg.testing import RankError, RankStartError, RankTimeout, run_on_ranks
 
 
 def _all_reduce_rank():
@@ -78,3 +79,38 @@ def _returns_a_lambda():
 def test_a_result_that_cannot_be_pickled_is_the_rank_s_error():
     with pytest.raises(RankError, match="rank 0 of 1 failed"):
         run_on_ranks(_returns_a_lambda, 1, timeout=30)
+
+
+def _failing_start_on_rank_one(marker, message):
+    """dist.init_process_group, except that rank 1's first call in this test raises ``message``
+    (counted in ``marker``): a start-up failure before fn, as gloo's mesh connect flake is."""
+    real = dist.init_process_group
+
+    def init(*args, **kwargs):
+        if kwargs.get("rank") == 1:
+            with open(marker, "a") as f:
+                f.write("x")
+            if len(open(marker).read()) == 1:
+                raise RuntimeError(message)
+        return real(*args, **kwargs)
+
+    return init
+
+
+@pytest.mark.skipif(testing._start_method() != "fork", reason="the patched start-up reaches the ranks by fork only")
+def test_gloo_mesh_flake_at_start_up_is_retried_once_and_says_so(tmp_path, monkeypatch):
+    marker = tmp_path / "starts"
+    flake = "Gloo connectFullMesh failed with [pair.cc:553] Connection closed by peer [127.0.0.1]:1 (simulated)"
+    monkeypatch.setattr(dist, "init_process_group", _failing_start_on_rank_one(marker, flake))
+    with pytest.warns(UserWarning, match="starting again once, after gloo's start-up failed"):
+        assert run_on_ranks(_all_reduce_rank, 2, timeout=30) == [(0, 1.0), (1, 1.0)]
+    assert marker.read_text() == "xx"  # rank 1 started twice: the failed job, then the whole job again
+
+
+@pytest.mark.skipif(testing._start_method() != "fork", reason="the patched start-up reaches the ranks by fork only")
+def test_any_other_start_up_failure_is_not_retried(tmp_path, monkeypatch):
+    marker = tmp_path / "starts"
+    monkeypatch.setattr(dist, "init_process_group", _failing_start_on_rank_one(marker, "bad backend (simulated)"))
+    with pytest.raises(RankStartError, match=r"rank 1 of 2 failed to start:(.|\n)*bad backend \(simulated\)"):
+        run_on_ranks(_all_reduce_rank, 2, timeout=30)
+    assert marker.read_text() == "x"
