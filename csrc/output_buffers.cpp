@@ -7,6 +7,8 @@
 #include <ATen/ops/from_blob.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <limits>
 #include <mutex>
@@ -61,16 +63,47 @@ void release(void* p, size_t bytes) {
   std::free(p);
 }
 
+// The offset (a multiple of kAlignment, below `period`) at which a tensor starts in the block at
+// `base`: the one farthest, modulo `period`, from every pointer in `apart_from` (see the header).
+size_t placement(uintptr_t base, std::initializer_list<const void*> apart_from, size_t period) {
+  size_t best = 0, best_gap = 0;
+  for (size_t offset = 0; offset < period; offset += kAlignment) {
+    size_t gap = period;
+    for (const void* p : apart_from) {
+      // unsigned wrap-around is arithmetic modulo 2^64, which period (a power of two) divides
+      const size_t d = (base + offset - reinterpret_cast<uintptr_t>(p)) % period;
+      gap = std::min(gap, std::min(d, period - d));
+    }
+    if (gap > best_gap) {
+      best_gap = gap;
+      best = offset;
+    }
+  }
+  return best;
+}
+
 }  // namespace
 
-at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+size_t row_period(size_t row_bytes) {
+  size_t period = kPage;
+  while (period > 1 && row_bytes % period != 0) period /= 2;
+  return period < 256 ? kPage : period;
+}
+
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options,
+                      std::initializer_list<const void*> apart_from, size_t period) {
+  TORCH_CHECK(period > 0 && period <= kPage && kPage % period == 0, "new_output: period ", period,
+              " must be a power of two dividing ", kPage);
   int64_t numel = 1;
   for (int64_t s : sizes) numel *= s;
   const size_t nbytes = static_cast<size_t>(numel) * options.dtype().itemsize();
   if (nbytes < kMinPooledBytes || !options.device().is_cpu()) return at::empty(sizes, options);
-  const size_t bytes = (nbytes + kAlignment - 1) / kAlignment * kAlignment;
+  // a page of slack: room to start the tensor at any 64-byte offset within a page
+  const size_t bytes = (nbytes + kAlignment - 1) / kAlignment * kAlignment + kPage;
   void* p = acquire(bytes);
-  at::Tensor t = at::from_blob(p, sizes, [bytes](void* q) { release(q, bytes); }, options);
+  const size_t offset = apart_from.size() ? placement(reinterpret_cast<uintptr_t>(p), apart_from, period) : 0;
+  at::Tensor t = at::from_blob(static_cast<char*>(p) + offset, sizes, [p, bytes](void*) { release(p, bytes); },
+                               options);
   if (at::globalContext().deterministicAlgorithms() && at::globalContext().deterministicFillUninitializedMemory() &&
       t.is_floating_point()) {
     at::fill_(t, std::numeric_limits<double>::quiet_NaN());  // as at::empty does: unwritten elements show up

@@ -22,8 +22,13 @@ this process's CPU time instead of the wall clock (stable on a shared machine).
 
 Also printed: the fused kernel's achieved bandwidth (the least bytes the op must move /
 time) and arithmetic rate (approximate FLOPs / time), next to the machine's measured copy
-bandwidth (``y.copy_(x)``, the memory roof) and matrix-multiply rate (the compute roof): the
-data of a roofline plot (chapters/06b_fused_kernels.ipynb).
+bandwidth (``y.copy_(x)`` on 256 MB, the memory roof) and matrix-multiply rate (the compute roof): the
+data of a roofline plot (chapters/06b_fused_kernels.ipynb). And, timed in the same rounds, the
+**stream** time: element-wise PyTorch ops that move the op's least bytes at the same size (forward
+``y = 2 x``; backward ``gx = gy + x``), into buffers reused from call to call as the kernels' outputs
+are. It is the memory floor at that size: tensors of a few MB stay in the last-level cache, which moves
+them several times faster than the 256 MB copy, so there the copy-bandwidth roof is too low and
+"fused / stream" says how close a kernel is to being bound by its bytes (1.0: as fast as moving them).
 
 Minimum bytes, with E the element count of x and s its element size:
     bias_gelu   forward 2 E s (read x, write y);  backward 3 E s (read gy, x; write gx)
@@ -75,6 +80,7 @@ class Row:
     ms: dict[str, float] = field(default_factory=dict)  # implementation -> best time
     min_bytes: int = 0
     flops: float = 0.0
+    stream_ms: float | None = None  # element-wise ops moving the same least bytes (see the module docstring)
 
     @property
     def fused_gbps(self) -> float:
@@ -86,6 +92,11 @@ class Row:
 
     def speedup(self, other: str) -> float | None:
         return self.ms[other] / self.ms["fused"] if other in self.ms else None
+
+    @property
+    def vs_stream(self) -> float | None:
+        """fused time / stream time: 1.0 means the kernel is as fast as moving its least bytes at this size."""
+        return self.ms["fused"] / self.stream_ms if self.stream_ms else None
 
 
 def _sync(device: torch.device) -> None:
@@ -234,6 +245,25 @@ def _cases(shapes: dict, device: torch.device):
            (x, w, b), 2 * e, 3 * e, x.numel())
 
 
+def _stream(x: torch.Tensor) -> tuple[Callable[[], object], Callable[[], object]]:
+    """Forward and forward+backward stand-ins that move a kernel's least bytes and do no other work.
+
+    forward:           y = 2 x             reads E, writes E elements (the kernels' 2 E s bytes)
+    forward+backward:  and gx = gy + x     reads 2 E, writes E more (3 E s)
+    Outputs go to buffers reused from call to call, as the kernels' outputs come from their cache.
+    """
+    y, gy, gx = torch.empty_like(x), torch.ones_like(x), torch.empty_like(x)
+
+    def forward():
+        torch.mul(x, 2.0, out=y)
+
+    def forward_backward():
+        torch.mul(x, 2.0, out=y)
+        torch.add(gy, x, out=gx)
+
+    return forward, forward_backward
+
+
 def _forward_backward(fn, inputs):
     leaves = [t.detach().requires_grad_(True) for t in inputs]
     grad = torch.ones_like(fn(*leaves))
@@ -260,16 +290,19 @@ def run(shapes: str | dict = "course", device: str = "cpu", rounds: int = 7, com
         if compile:
             fns["compile"] = torch.compile(fns["eager"], dynamic=False)
         flops_fwd, flops_bwd = FLOPS_PER_ELEMENT[op]
+        stream = dict(zip(("forward", "forward+backward"), _stream(inputs[0])))
         for passes in ("forward", "forward+backward"):
             if passes == "forward":
                 steps = {name: (lambda f: (lambda: f(*inputs)))(f) for name, f in fns.items()}
             else:
                 steps = {name: _forward_backward(f, inputs) for name, f in fns.items()}
+            steps["stream"] = stream[passes]  # timed in the same rounds, reported apart (not an implementation)
             with torch.no_grad() if passes == "forward" else torch.enable_grad():
                 ms = interleaved_best_ms(steps, device, rounds, warmup=3, flush=flush)
+            stream_ms = ms.pop("stream")
             fwd_only = passes == "forward"
             rows.append(Row(op, shape, passes, ms, bytes_fwd if fwd_only else bytes_fwd + bytes_bwd,
-                            elements * (flops_fwd if fwd_only else flops_fwd + flops_bwd)))
+                            elements * (flops_fwd if fwd_only else flops_fwd + flops_bwd), stream_ms))
             log(f"  timed {op} {shape} {passes}")
     return rows
 
@@ -296,12 +329,18 @@ def _x(value: float | None) -> str:
 def format_table(rows: list[Row], ceiling_gbps: float, peak_gflops: float | None = None) -> str:
     names = [n for n in IMPLEMENTATIONS if any(n in r.ms for r in rows)]
     lines = ["| op | shape | pass | " + " | ".join(f"{n} ms" for n in names)
-             + " | fused GB/s | fused GFLOP/s | vs eager | vs compile | vs unfused |",
-             "|---|---|---|" + "---:|" * (len(names) + 5)]
+             + " | stream ms | fused GB/s | fused GFLOP/s | vs eager | vs compile | vs unfused | fused / stream |",
+             "|---|---|---|" + "---:|" * (len(names) + 7)]
     for r in rows:
         times = " | ".join(f"{r.ms[n]:.3f}" if n in r.ms else "-" for n in names)
-        lines.append(f"| {r.op} | {r.shape} | {r.passes} | {times} | {r.fused_gbps:.1f} | {r.fused_gflops:.1f} | "
-                     f"{_x(r.speedup('eager'))} | {_x(r.speedup('compile'))} | {_x(r.speedup('unfused'))} |")
+        stream = "-" if r.stream_ms is None else f"{r.stream_ms:.3f}"
+        lines.append(f"| {r.op} | {r.shape} | {r.passes} | {times} | {stream} | {r.fused_gbps:.1f} | "
+                     f"{r.fused_gflops:.1f} | {_x(r.speedup('eager'))} | {_x(r.speedup('compile'))} | "
+                     f"{_x(r.speedup('unfused'))} | {_x(r.vs_stream)} |")
+    if any(r.stream_ms is not None for r in rows):
+        lines.append("\nstream: element-wise ops moving the same least bytes at the same size (forward y = 2x, "
+                     "backward gx = gy + x, reused output buffers), timed in the same rounds: the memory floor "
+                     "there; fused / stream = 1.00x means as fast as moving the bytes")
     lines.append(f"\nmeasured copy bandwidth (y.copy_(x), read + write): {ceiling_gbps:.1f} GB/s")
     if peak_gflops is not None:
         lines.append(f"measured float32 matrix-multiply rate (1024^3): {peak_gflops:.1f} GFLOP/s")

@@ -152,6 +152,51 @@ def test_kernel_bench_target_lines_never_round_up_to_the_target():
     assert bench.targets(broken) == ["causal_softmax 64x256x256: nanx eager (NOT met: target 1.5x)"]
 
 
+def test_kernel_bench_stream_moves_the_kernels_bytes_and_is_reported(monkeypatch):
+    """The "stream" stand-ins compute y = 2x (forward) and gx = gy + x (backward) into reused buffers, every
+    row gets a stream time from the same rounds (kept out of the implementations), and the table shows it
+    with fused / stream."""
+    x = torch.randn(6, 5)
+    forward, forward_backward = bench._stream(x)
+    seen, outs = [], {}
+    real_mul, real_add = torch.mul, torch.add
+
+    def record(kind, real):
+        def op(a, b, out):
+            seen.append((kind, out.data_ptr()))
+            outs[kind] = out
+            return real(a, b, out=out)
+        return op
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "mul", record("mul", real_mul))
+        m.setattr(torch, "add", record("add", real_add))
+        forward()
+        forward_backward()
+        forward_backward()
+    assert torch.equal(outs["mul"], 2 * x) and torch.equal(outs["add"], 1 + x)  # gy is ones
+    assert [kind for kind, _ in seen] == ["mul", "mul", "add", "mul", "add"]
+    assert len({ptr for kind, ptr in seen if kind == "mul"}) == 1  # one output buffer, reused
+    assert len({ptr for kind, ptr in seen if kind == "add"}) == 1
+    assert all(ptr != x.data_ptr() for _, ptr in seen)            # never written over the input
+
+    tiny = {"bias_gelu": (8, 16), "softmax": (1, 2, 8, 8), "layer_norm": (8, 16)}
+    rows = bench.run(tiny, rounds=1, compile=False, unfused=False, log=lambda m: None)
+    assert len(rows) == 8
+    for r in rows:
+        assert set(r.ms) == {"fused", "eager"}
+        assert r.stream_ms is not None and 0 < r.stream_ms < float("inf")
+        assert r.vs_stream == pytest.approx(r.ms["fused"] / r.stream_ms)
+    table = bench.format_table(rows, ceiling_gbps=10.0)
+    header, rule, first = table.splitlines()[:3]
+    assert header.split(" | ")[5] == "stream ms" and header.endswith("fused / stream |")
+    assert rule.count("|") == header.count("|")
+    assert first.split(" | ")[5] == f"{rows[0].stream_ms:.3f}"
+    assert first.endswith(f"| {rows[0].vs_stream:.2f}x |")
+    # a row from before the stream column existed (or built by hand) still prints
+    assert "| - | 10.0 |" in bench.format_table([bench.Row("op", "1x1", "forward", {"fused": 1.0}, min_bytes=10**7)], 1.0)
+
+
 def test_summary_gives_no_verdict_for_unfinished_or_nan_runs_and_counts_missing_steps(tmp_path, capsys):
     bench_log = ("measured copy bandwidth (y.copy_(x), read + write): 100.0 GB/s\nGPU forward bandwidth:\n"
                  "  bias_gelu 4096x3072 forward: 74.6 GB/s = 75% of copy (NOT met: goal 75%)\n")
@@ -171,3 +216,16 @@ def test_summary_gives_no_verdict_for_unfinished_or_nan_runs_and_counts_missing_
     with pytest.raises(SystemExit) as stop:
         summary.main([str(tmp_path / "nowhere"), str(tmp_path / "r.md")])
     assert stop.value.code == 2 and "log folder" in capsys.readouterr().err and not (tmp_path / "r.md").exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.uname().machine != "x86_64", reason="measures x86-64 Linux cores")
+def test_cpu_clock_measures_a_plausible_frequency():
+    """scripts/cpu_clock.py (the clock that turns cycle counts into times in docs/benchmarks.md) runs and
+    prints a frequency no x86-64 core could be outside of (0.5 to 7 GHz)."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "cpu_clock.py"), "--runs", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    line = out.stdout.strip()
+    assert line.startswith("measured core clock: ") and " GHz (best of 1 runs" in line, line
+    ghz = float(line.split(": ", 1)[1].split()[0])
+    assert 0.5 < ghz < 7.0, line
