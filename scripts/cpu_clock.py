@@ -6,8 +6,9 @@ Cycle counts only become times with the real clock: docs/benchmarks.md turns the
 vector-operation counts into microseconds with it. A virtual machine's /proc/cpuinfo often shows the
 nominal frequency, while the core runs at its boost clock.
 
-How: a chain of dependent integer adds, one per cycle on every x86-64 core of the last fifteen years
-(latency 1), compiled with the system's C compiler; adds / second = cycles / second. The best of a few
+How: a chain of dependent register-to-register integer adds, one per cycle on x86-64 cores (latency
+1; a register operand rather than a constant, which some recent cores can add at renaming, faster
+than one per cycle), compiled with the system's C compiler; adds / second = cycles / second. The best of a few
 runs is printed (another process on the core can only make a run slower).
 """
 from __future__ import annotations
@@ -25,11 +26,11 @@ SOURCE = r"""
 #include <time.h>
 int main(void) {
   const long iterations = 400000000;
-  long x = 0;
+  long x = 0, one = 1;
   struct timespec a, b;
   clock_gettime(CLOCK_MONOTONIC, &a);
   for (long i = 0; i < iterations; i++)  /* four dependent adds: the loop's own work runs beside them */
-    __asm__ volatile("add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0" : "+r"(x));
+    __asm__ volatile("add %1, %0\n\tadd %1, %0\n\tadd %1, %0\n\tadd %1, %0" : "+r"(x) : "r"(one));
   clock_gettime(CLOCK_MONOTONIC, &b);
   double seconds = (b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) * 1e-9;
   printf("%.4f\n", 4.0 * iterations / seconds / 1e9);
@@ -48,7 +49,10 @@ def measure_ghz(runs: int = 3) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         exe = Path(tmp) / "clock"
         (Path(tmp) / "clock.c").write_text(SOURCE)
-        subprocess.run([compiler, "-O2", "-o", str(exe), str(Path(tmp) / "clock.c")], check=True)
+        built = subprocess.run([compiler, "-O2", "-o", str(exe), str(Path(tmp) / "clock.c")], capture_output=True,
+                               text=True)
+        if built.returncode != 0:
+            raise SystemExit(f"{compiler} could not compile the clock loop:\n{built.stderr[-2000:]}")
         return max(float(subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout)
                    for _ in range(runs))
 
@@ -57,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error(f"--runs must be at least 1, got {args.runs}")
     nominal = None
     try:
         with open("/proc/cpuinfo") as f:

@@ -22,9 +22,10 @@ this process's CPU time instead of the wall clock (stable on a shared machine).
 
 Also printed: the fused kernel's achieved bandwidth (the least bytes the op must move /
 time) and arithmetic rate (approximate FLOPs / time), next to the machine's measured copy
-bandwidth (``y.copy_(x)`` on 256 MB, the memory roof) and matrix-multiply rate (the compute roof): the
+bandwidth (``y.copy_(x)`` on 256 MB, 64 MB with ``--quick``: the memory roof) and matrix-multiply rate (the compute roof): the
 data of a roofline plot (chapters/06b_fused_kernels.ipynb). And, timed in the same rounds, the
-**stream** time: element-wise PyTorch ops that move the op's least bytes at the same size (forward
+**stream** time: element-wise PyTorch ops that move the op's least bytes at the same size (the masked
+softmax's mask, E / heads bytes, aside; forward
 ``y = 2 x``; backward ``gx = gy + x``), into buffers reused from call to call as the kernels' outputs
 are. It is the memory floor at that size: tensors of a few MB stay in the last-level cache, which moves
 them several times faster than the 256 MB copy, so there the copy-bandwidth roof is too low and
