@@ -6,10 +6,10 @@ Cycle counts only become times with the real clock: docs/benchmarks.md turns the
 vector-operation counts into microseconds with it. A virtual machine's /proc/cpuinfo often shows the
 nominal frequency, while the core runs at its boost clock.
 
-How: a chain of dependent register-to-register integer adds, one per cycle on x86-64 cores (latency
-1; a register operand rather than a constant, which some recent cores can add at renaming, faster
-than one per cycle), compiled with the system's C compiler; adds / second = cycles / second. The best of a few
-runs is printed (another process on the core can only make a run slower).
+How: a chain of dependent register-to-register integer adds, one per cycle on x86-64 cores
+(latency 1; a register operand rather than a constant, which some recent cores add at renaming,
+faster than one per cycle), compiled with the system's C compiler: adds / second = cycles / second.
+The best of a few runs is printed (another process on the core can only make a run slower).
 """
 from __future__ import annotations
 
@@ -63,15 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error(f"--runs must be at least 1, got {args.runs}")
-    nominal = None
+    nominal = None  # MHz, as the kernel reports it (a VM's is often the nominal clock)
     try:
         with open("/proc/cpuinfo") as f:
-            nominal = next(line.split(":", 1)[1].strip() for line in f if line.startswith("cpu MHz"))
-    except (OSError, StopIteration):
+            nominal = float(next(line.split(":", 1)[1] for line in f if line.startswith("cpu MHz")))
+    except (OSError, StopIteration, ValueError):
         pass
     ghz = measure_ghz(args.runs)
     print(f"measured core clock: {ghz:.2f} GHz (best of {args.runs} runs of dependent adds)"
-          + (f"; /proc/cpuinfo says {float(nominal) / 1000:.2f} GHz" if nominal else ""))
+          + (f"; /proc/cpuinfo says {nominal / 1000:.2f} GHz" if nominal else ""))
     return 0
 
 

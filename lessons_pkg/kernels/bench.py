@@ -22,13 +22,14 @@ this process's CPU time instead of the wall clock (stable on a shared machine).
 
 Also printed: the fused kernel's achieved bandwidth (the least bytes the op must move /
 time) and arithmetic rate (approximate FLOPs / time), next to the machine's measured copy
-bandwidth (``y.copy_(x)`` on 256 MB, 64 MB with ``--quick``: the memory roof) and matrix-multiply rate (the compute roof): the
-data of a roofline plot (chapters/06b_fused_kernels.ipynb). And, timed in the same rounds, the
-**stream** time: element-wise PyTorch ops that move the op's least bytes at the same size (the masked
-softmax's mask, E / heads bytes, aside; forward
-``y = 2 x``; backward ``gx = gy + x``), into buffers reused from call to call as the kernels' outputs
-are. It is the memory floor at that size: tensors of a few MB stay in the last-level cache, which moves
-them several times faster than the 256 MB copy, so there the copy-bandwidth roof is too low and
+bandwidth (``y.copy_(x)`` on 256 MB, 64 MB with ``--quick``: the memory roof) and matrix-multiply
+rate (the compute roof): the data of a roofline plot (chapters/06b_fused_kernels.ipynb).
+
+And, timed in the same rounds, the **stream** time: element-wise PyTorch ops that move the op's
+least bytes at the same size (forward ``y = 2 x``; backward ``gx = gy + x``; the masked softmax's
+mask, E / heads bytes, left out), into buffers reused from call to call as the kernels' outputs are.
+It is the memory floor at that size: tensors of a few MB stay in the last-level cache, which moves
+them several times faster than the 256 MB copy, so there the copy-bandwidth roof is too low, and
 "fused / stream" says how close a kernel is to being bound by its bytes (1.0: as fast as moving them).
 
 Minimum bytes, with E the element count of x and s its element size:

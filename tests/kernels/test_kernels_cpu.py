@@ -318,14 +318,16 @@ def _gap(a: torch.Tensor, b: torch.Tensor, period: int) -> int:
     return min(d, period - d)
 
 
-def test_layer_norm_outputs_are_placed_apart_from_their_inputs():
-    """csrc/output_buffers.h: LayerNorm's pooled outputs (>= 1 MiB) start at the 64-byte offset farthest, modulo the
-    row period, from the kernel's inputs, so that its stores do not alias the inputs' loads in the low 12
-    address bits (4K aliasing: up to 25 us more per LayerNorm call at 2048x256, depending on where
-    PyTorch put the inputs). With one input the gap is about half the period, with two at least a quarter
-    of it (less the 64-byte rounding); a fixed offset fails this for inputs at some offsets. And the
-    results are the same as for contiguous inputs at the usual place."""
-    rows, h = 2048, 256  # 2 MiB per tensor (pooled); rows of 1 KB: period 1024 bytes
+@pytest.mark.parametrize("rows, h, period", [(2048, 256, 1024), (256, 1030, 4096)])
+def test_layer_norm_outputs_are_placed_apart_from_their_inputs(rows, h, period):
+    """csrc/output_buffers.h: LayerNorm's pooled outputs (>= 1 MiB) start at the 64-byte offset farthest,
+    modulo the row period, from the kernel's inputs, so that its stores do not alias the inputs' loads in
+    the low 12 address bits (4K aliasing: up to 25 us more per LayerNorm call at 2048x256, depending on
+    where PyTorch put the inputs). The period: rows of 1 KB (h = 256) repeat every 1 KB within a page;
+    rows of 4120 bytes (h = 1030) at scattered offsets, so only a whole page counts. With one input the
+    gap is about half the period, with two at least a quarter of it (less the 64-byte rounding); a fixed
+    offset fails this for inputs at some offsets. And the results are those of the same inputs at the
+    usual place, bit for bit."""
     g = torch.Generator().manual_seed(0)
     x_base = torch.randn(rows * h + 1024, generator=g)
     g_base = torch.randn(rows * h + 1024, generator=g)
@@ -335,15 +337,16 @@ def test_layer_norm_outputs_are_placed_apart_from_their_inputs():
     y_ref, mean_ref, rstd_ref = fwd(x_ref, w, b, 1e-5)
     gy_ref = g_base[: rows * h].clone().view(rows, h)
     gx_ref = bwd(gy_ref, x_ref, mean_ref, rstd_ref, w)[0]
-    for kx, kg in [(0, 0), (1, 0), (16, 240), (240, 16), (255, 7), (100, 101), (128, 0), (0, 128)]:  # floats
-        x = x_base[kx: kx + rows * h].view(rows, h)
+    assert x_ref.numel() * 4 >= 2**20  # pooled: the placement applies
+    for kx, kg in [(0, 0), (1, 0), (16, 240), (240, 16), (255, 7), (100, 101), (128, 0), (0, 128), (512, 768)]:
+        x = x_base[kx: kx + rows * h].view(rows, h)  # offsets in floats
         x.copy_(x_ref)
         gy = g_base[kg: kg + rows * h].view(rows, h)
         gy.copy_(gy_ref)
         y, mean, rstd = fwd(x, w, b, 1e-5)
-        assert _gap(y, x, 1024) >= 512 - 32, (kx, y.data_ptr() % 4096, x.data_ptr() % 4096)
+        assert _gap(y, x, period) >= period // 2 - 32, (kx, y.data_ptr() % 4096, x.data_ptr() % 4096)
         assert torch.equal(y, y_ref)
         gx = bwd(gy, x, mean, rstd, w)[0]
-        assert min(_gap(gx, gy, 1024), _gap(gx, x, 1024)) >= 256 - 32, (kx, kg, gx.data_ptr() % 4096)
+        assert min(_gap(gx, gy, period), _gap(gx, x, period)) >= period // 4 - 32, (kx, kg, gx.data_ptr() % 4096)
         assert torch.equal(gx, gx_ref)
         del y, gx
