@@ -198,3 +198,53 @@ moved = continue_from(CKPT, f"{OUT}/moved.jsonl", 2, "--use-distributed-optimize
 print("iterations", sorted(moved), "| same as at TP=2 x PP=2:", sorted(moved) == sorted(same))
 gap = max(abs(moved[i] - same[i]) for i in same)
 print(f"largest loss difference < 2e-5: {gap < 2e-5}")  # the value itself varies from run to run (0 to ~1e-6)
+
+# %% [markdown]
+# ### 1.6 Checkpoints written by other tools
+#
+# Our readers would prove little if they only ever read files our own writer made. So here a tool we
+# did not write makes the checkpoint: `transformers`' own Megatron converter
+# (`checkpoint_reshaping_and_interoperability.py`, shipped with transformers 4.x and gone in 5;
+# `lessons_pkg.checkpoint.transformers_converter` installs 4.46.3 in a side folder, once, and runs the
+# file as it is). It turns the `transformers` folder of 1.4 into a TP=2 `release` checkpoint in its own
+# style: `args` as a `types.SimpleNamespace`, the real vocabulary as `orig_vocab_size`, a copy of the
+# embedding for the head even with one stage. Our `checkpoint_util.py` merges it, `generate.py`
+# answers from it on two ranks, and the converter reads our merged file back.
+#
+# Megatron-LM's own files record only `padded_vocab_size`; give `--vocab-file` (or `--true-vocab-size`)
+# and the extra rows are dropped, provided Megatron's padding rule (`make_vocab_size_divisible_by` x
+# TP) maps the tokenizer's size onto them. Megatron-LM's newer `torch_dist` format (`*.distcp` files)
+# is not read: save with `--ckpt-format torch`, as the lesson does.
+
+# %%
+from lessons_pkg.checkpoint import transformers_converter
+
+THEIRS = transformers_converter.to_megatron(HF, f"{OUT}/converter-tp2", tp=2, pp=1)
+state = mf.safe_load(f"{THEIRS}/release/mp_rank_00/model_optim_rng.pt")
+print(f"written by transformers {transformers_converter.TRANSFORMERS.split('==')[1]}: args is a "
+      f"{type(state['args']).__name__}, orig_vocab_size {state['args'].orig_vocab_size}, tracker "
+      f"{open(f'{THEIRS}/latest_checkpointed_iteration.txt').read()!r}, files {sorted(os.listdir(f'{THEIRS}/release'))}")
+
+MERGED = f"{OUT}/converter-tp1"
+out = run("src/ch6/checkpoint_util.py", "--load-dir", THEIRS, "--save-dir", MERGED, "--target-tensor-parallel-size",
+          "1", "--verify", "--no-progress")
+print("\n".join(l.strip() for l in out.splitlines() if "vocabulary:" in l))
+print("merged to TP=1, every tensor equal to the converter's, bit for bit:", "bit for bit: True" in out)
+
+PROMPT, N = "The history of", 12
+run("src/ch6/generate.py", "--load", THEIRS, "--vocab-file", VOCAB, "--merge-file", MERGES, "--greedy",
+    "--tensor-model-parallel-size", "2", "--prompt", PROMPT, "--tokens-to-generate", N,
+    "--output-json", f"{OUT}/theirs.json")
+ours = json.load(open(f"{OUT}/theirs.json"))["tokens"][0]
+tokenizer = load_pretrained(HF).tokenizer
+ids = torch.tensor([tokenizer.tokenize(PROMPT)])
+with torch.no_grad():
+    want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, do_sample=False,
+                       pad_token_id=tokenizer.eod, eos_token_id=tokenizer.eod)[0].tolist()
+print("generate.py (TP=2, on the converter's files) answers what GPT2LMHeadModel.generate answers:", ours == want)
+
+BACK_HF = transformers_converter.to_transformers(MERGED, f"{OUT}/converter-back", HF)
+hf_logging.set_verbosity_error()  # transformers 5 reports the converter's extra causal-mask buffers (masked_bias)
+again = GPT2LMHeadModel.from_pretrained(BACK_HF).state_dict()
+print("the converter reads our merged file back, every tensor identical to the original:",
+      all(torch.equal(again[k], v) for k, v in hf.state_dict().items()))

@@ -19,7 +19,9 @@ import torch
 
 from lessons_pkg.checkpoint import megatron_format as mf
 from lessons_pkg.checkpoint.layout import TRACKER, checkpoint_dir, iteration_dirname
-from lessons_pkg.checkpoint.reshard import Layout, SourceCheckpoint, build_rank_state, read_full_checkpoint
+from lessons_pkg.checkpoint.reshard import (Layout, SourceCheckpoint, VocabHints, build_rank_state,
+                                            read_full_checkpoint)
+from lessons_pkg.checkpoint.vocab import VocabSize
 from lessons_pkg.tensor_parallel.config import GPTConfig
 
 
@@ -33,6 +35,10 @@ class InMemorySource:
     consumed_train_samples: int = 0
     scheduler: dict | None = None
     layout: Layout = field(default_factory=Layout)
+
+    @property
+    def vocab(self) -> VocabSize:
+        return VocabSize(self.config.vocab_size, self.config.vocab_size, "the imported model")
 
     def full(self, key: str) -> torch.Tensor:
         return self.state_dict[key]
@@ -78,12 +84,22 @@ def _publish(tmp: str, save_dir: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _tokenizer_files(root: str, args) -> tuple[str | None, str | None]:
-    for v, m in ((os.path.join(root, "vocab.json"), os.path.join(root, "merges.txt")),
+def _tokenizer_files(root: str, args, given: tuple[str | None, str | None] = (None, None)
+                     ) -> tuple[str | None, str | None]:
+    """The tokenizer to ship with a conversion: the one given, the source folder's, or the one the args name."""
+    for v, m in (given, (os.path.join(root, "vocab.json"), os.path.join(root, "merges.txt")),
                  (getattr(args, "vocab_file", None), getattr(args, "merge_file", None))):
         if v and m and os.path.isfile(v) and os.path.isfile(m):
             return v, m
     return None, None
+
+
+def describe_vocab(vocab: VocabSize) -> str:
+    """One line on the vocabulary a conversion keeps."""
+    if vocab.true is None:
+        return (f" > the checkpoint records no real vocabulary size (only padded_vocab_size {vocab.padded}): "
+                f"keeping all {vocab.padded} rows; pass --true-vocab-size or --vocab-file to drop the padding")
+    return f" > vocabulary: {vocab.true} tokens (from {vocab.source}), padded to {vocab.padded} in the source"
 
 
 def write_megatron(src, save_dir: str, target: Layout, with_optim: bool = True, overwrite: bool = False,
@@ -134,34 +150,36 @@ def write_megatron(src, save_dir: str, target: Layout, with_optim: bool = True, 
 
 
 def megatron_to_megatron(load_dir: str, save_dir: str, target: Layout, with_optim: bool = True,
-                         overwrite: bool = False, true_vocab_size: int | None = None, log=print,
-                         progress: bool = True) -> dict:
-    src = SourceCheckpoint.open(load_dir, true_vocab_size)
+                         overwrite: bool = False, vocab: VocabHints = VocabHints(), log=print,
+                         progress: bool = True, tokenizer: tuple[str | None, str | None] = (None, None)) -> dict:
+    src = SourceCheckpoint.open(load_dir, vocab)
     target.check(src.config)
     log(f"loaded {load_dir}: iteration {src.iteration}, TP={src.layout.tp} x PP={src.layout.pp} x "
         f"{src.layout.vp} chunks, {src.config.num_layers} layers, hidden {src.config.hidden_size}, "
         f"vocabulary {src.config.vocab_size} (padded {src.padded_vocab_size})")
+    log(describe_vocab(src.vocab))
     if with_optim and not src.has_optimizer():
         log(" > the source holds no optimizer state we can reshard: writing weights (and scheduler) only")
     log(f"saving at TP={target.tp} x PP={target.pp} x {target.vp} chunks to {save_dir}")
-    return write_megatron(src, save_dir, target, with_optim, overwrite,
-                          tokenizer=_tokenizer_files(load_dir, src.args), log=log, progress=progress)
+    return write_megatron(src, save_dir, target, with_optim, overwrite, release=src.files.iteration is None,
+                          tokenizer=_tokenizer_files(load_dir, src.args, tokenizer), log=log, progress=progress)
 
 
-def megatron_to_hf(load_dir: str, save_dir: str, overwrite: bool = False, true_vocab_size: int | None = None,
-                   log=print) -> dict:
+def megatron_to_hf(load_dir: str, save_dir: str, overwrite: bool = False, vocab: VocabHints = VocabHints(),
+                   log=print, tokenizer: tuple[str | None, str | None] = (None, None)) -> dict:
     from lessons_pkg.checkpoint.hf_io import save_hf_folder
 
-    full = read_full_checkpoint(load_dir, true_vocab_size)
+    full = read_full_checkpoint(load_dir, vocab)
+    log(describe_vocab(full.vocab))
     tmp = _prepare_output(save_dir, overwrite)
     try:
-        vocab, merges = _tokenizer_files(load_dir, full.args)
-        save_hf_folder(tmp, full.state_dict, full.config, vocab, merges)
+        vocab_file, merge_file = _tokenizer_files(load_dir, full.args, tokenizer)
+        save_hf_folder(tmp, full.state_dict, full.config, vocab_file, merge_file)
         _publish(tmp, save_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"saved a transformers GPT-2 folder to {save_dir} (tokenizer: {'yes' if vocab else 'not known'})")
+    log(f"saved a transformers GPT-2 folder to {save_dir} (tokenizer: {'yes' if vocab_file else 'not known'})")
     return {"files": {n: os.path.getsize(os.path.join(save_dir, n)) for n in sorted(os.listdir(save_dir))}}
 
 
@@ -196,7 +214,7 @@ def _download_hf(name: str) -> str:
                                 f"Hugging Face hub ({type(e).__name__}: {e})") from e
 
 
-def verify(load_dir: str, save_dir: str, loader: str, saver: str, true_vocab_size: int | None = None,
+def verify(load_dir: str, save_dir: str, loader: str, saver: str, vocab: VocabHints = VocabHints(),
            log=print) -> bool:
     """Check the output holds the same model as the input: every tensor (bit for bit), or logits for ``transformers``.
 
@@ -209,7 +227,7 @@ def verify(load_dir: str, save_dir: str, loader: str, saver: str, true_vocab_siz
     def full(path, kind):
         if kind == "hf":
             return load_hf_folder(path if os.path.isdir(path) else _download_hf(path))
-        c = read_full_checkpoint(path, true_vocab_size)
+        c = read_full_checkpoint(path, vocab)
         return c.config, c.state_dict
 
     if saver == "megatron":

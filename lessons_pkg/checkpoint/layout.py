@@ -10,7 +10,11 @@
 
 :func:`find_checkpoint` reads the tracker and the folder names and refuses,
 naming what is wrong, a folder that is not a checkpoint, a tracker pointing to
-a missing or half-written iteration, and folders of mixed layouts.
+a missing or half-written iteration, and folders of mixed layouts. Megatron-LM's
+newer ``torch_dist`` format (``--ckpt-format torch_dist``, its default since
+2024: one ``torch.distributed.checkpoint`` folder per iteration holding
+``metadata.json``, ``common.pt`` and ``*.distcp`` shards) is not read; it is
+refused with a message that says so and how to get the legacy format.
 """
 from __future__ import annotations
 
@@ -74,6 +78,20 @@ class CheckpointFiles:
         return [os.path.join(folder, n) for n in names]
 
 
+def is_torch_dist(folder: str) -> bool:
+    """A ``torch_dist`` (``torch.distributed.checkpoint``) iteration folder: ``metadata.json`` or ``*.distcp`` files."""
+    return os.path.isdir(folder) and any(n == "metadata.json" or n.endswith(".distcp") for n in os.listdir(folder))
+
+
+def _refuse_torch_dist(folder: str) -> None:
+    if is_torch_dist(folder):
+        raise ValueError(f"{folder} is a Megatron-LM torch_dist checkpoint (metadata.json and *.distcp shards of "
+                         "torch.distributed.checkpoint), which this course does not read. Save with "
+                         "--ckpt-format torch (the legacy format: one model_optim_rng.pt per tensor and pipeline "
+                         "rank), or convert it with Megatron-LM itself: load it and pass --ckpt-convert-format torch "
+                         "--ckpt-convert-save <folder>")
+
+
 def find_checkpoint(root: str, iteration: int | None | str = "latest") -> CheckpointFiles:
     """The checkpoint under ``root`` that the tracker (or ``iteration``) names, checked complete."""
     if not os.path.isdir(root):
@@ -81,7 +99,11 @@ def find_checkpoint(root: str, iteration: int | None | str = "latest") -> Checkp
     if iteration == "latest":
         iteration = read_tracker(root)
         if iteration is None:
+            _refuse_torch_dist(root)
             entries = sorted(os.listdir(root))[:10]
+            if any(re.fullmatch(r"mp_rank_\d{2}(_\d{3})?", n) for n in os.listdir(root)):
+                raise ValueError(f"{root} is one iteration of a checkpoint (it holds {entries}), not a checkpoint "
+                                 f"folder: pass its parent, the folder with {TRACKER}")
             raise ValueError(f"{root} is not a Megatron checkpoint folder: no {TRACKER} (it holds {entries})")
         if iteration == "release":
             iteration = None
@@ -90,6 +112,7 @@ def find_checkpoint(root: str, iteration: int | None | str = "latest") -> Checkp
         raise ValueError(f"{root}: {TRACKER} names {iteration_dirname(iteration)}, but there is no such folder")
     names = sorted(n for n in os.listdir(folder) if n.startswith("mp_rank_"))
     matches = [re.fullmatch(r"mp_rank_(\d{2})(?:_(\d{3}))?", n) for n in names]
+    _refuse_torch_dist(folder)
     if not names:
         raise ValueError(f"{folder} holds no mp_rank_XX[_YYY] folders: it is empty or half-written")
     if not all(matches):

@@ -36,14 +36,18 @@ converting is a matter of nesting: :func:`to_megatron` and :func:`from_megatron`
 
 Files are read with ``torch.load(weights_only=True)``: only tensors, numbers,
 strings and containers unpickle, plus the allowlist :data:`SAFE_GLOBALS`
-(``argparse.Namespace`` for ``args``, and the numpy pieces Megatron's RNG
-states are made of). Anything else is an error naming the class, never a
-silent ``weights_only=False``.
+(``argparse.Namespace`` for Megatron-LM's ``args``, ``types.SimpleNamespace``
+for the ``args`` of transformers' Megatron converter, both plain attribute bags
+whose unpickling runs no code, and the numpy pieces Megatron's RNG states are
+made of). Anything else is an error naming the class, never a silent
+``weights_only=False``. :func:`read_args` turns any of those ``args`` (or a
+dict) into an ``argparse.Namespace``.
 """
 from __future__ import annotations
 
 import argparse
 import re
+import types
 
 import torch
 
@@ -67,7 +71,22 @@ def _numpy_globals() -> list:
     return out
 
 
-SAFE_GLOBALS = [argparse.Namespace, *_numpy_globals()]
+SAFE_GLOBALS = [argparse.Namespace, types.SimpleNamespace, *_numpy_globals()]
+ARGS_KINDS = (argparse.Namespace, types.SimpleNamespace, dict)
+
+
+def read_args(args, where: str) -> argparse.Namespace:
+    """A checkpoint's saved ``args`` (``argparse.Namespace``, ``types.SimpleNamespace`` or dict) as a Namespace."""
+    if isinstance(args, dict):
+        bad = [k for k in args if not isinstance(k, str)]
+        if bad:
+            raise ValueError(f"{where}: its args dict has keys that are not names: {bad[:5]}")
+        return argparse.Namespace(**args)
+    if isinstance(args, (argparse.Namespace, types.SimpleNamespace)):
+        return argparse.Namespace(**vars(args))
+    raise ValueError(f"{where}: its 'args' is a {type(args).__module__}.{type(args).__qualname__}; a Megatron "
+                     "checkpoint stores them as an argparse.Namespace (Megatron-LM), a types.SimpleNamespace "
+                     "(transformers' converter) or a dict")
 
 
 def safe_load(path: str, mmap: bool = False) -> dict:
@@ -172,15 +191,17 @@ def model_keys(state: dict) -> list[str]:
 
 
 # --- arguments -------------------------------------------------------------------------------------
-def megatron_args(args: argparse.Namespace | dict, **updates) -> argparse.Namespace:
+def megatron_args(args, **updates) -> argparse.Namespace:
     """An ``argparse.Namespace`` of Megatron's argument names (what Megatron's loaders read from ``args``).
 
     Starts from ``args`` (ours already use Megatron's names) and fills the
     fields Megatron-LM's checkpoint loader and ``transformers``' converter
     expect for a learned-position, LayerNorm, GeLU, biased, tied GPT-2.
     """
-    values = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
+    values = dict(vars(read_args(args, "megatron_args")))
     values.update(updates)
+    # transformers' converter reads the real vocabulary from orig_vocab_size: keep it equal to ours
+    values["orig_vocab_size"] = values.get("true_vocab_size")
     h = values["hidden_size"]
     defaults = dict(
         ffn_hidden_size=4 * h, kv_channels=h // values["num_attention_heads"], seq_length=values.get(

@@ -67,21 +67,47 @@ def load_tokenizer(path: str | None = None, args: argparse.Namespace | None = No
 
 
 def load_pretrained(path: str, vocab_file: str | None = None, merge_file: str | None = None,
-                    tokenizer_type: str | None = None) -> Pretrained:
-    """Read a Megatron checkpoint root (any layout) or a ``transformers`` folder into full-size weights."""
+                    tokenizer_type: str | None = None, true_vocab_size: int | None = None) -> Pretrained:
+    """Read a Megatron checkpoint root (any layout) or a ``transformers`` folder into full-size weights.
+
+    The real vocabulary of a Megatron checkpoint is resolved as
+    :mod:`lessons_pkg.checkpoint.vocab` says: ``true_vocab_size`` (``--true-vocab-size``),
+    then what the saved args record, then the tokenizer found here (whose size
+    must map onto the padded size by Megatron's rule).
+    """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--load {path!r}: no such folder")
     if is_hf_folder(path):
         from lessons_pkg.checkpoint.hf_io import load_hf_folder
 
         config, state_dict = load_hf_folder(path)
+        if true_vocab_size is not None and true_vocab_size != config.vocab_size:
+            raise ValueError(f"--true-vocab-size {true_vocab_size}, but the transformers model {path} has "
+                             f"vocab_size {config.vocab_size}")
         tokenizer = load_tokenizer(path, None, vocab_file, merge_file, tokenizer_type)
         return Pretrained(config, state_dict, tokenizer, None, None, "hf", path)
-    from lessons_pkg.checkpoint.reshard import read_full_checkpoint
+    from lessons_pkg.checkpoint.layout import find_checkpoint
+    from lessons_pkg.checkpoint.megatron_format import read_args, safe_load
+    from lessons_pkg.checkpoint.reshard import VocabHints, read_full_checkpoint
 
-    full = read_full_checkpoint(path)
-    tokenizer = load_tokenizer(path, full.args, vocab_file, merge_file, tokenizer_type)
+    files = find_checkpoint(path)
+    args = read_args(safe_load(files.model_file(0, 0), mmap=True).get("args", {}), files.model_file(0, 0))
+    tokenizer, source = _find_tokenizer(path, args, vocab_file, merge_file, tokenizer_type)
+    hints = VocabHints(true_vocab_size, tokenizer.vocab_size if tokenizer is not None else None, source)
+    full = read_full_checkpoint(path, hints)
     return Pretrained(full.config, full.state_dict, tokenizer, full.iteration, full.args, "megatron", path)
+
+
+def _find_tokenizer(path, args, vocab_file, merge_file, tokenizer_type):
+    """``load_tokenizer``'s choice, and words saying where it came from (for vocabulary messages)."""
+    tokenizer = load_tokenizer(path, args, vocab_file, merge_file, tokenizer_type)
+    if tokenizer is None:
+        return None, ""
+    if vocab_file:
+        return tokenizer, f"the tokenizer of --vocab-file {vocab_file}"
+    if os.path.isfile(os.path.join(path, "vocab.json")):
+        return tokenizer, f"the tokenizer shipped in {path} (vocab.json)"
+    return tokenizer, f"the tokenizer of args.vocab_file {getattr(args, 'vocab_file', None)}"
 
 
 def stage_layers(num_layers: int, pp_rank: int, pp_size: int) -> tuple[int, int]:

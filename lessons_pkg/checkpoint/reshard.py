@@ -11,11 +11,12 @@ that replicated tensors agree), and splitting cuts the full tensor again.
 QKV needs nothing special because every layout stores it head by head
 (``[np, 3, hn]`` rows, checkpoint_version 3.0): a contiguous slice of rows is a
 set of whole heads. The word embedding is padded with dummy rows to a multiple
-of ``make_vocab_size_divisible_by x tp``; the real vocabulary size travels in
-``args.true_vocab_size``, so we keep the real rows, keep as many of the
-source's dummy rows as the target has room for, and zero-fill the rest: the
-real tokens' logits never change, and a layout with the same padded size
-round-trips bit for bit.
+of ``make_vocab_size_divisible_by x tp``; the real vocabulary size comes from
+the saved args, the command line or a tokenizer (:mod:`lessons_pkg.checkpoint.vocab`),
+so we keep the real rows, keep as many of the source's dummy rows as the
+target has room for, and zero-fill the rest: the real tokens' logits never
+change, and a layout with the same padded size round-trips bit for bit. When
+nothing tells the real size, every padded row is kept as if it were a token.
 
 Pipeline stages only regroup layers: global layer ``g`` lives on virtual stage
 ``g // layers_per_stage``, which is chunk ``stage // pp`` of pipeline rank
@@ -43,6 +44,7 @@ import torch
 
 from lessons_pkg.checkpoint import megatron_format as mf
 from lessons_pkg.checkpoint.layout import CheckpointFiles, find_checkpoint
+from lessons_pkg.checkpoint.vocab import VocabSize, resolve_vocab_size, vocab_file_size
 from lessons_pkg.tensor_parallel.config import GPTConfig
 from lessons_pkg.tensor_parallel.utils import vocab_size_with_padding
 
@@ -118,20 +120,30 @@ def global_name(local: str, layer_offset: int) -> str:
     return local
 
 
-def config_from_args(args, true_vocab_size: int | None = None) -> GPTConfig:
-    """The :class:`GPTConfig` of a checkpoint's saved arguments (Megatron's names)."""
+def config_from_args(args, vocab_size: int, where: str = "the checkpoint") -> GPTConfig:
+    """The :class:`GPTConfig` of a checkpoint's saved arguments (Megatron's names), with ``vocab_size`` rows."""
     def get(name, default=None):
-        return getattr(args, name, default) if isinstance(args, argparse.Namespace) else args.get(name, default)
+        value = getattr(args, name, None)
+        return default if value is None else value
 
-    vocab = true_vocab_size or get("true_vocab_size") or get("padded_vocab_size")
-    if vocab is None:
-        raise ValueError("the checkpoint's args have neither true_vocab_size nor padded_vocab_size")
+    missing = [n for n in ("hidden_size", "num_layers", "num_attention_heads", "max_position_embeddings")
+               if get(n) is None]
+    if missing:
+        raise ValueError(f"{where}: the saved args have no {', '.join(missing)}: cannot tell the model's sizes")
     return GPTConfig(
-        vocab_size=int(vocab), hidden_size=get("hidden_size"), num_layers=get("num_layers"),
+        vocab_size=int(vocab_size), hidden_size=get("hidden_size"), num_layers=get("num_layers"),
         num_attention_heads=get("num_attention_heads"), max_position_embeddings=get("max_position_embeddings"),
         hidden_dropout=get("hidden_dropout", 0.1), attention_dropout=get("attention_dropout", 0.1),
         init_method_std=get("init_method_std", 0.02), layernorm_epsilon=get("layernorm_epsilon", 1e-5),
         make_vocab_size_divisible_by=get("make_vocab_size_divisible_by", 128))
+
+
+@dataclass(frozen=True)
+class VocabHints:
+    """What the command line knows of the real vocabulary: ``--true-vocab-size`` and/or a tokenizer's size."""
+    true_vocab_size: int | None = None
+    tokenizer_size: int | None = None
+    tokenizer_source: str = "the tokenizer"
 
 
 # --- the source --------------------------------------------------------------------------------
@@ -140,9 +152,9 @@ class SourceCheckpoint:
     """A saved checkpoint of any layout, read one full-size tensor at a time."""
     files: CheckpointFiles
     args: argparse.Namespace
-    config: GPTConfig
+    config: GPTConfig             # vocab_size: the real tokens, or every padded row when that is unknown
     layout: Layout
-    padded_vocab_size: int
+    vocab: VocabSize
     version: float
     iteration: int
     consumed_train_samples: int
@@ -150,38 +162,35 @@ class SourceCheckpoint:
     _open: dict = field(default_factory=dict, repr=False)
     _zero: dict = field(default_factory=dict, repr=False)
 
+    @property
+    def padded_vocab_size(self) -> int:
+        return self.vocab.padded
+
     @classmethod
-    def open(cls, root: str, true_vocab_size: int | None = None, iteration="latest") -> "SourceCheckpoint":
+    def open(cls, root: str, vocab: VocabHints = VocabHints(), iteration="latest") -> "SourceCheckpoint":
         files = find_checkpoint(root, iteration)
-        first = mf.safe_load(files.model_file(0, 0), mmap=True)
+        where = files.model_file(0, 0)
+        first = mf.safe_load(where, mmap=True)
         for key in ("args", "model") if "model" in first else ("args",):
             if key not in first:
-                raise ValueError(f"{files.model_file(0, 0)} has no {key!r}: not a Megatron checkpoint file")
-        args = first["args"]
-        if isinstance(args, dict):
-            args = argparse.Namespace(**args)
-        mf.check_supported(args, files.model_file(0, 0))
+                raise ValueError(f"{where} has no {key!r}: not a Megatron checkpoint file")
+        args = mf.read_args(first["args"], where)
+        mf.check_supported(args, where)
         vp = len(mf.model_keys(first))
-        saved = (getattr(args, "tensor_model_parallel_size", files.tp), getattr(args, "pipeline_model_parallel_size",
-                                                                                files.pp))
+        saved = (getattr(args, "tensor_model_parallel_size", None) or files.tp,
+                 getattr(args, "pipeline_model_parallel_size", None) or files.pp)
         if saved != (files.tp, files.pp):
             raise ValueError(f"{files.folder}: the folders say TP={files.tp} x PP={files.pp} but the saved args say "
                              f"TP={saved[0]} x PP={saved[1]} (mixed or renamed layouts)")
-        if true_vocab_size is None and getattr(args, "true_vocab_size", None) is None:
-            true_vocab_size = _vocab_size_from_tokenizer(args)
-        config = config_from_args(args, true_vocab_size)
-        padded = getattr(args, "padded_vocab_size", None)
-        if padded is None:
-            padded = vocab_size_with_padding(config.vocab_size, files.tp, config.make_vocab_size_divisible_by)[0]
-        if padded < config.vocab_size:
-            raise ValueError(f"vocabulary mismatch: true vocabulary size {config.vocab_size} is larger than the "
-                             f"checkpoint's padded_vocab_size {padded}")
+        version = float(first.get("checkpoint_version", 0.0))
+        vocab_size = _resolve_vocab(args, first, files, version, vocab)
+        config = config_from_args(args, vocab_size.rows, where)
         layout = Layout(files.tp, files.pp, vp)
         layout.check(config, "source")
         iteration_saved = int(first.get("iteration", files.iteration or 0))
         consumed = int(first.get("consumed_train_samples", getattr(args, "consumed_train_samples", 0) or 0))
-        src = cls(files, args, config, layout, int(padded), float(first.get("checkpoint_version", 0.0)),
-                  iteration_saved, consumed, first.get("opt_param_scheduler"))
+        src = cls(files, args, config, layout, vocab_size, version, iteration_saved, consumed,
+                  first.get("opt_param_scheduler"))
         src._check_shapes(first)
         return src
 
@@ -308,19 +317,27 @@ class SourceCheckpoint:
                                      f"{self.config.num_attention_heads}, TP {self.layout.tp}) imply {shape}")
 
 
-def _vocab_size_from_tokenizer(args) -> int | None:
-    """The true vocabulary size from the tokenizer files the saved args name, when they exist here."""
+def _resolve_vocab(args, first: dict, files: CheckpointFiles, version: float, hints: VocabHints) -> VocabSize:
+    """Padded rows (from the word embedding itself) and real tokens (:mod:`lessons_pkg.checkpoint.vocab`)."""
     import os
 
-    vocab = getattr(args, "vocab_file", None)
-    if vocab and os.path.isfile(vocab):
-        import json
-
-        with open(vocab, encoding="utf-8") as f:
-            return len(json.load(f))
-    if getattr(args, "vocab_size", None):
-        return int(args.vocab_size)
-    return None
+    where = files.model_file(0, 0)
+    heads = getattr(args, "num_attention_heads", None)
+    stage = mf.from_megatron(first[mf.model_keys(first)[0]], version,
+                             heads // files.tp if heads and version < 2.0 else None)
+    if mf.WORD not in stage:
+        raise ValueError(f"{where} holds no word embedding ({mf.WORD}): not the first pipeline stage of a GPT")
+    rows = stage[mf.WORD].shape[0] * files.tp
+    saved = getattr(args, "padded_vocab_size", None)
+    if saved is not None and saved != rows:
+        raise ValueError(f"{where}: args.padded_vocab_size is {saved} but the word embedding has {rows} rows "
+                         f"({stage[mf.WORD].shape[0]} per tensor rank x {files.tp})")
+    size, source = hints.tokenizer_size, hints.tokenizer_source
+    vocab_file = getattr(args, "vocab_file", None)
+    recorded = [hints.true_vocab_size, getattr(args, "true_vocab_size", None), getattr(args, "orig_vocab_size", None)]
+    if size is None and all(v is None for v in recorded) and vocab_file and os.path.isfile(vocab_file):
+        size, source = vocab_file_size(vocab_file), f"args.vocab_file {vocab_file}"
+    return resolve_vocab_size(args, rows, files.tp, hints.true_vocab_size, size, source, where=files.folder)
 
 
 def glue(key: str, shards: list[torch.Tensor], where: str, check_replicas: bool = True) -> torch.Tensor:
@@ -481,7 +498,7 @@ def build_rank_state(src: SourceCheckpoint, target: Layout, tp_rank: int, pp_ran
                    virtual_pipeline_model_parallel_size=target.vp if target.vp > 1 else None,
                    num_layers_per_virtual_pipeline_stage=(config.num_layers // target.stages()
                                                           if target.vp > 1 else None),
-                   padded_vocab_size=padded, true_vocab_size=config.vocab_size, use_distributed_optimizer=False,
+                   padded_vocab_size=padded, true_vocab_size=src.vocab.true, use_distributed_optimizer=False,
                    consumed_train_samples=src.consumed_train_samples, iteration=src.iteration)
     updates.update(args_updates or {})
     state.update(checkpoint_version=mf.CHECKPOINT_VERSION, iteration=src.iteration,
@@ -503,11 +520,15 @@ class FullCheckpoint:
     state_dict: dict[str, torch.Tensor]
     args: argparse.Namespace
     iteration: int
+    vocab: VocabSize
 
 
-def read_full_checkpoint(root: str, true_vocab_size: int | None = None) -> FullCheckpoint:
-    """The master (TP=1, real vocabulary) state dict of a checkpoint of any layout."""
-    src = SourceCheckpoint.open(root, true_vocab_size)
+def read_full_checkpoint(root: str, vocab: VocabHints = VocabHints()) -> FullCheckpoint:
+    """The master (TP=1, real vocabulary) state dict of a checkpoint of any layout.
+
+    When the real vocabulary is unknown (see :mod:`lessons_pkg.checkpoint.vocab`), every padded row is kept.
+    """
+    src = SourceCheckpoint.open(root, vocab)
     names = [n for n, _ in stage_param_names(src.config, Layout(), 0, 0)[0]]
     state = {}
     for key in names:
@@ -516,4 +537,4 @@ def read_full_checkpoint(root: str, true_vocab_size: int | None = None) -> FullC
         if key.startswith("layers.") and key.endswith("mlp.dense_4h_to_h.bias"):
             src.release()
     src.release(force=True)
-    return FullCheckpoint(src.config, state, src.args, src.iteration)
+    return FullCheckpoint(src.config, state, src.args, src.iteration, src.vocab)

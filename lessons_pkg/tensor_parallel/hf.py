@@ -35,8 +35,13 @@ def config_to_hf(config: GPTConfig, **overrides):
 
 
 def config_from_hf(hf_config, **overrides) -> GPTConfig:
-    """Our :class:`GPTConfig` for a ``transformers.GPT2Config`` (only GeLU-tanh GPT-2s are supported)."""
-    if hf_config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+    """Our :class:`GPTConfig` for a ``transformers.GPT2Config`` (only GeLU-tanh GPT-2s are supported).
+
+    ``gelu_new``, ``gelu_fast`` (what transformers' Megatron converter writes for
+    Megatron's fused bias-GeLU) and ``gelu_pytorch_tanh`` are one function,
+    ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``, written three ways.
+    """
+    if hf_config.activation_function not in ("gelu_new", "gelu_fast", "gelu_pytorch_tanh"):
         raise ValueError(f"activation_function {hf_config.activation_function!r} is not the tanh GeLU of GPT-2")
     if hf_config.n_inner not in (None, 4 * hf_config.n_embd):
         raise ValueError(f"n_inner ({hf_config.n_inner}) must be 4 x n_embd ({4 * hf_config.n_embd})")

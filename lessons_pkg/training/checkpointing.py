@@ -184,7 +184,10 @@ def _can_read_own_files(files, state: dict, args, model_chunks, ranks: dict, no_
         return True
     plain = isinstance(state.get("optimizer"), dict)
     zero = bool(files.zero_files(ranks["tp"], ranks["pp"]))
-    same_dp = getattr(state["args"], "data_parallel_size", None) == args.data_parallel_size
+    saved = state["args"]
+    if getattr(saved, "padded_vocab_size", None) not in (None, model_chunks[0].padded_vocab_size):
+        return False  # another padding (e.g. another make_vocab_size_divisible_by): fit the embedding rows
+    same_dp = getattr(saved, "data_parallel_size", None) == args.data_parallel_size
     if args.use_distributed_optimizer:  # ZeRO-1 reads its own slice (same DP) or cuts it from the plain form
         return (zero and same_dp) or plain
     return plain or not zero
@@ -196,7 +199,7 @@ def _check_model_args(saved, config, where: str) -> None:
         return
     mine = dict(num_layers=config.num_layers, hidden_size=config.hidden_size,
                 num_attention_heads=config.num_attention_heads, max_position_embeddings=config.max_position_embeddings,
-                true_vocab_size=config.vocab_size)
+                true_vocab_size=config.vocab_size, orig_vocab_size=config.vocab_size)
     diffs = [f"{k} {getattr(saved, k)} (this run: {v})" for k, v in mine.items()
              if getattr(saved, k, None) is not None and getattr(saved, k) != v]
     if diffs:
@@ -215,7 +218,9 @@ def load_checkpoint(root: str, model_chunks, optimizer, scheduler, args, ranks: 
     files = find_checkpoint(root)
     finetune = getattr(args, "finetune", False) or files.iteration is None
     no_optim = args.no_load_optim or finetune
-    state = mf.safe_load(files.model_file(ranks["tp"] % files.tp, ranks["pp"] % files.pp))
+    where = files.model_file(ranks["tp"] % files.tp, ranks["pp"] % files.pp)
+    state = mf.safe_load(where)
+    state["args"] = mf.read_args(state.get("args", {}), where)
     if _can_read_own_files(files, state, args, model_chunks, ranks, no_optim):
         zero_file = os.path.join(files.rank_dir(ranks["tp"], ranks["pp"]), f"distrib_optim_dp_rank_{ranks['dp']:03d}.pt")
         optim_state = state.get("optimizer")
@@ -224,7 +229,11 @@ def load_checkpoint(root: str, model_chunks, optimizer, scheduler, args, ranks: 
     else:
         from lessons_pkg.checkpoint.reshard import Layout, SourceCheckpoint, build_rank_state
 
-        src = SourceCheckpoint.open(root)
+        from lessons_pkg.checkpoint.reshard import VocabHints
+
+        config = model_chunks[0].config
+        src = SourceCheckpoint.open(root, VocabHints(tokenizer_size=config.vocab_size,
+                                                     tokenizer_source="this run's vocabulary"))
         target = Layout(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, len(model_chunks))
         print_rank_0(f" > resharding checkpoint {root} (TP={files.tp} x PP={files.pp} x {src.layout.vp} chunks) "
                      f"to TP={target.tp} x PP={target.pp} x {target.vp} chunks while loading")
@@ -236,7 +245,14 @@ def load_checkpoint(root: str, model_chunks, optimizer, scheduler, args, ranks: 
     version = float(state.get("checkpoint_version", 0.0))
     heads = model_chunks[0].config.num_attention_heads // model_chunks[0].tp_size
     for chunk, key in zip(model_chunks, mf.model_keys(state)):
-        chunk.load_state_dict(mf.from_megatron(state[key], version, heads))
+        stage = mf.from_megatron(state[key], version, heads)
+        if mf.HEAD in stage and chunk.post_process and chunk.pre_process:
+            # transformers' converter writes the head's copy of the tied embedding even at PP=1, where the
+            # model uses the embedding itself: the copy must be that embedding
+            if mf.WORD in stage and not torch.equal(stage.pop(mf.HEAD), stage[mf.WORD]):
+                raise ValueError(f"{where}: word_embeddings_for_head differs from the word embedding: the output "
+                                 "layer is not tied to the input embedding, which ParallelGPT requires")
+        chunk.load_state_dict(stage)
     if hasattr(optimizer, "reload_model_params"):  # ZeRO-1's master slice must follow the loaded weights
         optimizer.reload_model_params()
     if finetune:

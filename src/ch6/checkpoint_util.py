@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model chunks per pipeline rank (for the interleaved schedule)")
     p.add_argument("--true-vocab-size", type=int, default=None,
                    help="the real vocabulary size, for a checkpoint that does not record it (Megatron's flag)")
+    p.add_argument("--vocab-file", default=None,
+                   help="the tokenizer's vocab.json: its size is the real vocabulary when the checkpoint records "
+                        "none (Megatron's flag); shipped with the output together with --merge-file")
+    p.add_argument("--merge-file", default=None, help="the tokenizer's merges.txt, shipped with the output")
     p.add_argument("--no-save-optim", action="store_true", help="write the weights only (Megatron's tool's output)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save-dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -57,9 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from lessons_pkg.checkpoint import convert
-    from lessons_pkg.checkpoint.reshard import Layout, SourceCheckpoint
+    from lessons_pkg.checkpoint.reshard import Layout, SourceCheckpoint, VocabHints
+    from lessons_pkg.checkpoint.vocab import vocab_file_size
 
     try:
+        if args.true_vocab_size is not None and args.true_vocab_size < 1:
+            raise ValueError(f"--true-vocab-size must be >= 1, got {args.true_vocab_size}")
+        for flag in ("vocab_file", "merge_file"):
+            path = getattr(args, flag)
+            if path is not None and not os.path.isfile(path):
+                raise FileNotFoundError(f"--{flag.replace('_', '-')} {path}: no such file")
+        vocab = VocabHints(args.true_vocab_size,
+                           vocab_file_size(args.vocab_file) if args.vocab_file else None,
+                           f"--vocab-file {args.vocab_file}")
+        tokenizer = (args.vocab_file, args.merge_file)
         for flag in ("target_tensor_parallel_size", "target_pipeline_parallel_size",
                      "target_virtual_pipeline_parallel_size"):
             value = getattr(args, flag)
@@ -71,15 +86,16 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--loader hf --saver hf is a copy: nothing to convert")
         if args.loader == "megatron":
             if args.saver == "hf":
-                summary = convert.megatron_to_hf(args.load_dir, args.save_dir, args.overwrite, args.true_vocab_size)
+                summary = convert.megatron_to_hf(args.load_dir, args.save_dir, args.overwrite, vocab,
+                                                 tokenizer=tokenizer)
             else:
-                src_layout = SourceCheckpoint.open(args.load_dir, args.true_vocab_size).layout
+                src_layout = SourceCheckpoint.open(args.load_dir, vocab).layout
                 target = Layout(args.target_tensor_parallel_size or src_layout.tp,
                                 args.target_pipeline_parallel_size or src_layout.pp,
                                 args.target_virtual_pipeline_parallel_size)
                 summary = convert.megatron_to_megatron(args.load_dir, args.save_dir, target, not args.no_save_optim,
-                                                       args.overwrite, args.true_vocab_size,
-                                                       progress=not args.no_progress)
+                                                       args.overwrite, vocab, progress=not args.no_progress,
+                                                       tokenizer=tokenizer)
         else:
             target = Layout(args.target_tensor_parallel_size or 1, args.target_pipeline_parallel_size or 1,
                             args.target_virtual_pipeline_parallel_size)
@@ -92,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {size / 2**20:10.1f} MiB  {name}")
     if "seconds" in summary:
         print(f"done in {summary['seconds']:.1f} s")
-    if args.verify and not convert.verify(args.load_dir, args.save_dir, args.loader, args.saver, args.true_vocab_size):
+    if args.verify and not convert.verify(args.load_dir, args.save_dir, args.loader, args.saver, vocab):
         return 1
     return 0
 

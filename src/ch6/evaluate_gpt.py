@@ -50,6 +50,8 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab-file", default=None)
     p.add_argument("--merge-file", default=None)
     p.add_argument("--tokenizer-type", default="GPT2BPETokenizer")
+    p.add_argument("--true-vocab-size", type=int, default=None,
+                   help="the real vocabulary size of a checkpoint that records only its padded one (Megatron's flag)")
     p.add_argument("--results-json", default=None, help="write the metrics here (rank 0)")
     p.add_argument("--eval-data-dir", default="data/eval", help="where download/standin write their files")
     p.add_argument("--data-path", default=None, help="standin: the training .bin/.idx prefix (default: checkpoint's)")
@@ -61,6 +63,8 @@ def get_args(argv=None) -> argparse.Namespace:
     for flag in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.true_vocab_size is not None and args.true_vocab_size < 1:
+        p.error(f"--true-vocab-size must be >= 1, got {args.true_vocab_size}")
     if args.overlapping_eval is not None and args.task != "WIKITEXT103":
         p.error("--overlapping-eval applies to --task WIKITEXT103 only")
     if args.strict_lambada and args.task != "LAMBADA":
@@ -143,7 +147,10 @@ def main(argv=None) -> None:
 
     ps.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
     rank = dist.get_rank()
-    pre = load_pretrained(args.load, args.vocab_file, args.merge_file, args.tokenizer_type)
+    try:
+        pre = load_pretrained(args.load, args.vocab_file, args.merge_file, args.tokenizer_type, args.true_vocab_size)
+    except (ValueError, FileNotFoundError) as e:  # the same on every rank, before any collective
+        raise SystemExit(f"error: {e}") from None
     if pre.tokenizer is None:
         raise SystemExit(f"error: {args.load!r} ships no tokenizer: pass --vocab-file and --merge-file")
     if pre.tokenizer.vocab_size != pre.config.vocab_size:

@@ -50,6 +50,8 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab-file", default=None)
     p.add_argument("--merge-file", default=None)
     p.add_argument("--tokenizer-type", default="GPT2BPETokenizer")
+    p.add_argument("--true-vocab-size", type=int, default=None,
+                   help="the real vocabulary size of a checkpoint that records only its padded one (Megatron's flag)")
     p.add_argument("--output-json", default=None, help="also write the result as JSON here (rank 0)")
     p.add_argument("--compare-hf", action="store_true",
                    help="greedy only: rank 0 also runs transformers' generate on the same weights; exit 1 if they differ")
@@ -59,6 +61,8 @@ def get_args(argv=None) -> argparse.Namespace:
     for flag in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.true_vocab_size is not None and args.true_vocab_size < 1:
+        p.error(f"--true-vocab-size must be >= 1, got {args.true_vocab_size}")
     if args.greedy and (args.top_k not in (0, 1) or args.top_p > 0):
         p.error(f"--greedy cannot be combined with --top_k {args.top_k} / --top_p {args.top_p}")
     if args.compare_hf and (not args.greedy or args.beam_width is not None):
@@ -100,7 +104,10 @@ def main(argv=None) -> None:
 
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     ps.initialize_model_parallel(tp, pp)
-    pre = load_pretrained(args.load, args.vocab_file, args.merge_file, args.tokenizer_type)
+    try:
+        pre = load_pretrained(args.load, args.vocab_file, args.merge_file, args.tokenizer_type, args.true_vocab_size)
+    except (ValueError, FileNotFoundError) as e:  # the same on every rank, before any collective
+        raise SystemExit(f"error: {e}") from None
     if pre.tokenizer is None:
         raise SystemExit(f"error: {args.load!r} ships no tokenizer: pass --vocab-file and --merge-file")
     if pre.tokenizer.vocab_size != pre.config.vocab_size:

@@ -30,6 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer-type", default=None)
     p.add_argument("--vocab-file", default=None)
     p.add_argument("--merge-file", default=None)
+    p.add_argument("--true-vocab-size", type=int, default=None,
+                   help="the real vocabulary size of a checkpoint that records only its padded one (Megatron's flag)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--max-batch-size", type=int, default=32, help="most prompts generated together")
@@ -43,6 +45,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.heartbeat >= args.control_timeout:
         p.error(f"--heartbeat ({args.heartbeat}) must be shorter than --control-timeout ({args.control_timeout})")
+    if args.true_vocab_size is not None and args.true_vocab_size < 1:
+        p.error(f"--true-vocab-size must be >= 1, got {args.true_vocab_size}")
     if args.max_batch_size < 1:
         p.error(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
     return args
@@ -120,7 +124,10 @@ def main(argv=None) -> int:
               f"pipeline-model-parallel size: {pp}", flush=True)
         print(f"> initialized tensor model parallel with size {tp}\n"
               f"> initialized pipeline model parallel with size {pp}", flush=True)
-    pre = load_pretrained(args.load, args.vocab_file, args.merge_file, args.tokenizer_type)
+    try:
+        pre = load_pretrained(args.load, args.vocab_file, args.merge_file, args.tokenizer_type, args.true_vocab_size)
+    except (ValueError, FileNotFoundError) as e:  # the same on every rank, before any collective
+        raise SystemExit(f"error: {e}") from None
     if pre.tokenizer is None:
         raise SystemExit(f"error: {args.load} names no tokenizer; pass --vocab-file and --merge-file")
     if rank == 0:

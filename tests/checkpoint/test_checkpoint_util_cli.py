@@ -50,7 +50,7 @@ def test_lesson_conversions_print_parameters_per_rank(capsys, tp2pp2, tmp_path):
     (["--target-pipeline-parallel-size", "2", "--target-virtual-pipeline-parallel-size", "4"],
      "8 stages do not divide num_layers (4)"),
     (["--target-tensor-parallel-size", "0"], "--target-tensor-parallel-size must be >= 1, got 0"),
-    (["--true-vocab-size", "600"], "true vocabulary size 600 is larger than the checkpoint's padded_vocab_size 512"),
+    (["--true-vocab-size", "600"], "--true-vocab-size is 600, but the word embedding has only 512 rows"),
 ])
 def test_bad_targets(capsys, tp2pp2, tmp_path, argv, message):
     save = tmp_path / "out"
