@@ -10,7 +10,7 @@ export OMP_NUM_THREADS ?= 1
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup course test lab clean course-ch6-warmup course-ch6-tensor-parallel course-ch6-kernels \
-        course-ch6-data course-ch6-pretrain course-ch5 course-ch5-schedules course-ch6-after
+        course-ch6-data course-ch6-pretrain course-ch5 course-ch5-schedules course-ch6-after course-ch6-long
 
 setup: $(VENV)/.setup-done
 
@@ -25,7 +25,7 @@ $(VENV)/.setup-done: pyproject.toml
 
 # ---- make course: every chapter's demos, real multi-process runs -------------
 course: setup course-ch5 course-ch5-schedules course-ch6-warmup course-ch6-tensor-parallel course-ch6-kernels \
-        course-ch6-data course-ch6-pretrain course-ch6-after
+        course-ch6-data course-ch6-pretrain course-ch6-after course-ch6-long
 	@echo "course finished: every demo above printed its verification"
 
 course-ch6-warmup: setup
@@ -84,6 +84,12 @@ course-ch6-pretrain: setup
 		--save outputs/ch6/pretrain/checkpoints --log-json outputs/ch6/pretrain/log.jsonl \
 		--tensorboard-dir outputs/ch6/pretrain/tensorboard
 	$(PY) -m lessons_pkg.training.plot outputs/ch6/pretrain/log.jsonl outputs/ch6/pretrain_loss.png
+
+course-ch6-long: setup
+	@echo "== Chapter 6f: sequence parallelism at TP=2 and TP=4, checked against one process; memory per layer =="
+	$(PY) src/ch6/sequence_parallel.py --nproc 2
+	$(PY) src/ch6/sequence_parallel.py --nproc 4
+	$(PY) scripts/bench_sequence_parallel.py --plot outputs/ch6/sequence_parallel_memory.png
 
 course-ch6-after: setup
 	@echo "== Chapter 6e: convert the trained checkpoint (TP=1, PP=4, transformers), generate at TP=1 and TP=2 x PP=2 =="

@@ -22,11 +22,16 @@ class GPTConfig:
     make_vocab_size_divisible_by: int = 128
     use_fused_kernels: bool = False          # lessons_pkg.kernels: bias+GeLU, masked softmax, LayerNorm
     recompute_activations: bool = False      # torch.utils.checkpoint around each layer
+    sequence_parallel: bool = False          # split LayerNorm/dropout/residual along the sequence (TP > 1)
+    attention_softmax_in_fp32: bool = False  # the step-by-step attention's softmax in float32 (16-bit runs)
+    attention_backend: str = "auto"          # auto: F.scaled_dot_product_attention; unfused/local: step by step
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(f"hidden_size ({self.hidden_size}) is not divisible by "
                              f"num_attention_heads ({self.num_attention_heads})")
+        if self.attention_backend not in ("auto", "unfused", "local"):
+            raise ValueError(f"attention_backend {self.attention_backend!r}: 'auto', 'unfused' or 'local'")
 
     @property
     def ffn_hidden_size(self) -> int:

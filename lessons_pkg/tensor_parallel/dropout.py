@@ -60,14 +60,25 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
     return torch.ge(u, round(p * LEVELS)).view(shape)            # P(u >= k) = 1 - k / 2^15 = 1 - p'
 
 
-def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """Inverted dropout of ``x`` with drop probability ``p`` (``F.dropout``'s contract; see the module)."""
+def dropout(x: torch.Tensor, p: float, training: bool = True, generator: torch.Generator | None = None
+            ) -> torch.Tensor:
+    """Inverted dropout of ``x`` with drop probability ``p`` (``F.dropout``'s contract; see the module).
+
+    ``generator``: draw the mask from it instead of the device's default generator (sequence
+    parallelism's per-rank stream, :mod:`lessons_pkg.tensor_parallel.random`); off the 15-bit path
+    the mask is then ``bernoulli_(1 - p, generator=...)``, as ``F.dropout`` has no generator argument.
+    """
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, got p={p}")
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu" or not _quantization_fits(p):
-        return F.dropout(x, p, True)
-    keep = keep_mask(x.shape, p, x.device)
+        if generator is None:
+            return F.dropout(x, p, True)
+        if p == 1.0:
+            return x * 0.0
+        noise = torch.empty_like(x).bernoulli_(1.0 - p, generator=generator).div_(1.0 - p)
+        return x * noise
+    keep = keep_mask(x.shape, p, x.device, generator)
     noise = keep.to(x.dtype).mul_(1.0 / (1.0 - quantized_drop_probability(p)))  # 0 or 1 / (1 - p'), like F.dropout's
     return x * noise  # autograd keeps noise for backward (grad_x = grad_y * noise), as F.dropout does

@@ -20,6 +20,14 @@ that is not also the first keeps its own copy of the word-embedding weight for
 the head (as Megatron does); :meth:`ParallelGPT.shared_embedding_weight`
 returns the weight whose gradient the trainer must all-reduce over
 ``parallel_state.get_embedding_group()`` so both copies stay equal.
+
+Sequence parallelism (``config.sequence_parallel``, training only): the
+embedding ends in a reduce-scatter, each rank adding the position embeddings
+of its own tokens; hidden states between stages are ``[b, s/tp, h]``; the
+head all-gathers the sequence (backward: reduce-scatter) in place of ``f``, so
+logits and loss cover every token as without it. The trainer sums the
+gradients of the parameters tagged ``sequence_parallel`` over the tensor group
+(:func:`~lessons_pkg.tensor_parallel.sequence_parallel.allreduce_sequence_parallel_grads`).
 """
 from __future__ import annotations
 
@@ -36,25 +44,47 @@ from lessons_pkg.tensor_parallel.cross_entropy import cross_entropy
 from lessons_pkg.tensor_parallel.dropout import dropout as apply_dropout
 from lessons_pkg.tensor_parallel.layers import TPShape, VocabParallelEmbedding, mark_partitioned, resolve_tp_group
 from lessons_pkg.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+from lessons_pkg.tensor_parallel.random import checkpoint_rng_contexts, model_parallel_generator
+from lessons_pkg.tensor_parallel.sequence_parallel import (
+    check_sequence_parallel,
+    linear_with_sequence_gather,
+    local_positions,
+    mark_sequence_parallel,
+)
 from lessons_pkg.tensor_parallel.transformer import LayerNorm, ParallelTransformerLayer
 
 __all__ = ["GPTConfig", "ParallelGPT", "GPTEmbedding"]
 
 
 class GPTEmbedding(nn.Module):
-    """Vocab-parallel word embedding + replicated learned position embedding + dropout."""
+    """Vocab-parallel word embedding + replicated learned position embedding + dropout.
+
+    Sequence-parallel: ``[b, s] -> [b, s/tp, h]``, this rank's tokens (the word embedding's
+    reduce-scatter, plus the position embeddings of those tokens; dropout from the per-rank stream).
+    """
 
     def __init__(self, config: GPTConfig, padded_vocab_size: int, tp_group: dist.ProcessGroup | None):
         super().__init__()
         init = init_method_normal(config.init_method_std)
-        self.word_embeddings = VocabParallelEmbedding(padded_vocab_size, config.hidden_size, init, tp_group)
+        self.word_embeddings = VocabParallelEmbedding(padded_vocab_size, config.hidden_size, init, tp_group,
+                                                      sequence_parallel=config.sequence_parallel)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         init(self.position_embeddings.weight)
         self.dropout = config.hidden_dropout
+        self.sequence_parallel = self.word_embeddings.sequence_parallel
+        if self.sequence_parallel:
+            mark_sequence_parallel(self.position_embeddings.weight)  # rows of this rank's positions only
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)  # [b, s] -> [b, s, h]
-        return apply_dropout(x, self.dropout, self.training)
+        words = self.word_embeddings(input_ids)                       # [b, s] -> [b, s, h] (SP: [b, s/tp, h])
+        generator = None
+        if self.sequence_parallel:
+            wp = self.word_embeddings
+            position_ids = local_positions(position_ids, wp.tp_size, wp.tp_rank)   # [.., s] -> [.., s/tp]
+            if self.training and self.dropout > 0:
+                generator = model_parallel_generator(words.device)
+        x = words + self.position_embeddings(position_ids)
+        return apply_dropout(x, self.dropout, self.training, generator)
 
 
 class ParallelGPT(nn.Module):
@@ -75,6 +105,9 @@ class ParallelGPT(nn.Module):
         self.config = config
         self.tp_group, self.tp_size, self.tp_rank = resolve_tp_group(tp_group)
         self.pre_process, self.post_process = pre_process, post_process
+        self.sequence_parallel = config.sequence_parallel
+        if self.sequence_parallel:
+            check_sequence_parallel(self.tp_size)
         self.layer_offset = layer_offset
         self.num_layers = config.num_layers - layer_offset if num_layers is None else num_layers
         if layer_offset < 0 or self.num_layers < 0 or layer_offset + self.num_layers > config.num_layers:
@@ -87,6 +120,8 @@ class ParallelGPT(nn.Module):
         self.layers = nn.ModuleList(ParallelTransformerLayer(config, self.tp_group) for _ in range(self.num_layers))
         if post_process:
             self.final_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon, config.use_fused_kernels)
+            if self.sequence_parallel:
+                mark_sequence_parallel(self.final_layernorm.weight, self.final_layernorm.bias)
             if not pre_process:
                 # this stage's own copy of the tied word embedding: zeros, then the first stage's
                 # rows (the all-reduce below); the trainer keeps it equal by summing both gradients
@@ -128,6 +163,9 @@ class ParallelGPT(nn.Module):
 
     def _layer(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.config.recompute_activations and torch.is_grad_enabled():
+            if self.sequence_parallel:  # the recomputation must draw the per-rank stream's masks again
+                return checkpoint(layer, x, use_reentrant=False,
+                                  context_fn=lambda: checkpoint_rng_contexts(x.device))
             return checkpoint(layer, x, use_reentrant=False)  # keep the input, recompute the rest in backward
         return layer(x)
 
@@ -146,13 +184,17 @@ class ParallelGPT(nn.Module):
         """
         if kv_cache is not None:
             return self._forward_cached(inputs, position_ids, kv_cache, last_position_only)
+        if self.sequence_parallel and last_position_only:
+            raise ValueError("last_position_only serves generation, which needs the model without sequence_parallel")
         if self.pre_process:
             if inputs.is_floating_point():
                 raise TypeError(f"the first stage takes input_ids [b, s] (integers), got {inputs.dtype} "
                                 f"{tuple(inputs.shape)}")
             if position_ids is None:
                 position_ids = torch.arange(inputs.size(1), device=inputs.device).unsqueeze(0)  # [1, s]
-            x = self.embedding(inputs, position_ids)                   # [b, s] -> [b, s, h]
+            if self.sequence_parallel:
+                check_sequence_parallel(self.tp_size, inputs.size(1))
+            x = self.embedding(inputs, position_ids)                   # [b, s] -> [b, s, h] (SP: [b, s/tp, h])
         else:
             if inputs.dim() != 3:
                 raise ValueError(f"a non-first stage takes hidden states [b, s, h], got {tuple(inputs.shape)}")
@@ -164,8 +206,11 @@ class ParallelGPT(nn.Module):
         if last_position_only:
             x = x[:, -1:]                                              # [b, s, h] -> [b, 1, h]
         x = self.final_layernorm(x)
-        x = copy_to_tensor_model_parallel_region(x, self.tp_group)   # f: sum the head's input gradient
-        logits = F.linear(x, self.shared_embedding_weight())          # [b, s, h] -> [b, s, V/tp]
+        if self.sequence_parallel:     # all-gather [b, s/tp, h] -> [b, s, h]; backward: reduce-scatter
+            logits = linear_with_sequence_gather(x, self.shared_embedding_weight(), None, self.tp_group)
+        else:
+            x = copy_to_tensor_model_parallel_region(x, self.tp_group)   # f: sum the head's input gradient
+            logits = F.linear(x, self.shared_embedding_weight())          # [b, s, h] -> [b, s, V/tp]
         if labels is None:
             return logits
         return cross_entropy(logits.float(), labels, tp_group=self.tp_group)  # [b, s] (vocab-parallel when TP > 1)
@@ -173,6 +218,9 @@ class ParallelGPT(nn.Module):
     def _forward_cached(self, inputs: torch.Tensor, position_ids: torch.Tensor | None, kv_cache,
                         last_position_only: bool) -> torch.Tensor:
         """Inference only: the new positions through this stage, keys/values read from and added to the cache."""
+        if self.sequence_parallel:
+            raise ValueError("a key/value cache (generation) needs the whole sequence on every rank: build the "
+                             "model without sequence_parallel for inference (its weights are the same)")
         s = inputs.size(1)
         if self.pre_process:
             if position_ids is None:                                   # the new tokens follow the cached ones

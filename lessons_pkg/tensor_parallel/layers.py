@@ -26,8 +26,10 @@ from lessons_pkg.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
+from lessons_pkg.tensor_parallel.sequence_parallel import linear_with_sequence_gather, mark_sequence_parallel
 from lessons_pkg.tensor_parallel.utils import check_token_ids, divide, vocab_range
 
 InitMethod = Callable[[torch.Tensor], object]
@@ -102,16 +104,23 @@ class ColumnParallelLinear(nn.Module):
     ``gather_output=True`` all-gathers ``[b, s, out/tp] -> [b, s, out]``;
     ``skip_bias_add=True`` returns the bias instead of adding it (so a later
     op can fuse it, e.g. bias + GeLU). Returns ``(output, output_bias)``.
+
+    ``sequence_parallel=True``: the input arrives as this rank's tokens
+    ``[b, s/tp, in]`` and is all-gathered along the sequence in place of ``f``
+    (its backward a reduce-scatter; :mod:`lessons_pkg.tensor_parallel.sequence_parallel`).
     """
 
     def __init__(self, input_size: int, output_size: int, bias: bool = True, gather_output: bool = True,
                  skip_bias_add: bool = False, init_method: InitMethod = nn.init.xavier_normal_,
-                 tp_group: dist.ProcessGroup | None = None):
+                 tp_group: dist.ProcessGroup | None = None, sequence_parallel: bool = False):
         super().__init__()
         self.tp_group, self.tp_size, self.tp_rank = resolve_tp_group(tp_group)
         self.input_size, self.output_size = input_size, output_size
         self.output_size_per_partition = divide(output_size, self.tp_size, what="output_size")
         self.gather_output, self.skip_bias_add = gather_output, skip_bias_add
+        if sequence_parallel and gather_output:
+            raise ValueError("a sequence-parallel ColumnParallelLinear keeps its output split: gather_output=False")
+        self.sequence_parallel = sequence_parallel and self.tp_size > 1
 
         self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, input_size))
         _init_shard(self.weight, (output_size, input_size), 0, self.tp_rank, init_method)
@@ -123,8 +132,11 @@ class ColumnParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = copy_to_tensor_model_parallel_region(x, self.tp_group)            # f
         bias = None if self.skip_bias_add else self.bias
+        if self.sequence_parallel:                      # all-gather [b, s/tp, in] -> [b, s, in], then the matmul
+            y = linear_with_sequence_gather(x, self.weight, bias, self.tp_group)  # -> [b, s, out/tp]
+            return y, (self.bias if self.skip_bias_add else None)
+        x = copy_to_tensor_model_parallel_region(x, self.tp_group)            # f
         y = F.linear(x, self.weight, bias)                                    # [b, s, in] -> [b, s, out/tp]
         if self.gather_output:
             y = gather_from_tensor_model_parallel_region(y, self.tp_group)   # [b, s, out/tp] -> [b, s, out]
@@ -132,7 +144,8 @@ class ColumnParallelLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.input_size}, out={self.output_size} (this rank: {self.output_size_per_partition}), "
-                f"tp={self.tp_size}, gather_output={self.gather_output}")
+                f"tp={self.tp_size}, gather_output={self.gather_output}"
+                + (", sequence_parallel=True" if self.sequence_parallel else ""))
 
 
 class RowParallelLinear(nn.Module):
@@ -150,34 +163,49 @@ class RowParallelLinear(nn.Module):
     ``[b, s, in/tp]`` (from a column-parallel layer without gather); otherwise
     it is scattered here. The bias is added once, after the all-reduce.
     Returns ``(output, output_bias)``.
+
+    ``sequence_parallel=True``: the partial sums are reduce-scattered along the
+    sequence in place of ``g``, ``[b, s, out] -> [b, s/tp, out]`` (its backward an
+    all-gather); the bias then meets only this rank's tokens, so its gradient
+    is partial (tagged ``sequence_parallel``, summed over the tensor group by
+    the trainer).
     """
 
     def __init__(self, input_size: int, output_size: int, bias: bool = True, input_is_parallel: bool = False,
                  skip_bias_add: bool = False, init_method: InitMethod = nn.init.xavier_normal_,
-                 tp_group: dist.ProcessGroup | None = None):
+                 tp_group: dist.ProcessGroup | None = None, sequence_parallel: bool = False):
         super().__init__()
         self.tp_group, self.tp_size, self.tp_rank = resolve_tp_group(tp_group)
         self.input_size, self.output_size = input_size, output_size
         self.input_size_per_partition = divide(input_size, self.tp_size, what="input_size")
         self.input_is_parallel, self.skip_bias_add = input_is_parallel, skip_bias_add
+        if sequence_parallel and not input_is_parallel:
+            raise ValueError("a sequence-parallel RowParallelLinear takes its input split: input_is_parallel=True")
+        self.sequence_parallel = sequence_parallel and self.tp_size > 1
 
         self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_partition))
         _init_shard(self.weight, (output_size, input_size), 1, self.tp_rank, init_method)
         mark_partitioned(self.weight, 1)
         self.bias = nn.Parameter(torch.zeros(output_size)) if bias else None  # replicated on every rank
+        if self.sequence_parallel:
+            mark_sequence_parallel(self.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x, self.tp_group)    # [b, s, in] -> [b, s, in/tp]
         partial = F.linear(x, self.weight)                                    # [b, s, in/tp] -> [b, s, out]
-        y = reduce_from_tensor_model_parallel_region(partial, self.tp_group)  # g: sum over ranks
+        if self.sequence_parallel:   # sum over ranks, keep this rank's tokens: [b, s, out] -> [b, s/tp, out]
+            y = reduce_scatter_to_sequence_parallel_region(partial, self.tp_group)
+        else:
+            y = reduce_from_tensor_model_parallel_region(partial, self.tp_group)  # g: sum over ranks
         if self.skip_bias_add or self.bias is None:
             return y, self.bias
         return y + self.bias, None
 
     def extra_repr(self) -> str:
         return (f"in={self.input_size} (this rank: {self.input_size_per_partition}), out={self.output_size}, "
-                f"tp={self.tp_size}, input_is_parallel={self.input_is_parallel}")
+                f"tp={self.tp_size}, input_is_parallel={self.input_is_parallel}"
+                + (", sequence_parallel=True" if self.sequence_parallel else ""))
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -194,12 +222,15 @@ class VocabParallelEmbedding(nn.Module):
 
     ``num_embeddings`` must already be padded to a multiple of tp (see
     :func:`~lessons_pkg.tensor_parallel.utils.vocab_size_with_padding`).
+    ``sequence_parallel=True`` ends in a reduce-scatter instead:
+    ``[b, s] -> [b, s/tp, h]``, this rank's tokens only.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, init_method: InitMethod = nn.init.xavier_normal_,
-                 tp_group: dist.ProcessGroup | None = None):
+                 tp_group: dist.ProcessGroup | None = None, sequence_parallel: bool = False):
         super().__init__()
         self.tp_group, self.tp_size, self.tp_rank = resolve_tp_group(tp_group)
+        self.sequence_parallel = sequence_parallel and self.tp_size > 1
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.num_embeddings_per_partition = divide(
             num_embeddings, self.tp_size, what="num_embeddings (the padded vocabulary size)")
@@ -218,6 +249,8 @@ class VocabParallelEmbedding(nn.Module):
         local_ids = (input_ids - self.vocab_start_index).masked_fill(outside, 0)
         rows = F.embedding(local_ids, self.weight)                            # [b, s] -> [b, s, h]
         rows = rows.masked_fill(outside.unsqueeze(-1), 0.0)                   # ids of other ranks -> 0
+        if self.sequence_parallel:                                            # [b, s, h] -> [b, s/tp, h]
+            return reduce_scatter_to_sequence_parallel_region(rows, self.tp_group)
         return reduce_from_tensor_model_parallel_region(rows, self.tp_group)  # g: each id found on one rank
 
     def extra_repr(self) -> str:

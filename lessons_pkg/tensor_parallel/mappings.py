@@ -137,3 +137,93 @@ def scatter_to_tensor_model_parallel_region(x: torch.Tensor, group: dist.Process
 def gather_from_tensor_model_parallel_region(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Forward: all-gather ``[..., n / tp] -> [..., n]``. Backward: keep this rank's slice of the gradient."""
     return _GatherFromModelParallelRegion.apply(x, group)
+
+
+# --- sequence parallelism (Korthikanti et al., 2022): the sequence dimension is dim 1 of [b, s, h] --------
+def _all_gather_into_tensor(out: torch.Tensor, x: torch.Tensor, group) -> None:
+    """``dist.all_gather_into_tensor`` (renamed ``all_gather_single`` in torch 2.13, where the old name warns)."""
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x, group=group)
+
+
+def _reduce_scatter_tensor(out: torch.Tensor, x: torch.Tensor, group) -> None:
+    """``dist.reduce_scatter_tensor`` (``reduce_scatter_single`` from torch 2.13 on)."""
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, x, group=group)
+
+
+def _gather_along_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """``[b, s/tp, ...]`` on each rank -> ``[b, s, ...]``, rank r's tokens at ``[r s/tp, (r+1) s/tp)``."""
+    world = _world_size(group)
+    if world == 1:
+        return x
+    x = x.contiguous()
+    out = torch.empty((world * x.size(0), *x.shape[1:]), dtype=x.dtype, device=x.device)  # [tp b, s/tp, ...]
+    _all_gather_into_tensor(out, x, group)                                  # rank r's block: rows r b .. (r+1) b
+    out = out.view(world, *x.shape)                                         # [tp, b, s/tp, ...]
+    return out.movedim(0, 1).flatten(1, 2)                                  # [b, tp, s/tp, ...] -> [b, s, ...]
+
+
+def _reduce_scatter_along_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """``[b, s, ...]`` partial sums on each rank -> this rank's ``[b, s/tp, ...]`` of their sum."""
+    world = _world_size(group)
+    if world == 1:
+        return x
+    b, s = x.shape[:2]
+    if s % world:
+        raise ValueError(f"sequence length {s} is not divisible by the tensor-parallel size {world}")
+    chunks = x.reshape(b, world, s // world, *x.shape[2:]).movedim(1, 0).contiguous()  # [tp, b, s/tp, ...]
+    out = torch.empty(chunks.shape[1:], dtype=x.dtype, device=x.device)              # [b, s/tp, ...]
+    _reduce_scatter_tensor(out, chunks.flatten(0, 1), group)   # block r (tokens of rank r) -> rank r
+    return out
+
+
+class _GatherFromSequenceParallelRegion(torch.autograd.Function):
+    """Forward: all-gather the sequence. Backward: reduce-scatter the gradient (sum, this rank's tokens)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_along_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_along_seq(grad, ctx.group), None
+
+
+class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
+    """Forward: reduce-scatter (sum, keep this rank's tokens). Backward: all-gather the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_along_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_along_seq(grad, ctx.group), None
+
+
+def gather_from_sequence_parallel_region(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Sequence parallelism's **f**: forward all-gather ``[b, s/tp, h] -> [b, s, h]``, backward reduce-scatter.
+
+    Where a column-parallel layer (or the LM head) reads the sequence-parallel
+    stream: it needs every token, and each rank's gradient with respect to its
+    input is a partial sum over its output columns; the reduce-scatter sums
+    those and hands each rank its own tokens' part. An all-reduce is a
+    reduce-scatter plus an all-gather, so f's all-reduce (backward) became the
+    reduce-scatter here and the all-gather moved to the forward: the same bytes.
+    """
+    if _world_size(group) == 1:
+        return x
+    return _GatherFromSequenceParallelRegion.apply(x, group)
+
+
+def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Sequence parallelism's **g**: forward reduce-scatter ``[b, s, h] -> [b, s/tp, h]``, backward all-gather.
+
+    Where a row-parallel layer (or the vocab-parallel embedding) ends: the
+    ranks' partial sums are added and each keeps only its slice of the
+    sequence, instead of every rank keeping the whole sum (g's all-reduce).
+    """
+    if _world_size(group) == 1:
+        return x
+    return _ReduceScatterToSequenceParallelRegion.apply(x, group)

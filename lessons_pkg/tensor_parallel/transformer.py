@@ -22,6 +22,14 @@ on the CPU (:func:`attention_with_dropout`); :func:`attention_reference` spells
 out the same computation (scores, causal softmax, weighted sum) and serves the
 fused kernels and the tests. Dropout is :mod:`lessons_pkg.tensor_parallel.dropout`
 (``F.dropout`` off the CPU).
+
+``config.sequence_parallel`` (:mod:`lessons_pkg.tensor_parallel.sequence_parallel`):
+a layer takes and returns this rank's tokens ``[b, s/tp, h]``; its
+column-parallel layers all-gather the sequence and its row-parallel layers
+reduce-scatter it (2 all-gathers and 2 reduce-scatters per layer instead of 2
+all-reduces); the hidden dropout draws each rank's own mask from the
+model-parallel stream (:mod:`lessons_pkg.tensor_parallel.random`), as the
+ranks hold different tokens.
 """
 from __future__ import annotations
 
@@ -33,6 +41,8 @@ from torch import nn
 from lessons_pkg.tensor_parallel.config import GPTConfig, init_method_normal, scaled_init_method_normal
 from lessons_pkg.tensor_parallel.dropout import dropout as apply_dropout
 from lessons_pkg.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, resolve_tp_group
+from lessons_pkg.tensor_parallel.random import model_parallel_generator
+from lessons_pkg.tensor_parallel.sequence_parallel import check_sequence_parallel, mark_sequence_parallel
 from lessons_pkg.tensor_parallel.utils import divide
 
 
@@ -63,13 +73,18 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, fused: bool = False) -> torch
     return F.gelu(x + bias.to(x.dtype), approximate="tanh")
 
 
-def scaled_causal_softmax(scores: torch.Tensor, scale: float, fused: bool = False) -> torch.Tensor:
+def scaled_causal_softmax(scores: torch.Tensor, scale: float, fused: bool = False, in_fp32: bool = False
+                          ) -> torch.Tensor:
     """softmax(scale * scores) with future positions masked; ``scores`` ``[b*heads, sq, sk]``.
 
     The ``sq`` queries are the LAST ``sq`` of the ``sk`` positions (``sq < sk``
     when earlier keys come from a key/value cache): query i sees keys
     ``0 .. sk - sq + i``. The fused kernel handles the square case only.
+    ``in_fp32`` (``--attention-softmax-in-fp32``): 16-bit scores are masked and
+    normalised in float32, the probabilities returned in the scores' dtype.
     """
+    if in_fp32 and scores.dtype in (torch.float16, torch.bfloat16):
+        return scaled_causal_softmax(scores.float(), scale, fused).to(scores.dtype)
     sq, sk = scores.shape[-2:]
     if fused and sq == sk:
         from lessons_pkg import kernels
@@ -86,7 +101,7 @@ def causal_mask(sq: int, sk: int, device=None) -> torch.Tensor:
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0,
-                        training: bool = False, fused: bool = False) -> torch.Tensor:
+                        training: bool = False, fused: bool = False, softmax_in_fp32: bool = False) -> torch.Tensor:
     """The attention of the paper, step by step: ``softmax(q k^T / sqrt(d), causal) v`` (the documented reference).
 
     ``q [b, nh, sq, hd]``, ``k, v [b, nh, sk, hd]`` with ``sq <= sk`` (the queries
@@ -97,12 +112,14 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropo
     b, nh, sq, hd = q.shape
     sk = k.size(2)
     scores = torch.matmul(q, k.transpose(-1, -2))                          # [b, nh, sq, sk]
-    probs = scaled_causal_softmax(scores.reshape(b * nh, sq, sk), hd ** -0.5, fused).view(b, nh, sq, sk)
+    probs = scaled_causal_softmax(scores.reshape(b * nh, sq, sk), hd ** -0.5, fused,
+                                  softmax_in_fp32).view(b, nh, sq, sk)
     probs = apply_dropout(probs, dropout, training)
     return torch.matmul(probs, v)                                          # [b, nh, sq, hd]
 
 
-def attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+def attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
+                           softmax_in_fp32: bool = False) -> torch.Tensor:
     """Causal attention with dropout on the probabilities: the training path on the CPU.
 
     ``F.scaled_dot_product_attention`` has a fused CPU kernel only without dropout. With dropout it
@@ -113,7 +130,8 @@ def attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dr
     smaller than the scores, and the dropout is :func:`~lessons_pkg.tensor_parallel.dropout.dropout`
     (15-bit masks, a quarter of ``bernoulli_``'s time). The same maths as SDPA (tested without dropout)
     and as :func:`attention_reference`, dropout mask included (tested: same random state, same mask).
-    ``q [b, nh, sq, hd]`` are the last ``sq`` of the ``sk`` positions.
+    ``q [b, nh, sq, hd]`` are the last ``sq`` of the ``sk`` positions. ``softmax_in_fp32``: 16-bit
+    scores are normalised in float32.
     """
     b, nh, sq, hd = q.shape
     sk = k.size(2)
@@ -121,7 +139,11 @@ def attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dr
         causal_mask(sq, sk, q.device).logical_not(), float("-inf"))        # [sq, sk]: 0 or -inf
     scores = torch.baddbmm(bias, (q * hd ** -0.5).reshape(b * nh, sq, hd),
                            k.reshape(b * nh, sk, hd).transpose(1, 2))       # [b*nh, sq, sk]
-    probs = apply_dropout(torch.softmax(scores, dim=-1), dropout, True)
+    if softmax_in_fp32 and scores.dtype in (torch.float16, torch.bfloat16):
+        probs = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    probs = apply_dropout(probs, dropout, True)
     return torch.matmul(probs.view(b, nh, sq, sk), v)                      # [b, nh, sq, hd]
 
 
@@ -154,17 +176,20 @@ class ParallelMLP(nn.Module):
     def __init__(self, config: GPTConfig, tp_group: dist.ProcessGroup | None = None):
         super().__init__()
         self.fused = config.use_fused_kernels
+        sp = config.sequence_parallel
         self.dense_h_to_4h = ColumnParallelLinear(
             config.hidden_size, config.ffn_hidden_size, gather_output=False, skip_bias_add=True,
-            init_method=init_method_normal(config.init_method_std), tp_group=tp_group)
+            init_method=init_method_normal(config.init_method_std), tp_group=tp_group, sequence_parallel=sp)
         self.dense_4h_to_h = RowParallelLinear(
             config.ffn_hidden_size, config.hidden_size, input_is_parallel=True, skip_bias_add=True,
-            init_method=scaled_init_method_normal(config.init_method_std, config.num_layers), tp_group=tp_group)
+            init_method=scaled_init_method_normal(config.init_method_std, config.num_layers), tp_group=tp_group,
+            sequence_parallel=sp)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        intermediate, bias = self.dense_h_to_4h(x)                 # [b, s, h] -> [b, s, 4h/tp]
+        intermediate, bias = self.dense_h_to_4h(x)                 # [b, s, h] -> [b, s, 4h/tp] (SP: from s/tp)
         intermediate = bias_gelu(intermediate, bias, self.fused)  # local: whole columns on this rank
         return self.dense_4h_to_h(intermediate)                   # [b, s, 4h/tp] -> [b, s, h] (all-reduce)
+                                                                  #   (SP: reduce-scatter to [b, s/tp, h])
 
 
 class ParallelAttention(nn.Module):
@@ -190,17 +215,25 @@ class ParallelAttention(nn.Module):
         self.head_dim = config.head_dim
         self.num_heads_per_partition = divide(config.num_attention_heads, tp_size, what="num_attention_heads")
         self.attention_dropout = config.attention_dropout
+        self.softmax_in_fp32 = config.attention_softmax_in_fp32
+        self.unfused = config.attention_backend in ("unfused", "local")
+        self.sequence_parallel = config.sequence_parallel
         self.query_key_value = ColumnParallelLinear(
             config.hidden_size, 3 * config.hidden_size, gather_output=False,
-            init_method=init_method_normal(config.init_method_std), tp_group=tp_group)
+            init_method=init_method_normal(config.init_method_std), tp_group=tp_group,
+            sequence_parallel=config.sequence_parallel)
         self.dense = RowParallelLinear(
             config.hidden_size, config.hidden_size, input_is_parallel=True, skip_bias_add=True,
-            init_method=scaled_init_method_normal(config.init_method_std, config.num_layers), tp_group=tp_group)
+            init_method=scaled_init_method_normal(config.init_method_std, config.num_layers), tp_group=tp_group,
+            sequence_parallel=config.sequence_parallel)
 
     def forward(self, x: torch.Tensor, kv_cache=None) -> tuple[torch.Tensor, torch.Tensor]:
-        b, s, _ = x.shape
+        if kv_cache is not None and self.sequence_parallel:
+            raise ValueError("a key/value cache (generation) needs the whole sequence on every rank: build the "
+                             "model without sequence_parallel for inference (its weights are the same)")
         nh, hd = self.num_heads_per_partition, self.head_dim
-        qkv, _ = self.query_key_value(x)                            # [b, s, h] -> [b, s, 3h/tp]
+        qkv, _ = self.query_key_value(x)                            # [b, s, h] -> [b, s, 3h/tp] (SP: from s/tp)
+        b, s = qkv.shape[:2]
         qkv = qkv.view(b, s, nh, 3, hd)                             # this rank's heads, each [q k v]
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(3))        # 3 x [b, nh, s, hd] (backward: one stack)
         if kv_cache is not None:
@@ -208,14 +241,17 @@ class ParallelAttention(nn.Module):
         context = self.core_attention(q, k, v)                      # [b, nh, s, hd]
         context = context.transpose(1, 2).reshape(b, s, nh * hd)    # [b, s, h/tp]
         return self.dense(context)                                  # [b, s, h/tp] -> [b, s, h] (all-reduce)
+                                                                    #   (SP: reduce-scatter to [b, s/tp, h])
 
     def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention of ``q [b, nh, sq, hd]`` (the last ``sq`` positions) over ``k, v [b, nh, sk, hd]``."""
         dropout = self.attention_dropout if self.training else 0.0
-        if self.fused:
-            return attention_reference(q, k, v, dropout, self.training, fused=True)
+        if self.fused or self.unfused:
+            return attention_reference(q, k, v, dropout, self.training, fused=self.fused,
+                                       softmax_in_fp32=self.softmax_in_fp32)
         if dropout > 0 and q.device.type == "cpu":  # SDPA has no fused CPU kernel with dropout
-            return attention_with_dropout(q, k, v, dropout)
+            return attention_with_dropout(q, k, v, dropout, self.softmax_in_fp32)
+        # SDPA's kernels accumulate the softmax in float32 whatever q's dtype: attention_softmax_in_fp32 holds
         sq, sk = q.size(2), k.size(2)
         if sq == sk:    # training, scoring, a prompt without cache: the square causal mask
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
@@ -226,19 +262,33 @@ class ParallelAttention(nn.Module):
 
 
 class ParallelTransformerLayer(nn.Module):
-    """Pre-LN GPT block: ``x + Attn(LN(x))``, then ``x + MLP(LN(x))``, each with dropout."""
+    """Pre-LN GPT block: ``x + Attn(LN(x))``, then ``x + MLP(LN(x))``, each with dropout.
+
+    With ``config.sequence_parallel`` it maps ``[b, s/tp, h] -> [b, s/tp, h]``
+    (this rank's tokens); its LayerNorms are tagged ``sequence_parallel``.
+    """
 
     def __init__(self, config: GPTConfig, tp_group: dist.ProcessGroup | None = None):
         super().__init__()
         fused, eps = config.use_fused_kernels, config.layernorm_epsilon
+        _, tp_size, _ = resolve_tp_group(tp_group)
+        self.sequence_parallel = config.sequence_parallel
+        if self.sequence_parallel:
+            check_sequence_parallel(tp_size)
         self.hidden_dropout = config.hidden_dropout
         self.input_layernorm = LayerNorm(config.hidden_size, eps, fused)
         self.self_attention = ParallelAttention(config, tp_group)
         self.post_attention_layernorm = LayerNorm(config.hidden_size, eps, fused)
         self.mlp = ParallelMLP(config, tp_group)
+        if self.sequence_parallel:  # they see only this rank's tokens: partial gradients
+            for norm in (self.input_layernorm, self.post_attention_layernorm):
+                mark_sequence_parallel(norm.weight, norm.bias)
 
     def _bias_dropout_add(self, x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return residual + apply_dropout(x + bias, self.hidden_dropout, self.training)
+        generator = None
+        if self.sequence_parallel and self.training and self.hidden_dropout > 0:
+            generator = model_parallel_generator(x.device)   # each rank its own tokens' mask
+        return residual + apply_dropout(x + bias, self.hidden_dropout, self.training, generator)
 
     def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
         attn, attn_bias = self.self_attention(self.input_layernorm(x), kv_cache)  # [b, s, h]

@@ -17,6 +17,8 @@ import os
 
 import torch
 
+from lessons_pkg.training.batch_size import rampup_problems
+
 # a few options are ours (not Megatron-LM's); they are marked "(course)" in --help
 _SCHEDULES = ("1f1b", "gpipe", "interleaved")
 
@@ -41,8 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden-dropout", type=float, default=0.1)
     g.add_argument("--recompute-activations", action="store_true",
                    help="recompute each transformer layer's activations in the backward pass")
+    g.add_argument("--attention-backend", default="auto",
+                   help="auto (F.scaled_dot_product_attention: flash attention where the device has it) or "
+                        "unfused (scores, softmax and weighted sum step by step); also Megatron's local")
     g.add_argument("--use-fused-kernels", action="store_true",
                    help="use the compiled fused kernels (bias+GeLU, scaled masked softmax, LayerNorm)")
+    g.add_argument("--attention-softmax-in-fp32", action="store_true",
+                   help="attention's softmax in float32 in 16-bit runs (SDPA's kernels always do; the "
+                        "step-by-step paths cast)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -52,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-schedule", choices=_SCHEDULES, default=None,
                    help="(course) pipeline schedule; default 1f1b, or interleaved when "
                         "--num-layers-per-virtual-pipeline-stage is given")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="split LayerNorms, dropouts and residuals along the sequence over the tensor-parallel "
+                        "ranks (Korthikanti et al. 2022); needs --tensor-model-parallel-size > 1")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard the optimizer state over data-parallel ranks (ZeRO-1)")
     g.add_argument("--distributed-backend", choices=("gloo", "nccl"), default=None,
@@ -61,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--micro-batch-size", type=int, required=True)
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="default: micro-batch-size x data-parallel size (no gradient accumulation)")
+    g.add_argument("--rampup-batch-size", type=int, nargs=3, default=None, metavar=("START", "INCREMENT", "SAMPLES"),
+                   help="ramp the global batch size from START by INCREMENT over SAMPLES consumed samples")
     g.add_argument("--train-iters", type=int, required=True)
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--fp16", action="store_true", help="float16 mixed precision with dynamic loss scaling (GPU)")
@@ -101,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-load-rng", action="store_true", help="do not load the random-number-generator states")
     g.add_argument("--no-save-optim", action="store_true", help="do not save the optimizer and scheduler state")
     g.add_argument("--no-save-rng", action="store_true", help="do not save the random-number-generator states")
+    g.add_argument("--ckpt-format", default="torch",
+                   help="torch: Megatron-LM's legacy format, the one this trainer writes and reads (Megatron-LM's "
+                        "own default is torch_dist)")
     g.add_argument("--finetune", action="store_true",
                    help="load the weights of --load only (any layout, e.g. imported GPT-2) and start at iteration 0")
 
@@ -174,6 +190,12 @@ def validate_args(args: argparse.Namespace, world_size: int, device: torch.devic
         errors.append(f"ffn-hidden-size ({args.ffn_hidden_size}) is not divisible by tensor-model-parallel-size ({tp})")
     if args.num_layers % pp:
         errors.append(f"num-layers ({args.num_layers}) is not divisible by pipeline-model-parallel-size ({pp})")
+    if args.sequence_parallel and tp == 1:
+        errors.append("--sequence-parallel splits the sequence over the tensor-parallel ranks and needs "
+                      "--tensor-model-parallel-size > 1, got 1 (Megatron-LM turns it off at TP=1: drop the flag)")
+    elif args.sequence_parallel and args.seq_length % tp:
+        errors.append(f"with --sequence-parallel, seq-length ({args.seq_length}) must be divisible by "
+                      f"tensor-model-parallel-size ({tp})")
     args.virtual_pipeline_model_parallel_size = 1
     if args.pipeline_schedule == "interleaved":
         per_chunk = args.num_layers_per_virtual_pipeline_stage
@@ -204,8 +226,24 @@ def validate_args(args: argparse.Namespace, world_size: int, device: torch.devic
             if args.pipeline_schedule == "interleaved" and args.num_micro_batches % pp:
                 errors.append(f"the interleaved schedule needs the number of micro-batches "
                               f"({args.num_micro_batches}) to be a multiple of pipeline-model-parallel-size ({pp})")
+            ramp_errors = rampup_problems(args, dp)
+            errors += ramp_errors
+            if args.rampup_batch_size and not ramp_errors and args.pipeline_schedule == "interleaved" \
+                    and any((v // (args.micro_batch_size * dp)) % pp for v in args.rampup_batch_size[:2]):
+                errors.append(f"the interleaved schedule needs every ramped batch size to hold a multiple of "
+                              f"pipeline-model-parallel-size ({pp}) micro-batches: --rampup-batch-size "
+                              f"{args.rampup_batch_size[0]} {args.rampup_batch_size[1]} does not")
     args.data_parallel_size = dp
 
+    if args.ckpt_format != "torch":
+        errors.append(f"--ckpt-format {args.ckpt_format}: this trainer writes and reads Megatron-LM's legacy "
+                      "'torch' format only (the lesson's --ckpt-format torch); Megatron-LM's torch_dist "
+                      "(*.distcp files) is not supported")
+    if args.attention_backend not in ("auto", "unfused", "local"):
+        errors.append(f"--attention-backend {args.attention_backend}: this course has auto "
+                      "(F.scaled_dot_product_attention, which picks flash attention on GPUs that have it) and "
+                      "unfused (step by step; 'local' means the same); Transformer Engine's flash and fused "
+                      "backends are not part of it")
     if args.fp16 and args.bf16:
         errors.append("--fp16 and --bf16 cannot both be set")
     if (args.fp16 or args.bf16) and torch.device(device).type != "cuda":

@@ -47,6 +47,7 @@ import torch.distributed as dist
 
 from lessons_pkg.checkpoint import megatron_format as mf
 from lessons_pkg.checkpoint.layout import TRACKER, checkpoint_dir, find_checkpoint, mp_rank_dirname, read_tracker
+from lessons_pkg.tensor_parallel.random import get_model_parallel_rng_state, set_model_parallel_rng_state
 from lessons_pkg.utils import print_rank_0
 
 __all__ = ["CRASH_ENV", "TRACKER", "checkpoint_dir", "get_rng_state", "load_checkpoint", "mp_rank_dirname",
@@ -67,6 +68,9 @@ def get_rng_state() -> dict:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    model_parallel = get_model_parallel_rng_state()   # the per-tensor-rank stream (sequence-parallel dropout)
+    if model_parallel is not None:
+        state["model_parallel"] = model_parallel
     return state
 
 
@@ -78,6 +82,8 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "model_parallel" in state:
+        set_model_parallel_rng_state(state["model_parallel"])
 
 
 # --- durable, atomic writes ---------------------------------------------------------------------

@@ -53,7 +53,7 @@ class TrainingLogger:
             self.json = open(args.log_json, "a")
 
     def _reset(self) -> None:
-        self.losses, self.skipped, self.nan, self.time = [], 0, 0, 0.0
+        self.losses, self.skipped, self.nan, self.time, self.samples = [], 0, 0, 0.0, 0
 
     def _record(self, **fields) -> None:
         if self.json is not None:
@@ -61,17 +61,22 @@ class TrainingLogger:
             self.json.flush()
 
     def iteration(self, iteration: int, consumed: int, seconds: float, lr: float, loss: float,
-                  grad_norm: float | None, loss_scale: float | None = None) -> None:
+                  grad_norm: float | None, loss_scale: float | None = None,
+                  global_batch_size: int | None = None) -> None:
+        """One iteration's numbers; ``global_batch_size``: this iteration's (``--rampup-batch-size``)."""
         if not self.enabled:
             return
+        batch = global_batch_size or self.args.global_batch_size
         skipped = grad_norm is None
         self.skipped += skipped
         self.nan += not math.isfinite(loss)
         if not skipped and math.isfinite(loss):
             self.losses.append(loss)
         self.time += seconds
+        self.samples += batch
         self._record(kind="train", iteration=iteration, consumed_samples=consumed, lm_loss=loss,
-                     grad_norm=grad_norm, learning_rate=lr, loss_scale=loss_scale, seconds=seconds)
+                     grad_norm=grad_norm, learning_rate=lr, loss_scale=loss_scale, seconds=seconds,
+                     global_batch_size=batch)
         if self.writer is not None:
             self.writer.add_scalar("lm loss", loss, iteration)
             self.writer.add_scalar("learning-rate", lr, iteration)
@@ -83,11 +88,13 @@ class TrainingLogger:
         n = max(len(self.losses), 1)
         iters = a.log_interval if iteration % a.log_interval == 0 else iteration % a.log_interval
         ms = 1000.0 * self.time / iters
-        tokens_per_s = a.global_batch_size * a.seq_length / (ms / 1000.0)
-        tflops = self.flops / (ms / 1000.0) / a.world_size / 1e12  # per device, as Megatron reports
+        tokens_per_s = self.samples * a.seq_length / self.time if self.time > 0 else 0.0
+        # model FLOPs per second, the count being for the full global batch (--rampup-batch-size: fewer)
+        tflops = self.flops * self.samples / a.global_batch_size / self.time / a.world_size / 1e12 \
+            if self.time > 0 else 0.0  # per device, as Megatron reports
         line = (f" iteration {iteration:8d}/{a.train_iters:8d} | consumed samples: {consumed:12d} | "
                 f"elapsed time per iteration (ms): {ms:.1f} | learning rate: {lr:.6E} | "
-                f"global batch size: {a.global_batch_size:5d} | ")
+                f"global batch size: {batch:5d} | ")
         if self.losses:
             line += f"lm loss: {sum(self.losses) / n:.6E} | "
         if loss_scale is not None:

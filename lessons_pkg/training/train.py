@@ -27,6 +27,9 @@ import torch.distributed as dist
 
 from lessons_pkg import parallel_state as ps
 from lessons_pkg.pipeline import forward_backward
+from lessons_pkg.tensor_parallel.random import model_parallel_manual_seed
+from lessons_pkg.tensor_parallel.sequence_parallel import allreduce_sequence_parallel_grads
+from lessons_pkg.training.batch_size import global_batch_size_at
 from lessons_pkg.training.checkpointing import load_checkpoint, save_checkpoint
 from lessons_pkg.training.grads import allreduce_embedding_grads
 from lessons_pkg.training.logging import TrainingLogger
@@ -104,6 +107,8 @@ def initialize(args) -> Runtime:
     # Megatron's seeding: pipeline stages differ (their dropout masks are independent), while
     # tensor-parallel peers share the stream so replicated activations see the same dropout mask.
     set_seed(args.seed + 100 * rt.pp_rank)
+    # and a second stream that differs between tensor ranks, for dropout on sequence-parallel activations
+    model_parallel_manual_seed(args.seed + 100 * rt.pp_rank, rt.tp_rank)
     return rt
 
 
@@ -122,9 +127,12 @@ class _Autocast(torch.nn.Module):
 
 def pipeline_tensor_shape(args) -> dict:
     """What every stage sends the next one: ``[micro-batch, seq, hidden]`` float32 (the residual stream;
-    the executor casts an autocast bf16 activation to it). Given to the executor, as Megatron does, so
-    no shape header has to travel: which the interleaved schedule needs on NCCL (see rounds.check_rounds)."""
-    return dict(tensor_shape=(args.micro_batch_size, args.seq_length, args.hidden_size), tensor_dtype=torch.float32)
+    the executor casts an autocast bf16 activation to it), ``seq / tp`` of it with sequence parallelism.
+    Given to the executor, as Megatron does, so no shape header has to travel: which the interleaved
+    schedule needs on NCCL (see rounds.check_rounds)."""
+    sp = getattr(args, "sequence_parallel", False)
+    seq = args.seq_length // args.tensor_model_parallel_size if sp else args.seq_length
+    return dict(tensor_shape=(args.micro_batch_size, seq, args.hidden_size), tensor_dtype=torch.float32)
 
 
 # --- one iteration -------------------------------------------------------------------------------
@@ -149,6 +157,8 @@ def train_step(chunks, run_chunks, optimizer, scheduler, batches, rt: Runtime, a
                               num_microbatches=len(batches), **pipeline_tensor_shape(args))
     if losses is not None and scale != 1.0:
         losses = [loss / scale for loss in losses]
+    if getattr(args, "sequence_parallel", False):  # LayerNorms, biases saw only this rank's tokens
+        allreduce_sequence_parallel_grads(chunks, rt.tp_group)
     if rt.pp_size > 1:
         shared = [c.shared_embedding_weight() for c in chunks if c.pre_process or c.post_process]
         allreduce_embedding_grads(shared, rt.embedding_group)
@@ -234,16 +244,18 @@ def pretrain(args, rt: Runtime, model_provider, datasets_provider, loss_fn, padd
                 profiler.before(iteration + 1)
             sync()
             start = time.perf_counter()
+            batch_size = global_batch_size_at(consumed, args)      # --rampup-batch-size, or the constant one
             ids = microbatch_sample_ids(consumed, args.micro_batch_size, args.data_parallel_size, rt.dp_rank,
-                                        args.num_micro_batches)
+                                        batch_size // (args.micro_batch_size * args.data_parallel_size))
             batches = [get_batch(train_ds, i, rt.device) for i in ids]
             lr = optimizer.param_groups[0]["lr"]
             loss, grad_norm = train_step(chunks, run_chunks, optimizer, scheduler, batches, rt, args, loss_fn)
             sync()
             iteration += 1
-            consumed += args.global_batch_size
+            consumed += batch_size
             scale = optimizer.loss_scaler.scale if optimizer.loss_scaler is not None else None
-            logger.iteration(iteration, consumed, time.perf_counter() - start, lr, loss, grad_norm, scale)
+            logger.iteration(iteration, consumed, time.perf_counter() - start, lr, loss, grad_norm, scale,
+                             global_batch_size=batch_size)
             if profiler:
                 profiler.after(iteration)
 

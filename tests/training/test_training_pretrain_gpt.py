@@ -3,7 +3,8 @@
 Launches (shared through module fixtures, to keep the suite fast):
     serial   1 rank,  TP=PP=DP=1                          6 iterations
     tp2pp2   4 ranks, TP=2 x PP=2, saves at 3 and 6         (uninterrupted reference of the resume test)
-    dp2      8 ranks, TP=2 x PP=2 x DP=2, --use-distributed-optimizer, interleaved schedule, recomputation
+    dp2      8 ranks, TP=2 x PP=2 x DP=2, --use-distributed-optimizer, interleaved schedule, recomputation,
+             --sequence-parallel
     killed   4 ranks, SIGKILLed right after its save at iteration 3
     crashed  4 ranks, resumed from 3, crashes in the middle of its save at 6
     resumed  4 ranks, resumed again (from 3: the crashed save never became `latest`)
@@ -139,18 +140,58 @@ def test_tp2_pp2_matches_single_process(serial, tp2pp2):
         assert f"model parallel rank ({tp}, {pp}): " in out
 
 
-def test_tp2_pp2_dp2_distributed_optimizer_matches_single_process(data, serial):
-    # also the interleaved schedule (2 chunks of 1 layer per stage) and activation recomputation
+def test_tp2_pp2_dp2_distributed_optimizer_matches_single_process(data, serial, tp2pp2):
+    """Also the interleaved schedule (2 chunks of 1 layer per stage), activation recomputation and sequence
+    parallelism: the same losses as one process (LOSS_TOL: sequence parallelism only moves the sums again,
+    reduce-scatters and all-gathers where all-reduces were, the LayerNorm gradients summed over the tensor
+    ranks), and the same weights in the same files as the run without it (TP=2 x PP=2 fixture)."""
+    from lessons_pkg.checkpoint import megatron_format as mf
+    from lessons_pkg.checkpoint.reshard import read_full_checkpoint
+
     log, save = data["root"] / "dp2.jsonl", data["root"] / "ckpt-dp2"
     result = launch(8, data, log, *TP2PP2, "--use-distributed-optimizer", "--num-layers-per-virtual-pipeline-stage",
-                    "1", "--recompute-activations", "--save", str(save), "--save-interval", "3")
+                    "1", "--recompute-activations", "--sequence-parallel", "--attention-softmax-in-fp32",
+                    "--save", str(save), "--save-interval", "3")
     assert ("data-parallel size: 2, tensor-model-parallel size: 2, pipeline-model-parallel size: 2, "
             "micro-batches per iteration: 2, schedule: interleaved") in result.output
+    assert f"  sequence_parallel {'.' * 31} True" in result.output
     assert_same_curve(log, serial[0])
     # ZeRO-1 checkpoint: each data-parallel rank's slice of the Adam state in its own file
     folder = save / f"iter_{ITERS:07d}" / "mp_rank_01_001"
     assert sorted(p.name for p in folder.iterdir()) == [
         "distrib_optim_dp_rank_000.pt", "distrib_optim_dp_rank_001.pt", "model_optim_rng.pt"]
+    # sequence parallelism changes no weight: the files hold the same tensors as without it (up to the
+    # float32 rounding of the sums, moved through 6 AdamW steps)
+    state = mf.safe_load(str(folder / "model_optim_rng.pt"))
+    assert "model_parallel" in state["rng_state"][0]   # the per-tensor-rank dropout stream resumes too
+    ours, theirs = read_full_checkpoint(str(save)).state_dict, read_full_checkpoint(str(tp2pp2[1])).state_dict
+    assert sorted(ours) == sorted(theirs)
+    for k in theirs:
+        assert ours[k].shape == theirs[k].shape, k
+        assert (ours[k] - theirs[k]).abs().max() <= 1e-5, k
+
+
+def test_the_lesson_s_flags_run_as_written(data):
+    """The flags the lesson's command lines end with (seed 000: --attention-softmax-in-fp32 --sequence-parallel
+    --ckpt-format torch; seed 004: --attention-backend auto, --rampup-batch-size), at TP=2 on 2 processes."""
+    from lessons_pkg.training.batch_size import global_batch_size_at
+    from lessons_pkg.training.arguments import parse_args
+
+    log = data["root"] / "lesson-flags.jsonl"
+    flags = ("--tensor-model-parallel-size", "2", "--attention-softmax-in-fp32", "--sequence-parallel",
+             "--ckpt-format", "torch", "--attention-backend", "auto", "--rampup-batch-size", "4", "4", "16")
+    result = launch(2, data, log, *flags)
+    assert f"  rampup_batch_size {'.' * 31} [4, 4, 16]" in result.output
+    # the ramp: each iteration's batch from the samples consumed before it (4, 4, 4, 4, then 8)
+    args = parse_args(common_args(data, log, *flags))
+    consumed, expected = 0, []
+    for _ in range(ITERS):
+        expected.append(global_batch_size_at(consumed, args))
+        consumed += expected[-1]
+    got = records(log)
+    assert [got[i]["global_batch_size"] for i in range(1, ITERS + 1)] == expected and min(expected) == 4
+    assert got[ITERS]["consumed_samples"] == sum(expected)
+    assert f"global batch size: {expected[-1]:5d} |" in result.output
 
 
 def test_checkpoint_layout(tp2pp2):

@@ -53,6 +53,19 @@ def test_valid_arguments_derive_megatron_sizes():
     (("--profile-trace", "t.json"), 1, "--profile-trace (t.json) is set but --profile is not"),
     (("--profile", "--profile-trace", "/no/such/folder/t.json"), 1,
      "--profile-trace (/no/such/folder/t.json): its folder does not exist"),
+    (("--sequence-parallel",), 1, "--sequence-parallel splits the sequence over the tensor-parallel ranks and needs "
+                                  "--tensor-model-parallel-size > 1, got 1"),
+    (("--sequence-parallel", "--tensor-model-parallel-size", "4", "--seq-length", "18", "--max-position-embeddings",
+      "18"), 4, "with --sequence-parallel, seq-length (18) must be divisible by tensor-model-parallel-size (4)"),
+    (("--ckpt-format", "torch_dist"), 1, "--ckpt-format torch_dist: this trainer writes and reads Megatron-LM's "
+                                         "legacy 'torch' format only"),
+    (("--attention-backend", "flash"), 1, "--attention-backend flash: this course has auto"),
+    (("--rampup-batch-size", "2", "4", "100"), 1, "global-batch-size (8) minus the start (2) is not a multiple of "
+                                                  "the increment (4)"),
+    (("--rampup-batch-size", "3", "5", "100"), 1, "--rampup-batch-size start (3) is not divisible by "
+                                                  "micro-batch-size (2) x data-parallel size (1) = 2"),
+    (("--rampup-batch-size", "16", "2", "100"), 1, "--rampup-batch-size starts at 16, above --global-batch-size (8)"),
+    (("--rampup-batch-size", "0", "2", "100"), 1, "must be positive"),
 ])
 def test_inconsistent_arguments_are_named(extra, world, message):
     with pytest.raises(ValueError) as err:
@@ -80,6 +93,23 @@ def test_all_problems_reported_at_once():
     text = str(err.value)
     assert "num-attention-heads (4) is not divisible by tensor-model-parallel-size (3)" in text
     assert "num-layers (4) is not divisible by pipeline-model-parallel-size (3)" in text
+
+
+def test_rampup_batch_size_follows_megatron_s_calculator():
+    """Megatron's RampupBatchsizeNumMicroBatchesCalculator: 16 -> 48 by 16 over 64 samples is 2 increments,
+    one per 32 samples; the size of an iteration depends only on the samples consumed before it."""
+    from lessons_pkg.training.batch_size import global_batch_size_at
+
+    args = validate_args(args_with("--global-batch-size", "48", "--rampup-batch-size", "16", "16", "64"), 1)
+    consumed, sizes = 0, []
+    for _ in range(7):
+        sizes.append(global_batch_size_at(consumed, args))
+        consumed += sizes[-1]
+    # consumed before each: 0, 16, 32 (-> 32), 64 (-> 48: 64 / 32 = 2 increments), 112 (> 64: the full size) ...
+    assert sizes == [16, 16, 32, 48, 48, 48, 48]
+    assert global_batch_size_at(10**9, args) == 48
+    constant = validate_args(args_with(), 1)
+    assert global_batch_size_at(0, constant) == global_batch_size_at(10**6, constant) == 8
 
 
 def test_cosine_schedule_matches_formula():

@@ -1,8 +1,10 @@
-"""Assemble chapters/06e_after_training.ipynb from its sections in chapters/06e_parts/ (percent format).
+"""Assemble a chapter notebook from its sections in chapters/<chapter>_parts/ (percent format).
 
-    python scripts/build_06e.py            # write the notebook (no outputs), then run:
+    python scripts/build_notebook.py 06e            # write chapters/06e_after_training.ipynb (no outputs), then:
     jupyter nbconvert --to notebook --execute --inplace chapters/06e_after_training.ipynb
-    python scripts/build_06e.py --run 00 10   # or: run some sections as one plain script (quick checks)
+    python scripts/build_notebook.py 06e --run 00 10   # or: run some sections as one plain script (quick checks)
+
+Chapters built this way: 06e (after training) and 06f (sequence and context parallelism).
 
 Each part is a Python file whose cells start with ``# %%`` (code) or
 ``# %% [markdown]`` (markdown, each line prefixed with ``# ``), the format
@@ -17,8 +19,12 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = os.path.join(ROOT, "chapters", "06e_parts")
-NOTEBOOK = os.path.join(ROOT, "chapters", "06e_after_training.ipynb")
+NOTEBOOKS = {"06e": "06e_after_training.ipynb", "06f": "06f_sequence_and_context_parallelism.ipynb"}
+
+
+def _paths(chapter: str) -> tuple[str, str]:
+    """(parts folder, notebook path) of ``chapter``."""
+    return os.path.join(ROOT, "chapters", f"{chapter}_parts"), os.path.join(ROOT, "chapters", NOTEBOOKS[chapter])
 
 
 def cells_of(path: str) -> list[tuple[str, str]]:
@@ -48,31 +54,33 @@ def cells_of(path: str) -> list[tuple[str, str]]:
     return out
 
 
-def parts(selected: list[str] | None = None) -> list[str]:
-    names = sorted(n for n in os.listdir(PARTS) if n.endswith(".py"))
+def parts(chapter: str, selected: list[str] | None = None) -> list[str]:
+    folder = _paths(chapter)[0]
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".py"))
     if selected:
         names = [n for n in names if any(n.startswith(s) for s in selected)]
-    return [os.path.join(PARTS, n) for n in names]
+    return [os.path.join(folder, n) for n in names]
 
 
-def build() -> None:
+def build(chapter: str) -> None:
     import nbformat
 
+    notebook = _paths(chapter)[1]
     nb = nbformat.v4.new_notebook()
-    for path in parts():
+    for path in parts(chapter):
         for kind, source in cells_of(path):
             nb.cells.append(nbformat.v4.new_markdown_cell(source) if kind == "markdown"
                             else nbformat.v4.new_code_cell(source))
     nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
     nb.metadata["language_info"] = {"name": "python"}
-    nbformat.write(nb, NOTEBOOK)
-    print(f"wrote {os.path.relpath(NOTEBOOK, ROOT)}: {len(nb.cells)} cells from {len(parts())} parts")
+    nbformat.write(nb, notebook)
+    print(f"wrote {os.path.relpath(notebook, ROOT)}: {len(nb.cells)} cells from {len(parts(chapter))} parts")
 
 
-def run(selected: list[str]) -> None:
+def run(chapter: str, selected: list[str]) -> None:
     os.chdir(ROOT)
     namespace: dict = {"__name__": "__main__"}
-    for path in parts(selected):
+    for path in parts(chapter, selected):
         for kind, source in cells_of(path):
             if kind == "code":
                 start = time.perf_counter()
@@ -82,10 +90,11 @@ def run(selected: list[str]) -> None:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("chapter", choices=sorted(NOTEBOOKS))
     p.add_argument("--run", nargs="*", help="run these parts (prefixes, e.g. 00 10) as one script instead")
     ns = p.parse_args()
     if ns.run is not None:
-        run(ns.run)
+        run(ns.chapter, ns.run)
     else:
-        build()
+        build(ns.chapter)
     sys.exit(0)
