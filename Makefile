@@ -90,6 +90,10 @@ course-ch6-long: setup
 	$(PY) src/ch6/sequence_parallel.py --nproc 2
 	$(PY) src/ch6/sequence_parallel.py --nproc 4
 	$(PY) scripts/bench_sequence_parallel.py --plot outputs/ch6/sequence_parallel_memory.png
+	@echo "== Chapter 6f: context parallelism (ring attention) at CP=2 and CP=4, checked against one process =="
+	$(PY) src/ch6/context_parallel.py --nproc 2
+	$(PY) src/ch6/context_parallel.py --nproc 4
+	$(PY) scripts/bench_context_parallel.py --seq 2048 --plot outputs/ch6
 
 course-ch6-after: setup
 	@echo "== Chapter 6e: convert the trained checkpoint (TP=1, PP=4, transformers), generate at TP=1 and TP=2 x PP=2 =="

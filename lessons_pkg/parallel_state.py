@@ -1,18 +1,26 @@
-"""Process groups for tensor, pipeline and data parallelism, in Megatron-LM's rank order.
+"""Process groups for tensor, context, data and pipeline parallelism, in Megatron-LM's rank order.
 
-A job of ``world_size`` ranks is viewed as a 3-D grid ``pipeline x data x tensor``.
+A job of ``world_size`` ranks is viewed as a 4-D grid ``pipeline x data x context x tensor``.
 Tensor-parallel ranks are adjacent (they exchange the most data, so on a real
-cluster they share a node and its NVLink), data-parallel ranks come next, and
-pipeline stages are the slowest-varying index:
+cluster they share a node and its NVLink), context-parallel ranks next (they
+pass keys and values round a ring every layer), data-parallel ranks after
+them, and pipeline stages are the slowest-varying index (Megatron's order
+"tp-cp-dp-pp"):
 
-    global_rank = tp_rank + tp * (dp_rank + dp * pp_rank)
+    global_rank = tp_rank + tp * (cp_rank + cp * (dp_rank + dp * pp_rank))
 
-Example, 8 ranks with TP=2, PP=2 (so DP=2)::
+Example, 8 ranks with TP=2, PP=2 (so DP=2, CP=1)::
 
     tensor groups    [0, 1] [2, 3] [4, 5] [6, 7]
     data groups      [0, 2] [1, 3] [4, 6] [5, 7]
     pipeline groups  [0, 4] [1, 5] [2, 6] [3, 7]
     embedding groups [0, 4] [1, 5] [2, 6] [3, 7]   (first and last stage, for tied embeddings)
+
+With CP=2 (8 ranks, TP=2, CP=2, DP=2): context groups [0, 2] [1, 3] [4, 6] [5, 7],
+data groups [0, 4] [1, 5] [2, 6] [3, 7]. Context-parallel ranks hold different
+tokens of the same samples, so gradients are averaged over data x context
+(``get_data_parallel_group(with_context_parallel=True)``: [0, 2, 4, 6] [1, 3, 5, 7]),
+as Megatron does; samples are read per data-parallel rank.
 
 Layers receive their group explicitly (``tp_group=...``); the accessors below
 are how a training script finds the groups to hand them.
@@ -20,7 +28,7 @@ are how a training script finds the groups to hand them.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -42,6 +50,11 @@ class _Groups:
     pipeline_ranks: list[int]
     data_ranks: list[int]
     embedding_ranks: list[int]
+    cp_size: int = 1
+    context: dist.ProcessGroup | None = None
+    data_context: dist.ProcessGroup | None = None
+    context_ranks: list[int] = field(default_factory=list)
+    data_context_ranks: list[int] = field(default_factory=list)
 
 
 _GROUPS: _Groups | None = None
@@ -91,40 +104,46 @@ def get_device() -> torch.device:
     return torch.device("cpu")
 
 
-def check_parallel_sizes(world_size: int, tensor_model_parallel_size: int, pipeline_model_parallel_size: int) -> int:
+def check_parallel_sizes(world_size: int, tensor_model_parallel_size: int, pipeline_model_parallel_size: int,
+                         context_parallel_size: int = 1) -> int:
     """Return the data-parallel size, or raise ``ValueError`` naming the sizes that do not fit."""
-    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
-    for name, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp)):
+    tp, pp, cp = tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
+    for name, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
+                        ("context_parallel_size", cp)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if world_size % (tp * pp) != 0:
-        raise ValueError(
-            f"world size ({world_size}) is not divisible by tensor_model_parallel_size ({tp}) "
-            f"x pipeline_model_parallel_size ({pp}) = {tp * pp}"
-        )
-    return world_size // (tp * pp)
+    if world_size % (tp * pp * cp) != 0:
+        sizes = f"tensor_model_parallel_size ({tp}) x pipeline_model_parallel_size ({pp})"
+        if cp > 1:
+            sizes += f" x context_parallel_size ({cp})"
+        raise ValueError(f"world size ({world_size}) is not divisible by {sizes} = {tp * pp * cp}")
+    return world_size // (tp * pp * cp)
 
 
-def rank_grid(world_size: int, tp: int, pp: int) -> dict[str, list[list[int]]]:
-    """All tensor, data, pipeline and embedding groups as lists of global ranks (no processes needed)."""
-    dp = check_parallel_sizes(world_size, tp, pp)
+def rank_grid(world_size: int, tp: int, pp: int, cp: int = 1) -> dict[str, list[list[int]]]:
+    """All tensor, context, data, data x context, pipeline and embedding groups as lists of global ranks."""
+    dp = check_parallel_sizes(world_size, tp, pp, cp)
 
-    def rank(t: int, d: int, p: int) -> int:
-        return t + tp * (d + dp * p)
+    def rank(t: int, d: int, p: int, c: int = 0) -> int:
+        return t + tp * (c + cp * (d + dp * p))
 
-    tensor = [[rank(t, d, p) for t in range(tp)] for p in range(pp) for d in range(dp)]
-    data = [[rank(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)]
-    pipeline = [[rank(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)]
+    tensor = [[rank(t, d, p, c) for t in range(tp)] for p in range(pp) for d in range(dp) for c in range(cp)]
+    context = [[rank(t, d, p, c) for c in range(cp)] for p in range(pp) for d in range(dp) for t in range(tp)]
+    data = [[rank(t, d, p, c) for d in range(dp)] for p in range(pp) for c in range(cp) for t in range(tp)]
+    data_context = [[rank(t, d, p, c) for d in range(dp) for c in range(cp)] for p in range(pp) for t in range(tp)]
+    pipeline = [[rank(t, d, p, c) for p in range(pp)] for d in range(dp) for c in range(cp) for t in range(tp)]
     embedding = [[g[0], g[-1]] if pp > 1 else [g[0]] for g in pipeline]
-    return {"tensor": tensor, "data": data, "pipeline": pipeline, "embedding": embedding}
+    return {"tensor": tensor, "data": data, "pipeline": pipeline, "embedding": embedding, "context": context,
+            "data_context": data_context}
 
 
 def initialize_model_parallel(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
     backend: str | None = None,
+    context_parallel_size: int = 1,
 ) -> None:
-    """Create the tensor, pipeline, data-parallel and embedding groups of this job.
+    """Create the tensor, context, pipeline, data-parallel and embedding groups of this job.
 
     Initialises the default process group from torchrun's environment first if
     needed. Every rank must call this with the same sizes (``new_group`` is a
@@ -137,13 +156,15 @@ def initialize_model_parallel(
     if not dist.is_initialized() and world_size == 0:
         raise ValueError("world size is 0: WORLD_SIZE is unset or 0; start the program with torchrun")
     # validate before creating anything
-    check_parallel_sizes(world_size, tensor_model_parallel_size, pipeline_model_parallel_size)
+    cp = context_parallel_size
+    check_parallel_sizes(world_size, tensor_model_parallel_size, pipeline_model_parallel_size, cp)
     init_distributed(backend)
     world_size, me = dist.get_world_size(), dist.get_rank()
-    grid = rank_grid(world_size, tensor_model_parallel_size, pipeline_model_parallel_size)
+    grid = rank_grid(world_size, tensor_model_parallel_size, pipeline_model_parallel_size, cp)
 
     mine: dict[str, tuple[dist.ProcessGroup | None, list[int]]] = {}
-    for kind in ("tensor", "data", "pipeline", "embedding"):
+    kinds = ("tensor", "data", "pipeline", "embedding") + (("context", "data_context") if cp > 1 else ())
+    for kind in kinds:
         for ranks in grid[kind]:
             group = dist.new_group(ranks)  # every rank creates every group, in the same order
             if me in ranks:
@@ -151,7 +172,7 @@ def initialize_model_parallel(
     _GROUPS = _Groups(
         tp_size=tensor_model_parallel_size,
         pp_size=pipeline_model_parallel_size,
-        dp_size=world_size // (tensor_model_parallel_size * pipeline_model_parallel_size),
+        dp_size=world_size // (tensor_model_parallel_size * pipeline_model_parallel_size * cp),
         tensor=mine["tensor"][0],
         pipeline=mine["pipeline"][0],
         data=mine["data"][0],
@@ -160,6 +181,11 @@ def initialize_model_parallel(
         pipeline_ranks=mine["pipeline"][1],
         data_ranks=mine["data"][1],
         embedding_ranks=mine["embedding"][1] if "embedding" in mine else [],
+        cp_size=cp,
+        context=mine["context"][0] if cp > 1 else None,
+        data_context=mine["data_context"][0] if cp > 1 else mine["data"][0],
+        context_ranks=mine["context"][1] if cp > 1 else [me],
+        data_context_ranks=mine["data_context"][1] if cp > 1 else mine["data"][1],
     )
 
 
@@ -233,21 +259,42 @@ def is_pipeline_last_stage() -> bool:
     return get_pipeline_model_parallel_rank() == get_pipeline_model_parallel_world_size() - 1
 
 
+# --- context parallel --------------------------------------------------------
+def get_context_parallel_group() -> dist.ProcessGroup | None:
+    """The ranks holding the other tokens of this rank's sequences (None when CP=1: no communication)."""
+    return _groups().context
+
+
+def get_context_parallel_world_size() -> int:
+    return _groups().cp_size
+
+
+def get_context_parallel_rank() -> int:
+    return _groups().context_ranks.index(dist.get_rank())
+
+
+def get_context_parallel_ranks() -> list[int]:
+    return list(_groups().context_ranks)
+
+
 # --- data parallel ---------------------------------------------------------
-def get_data_parallel_group() -> dist.ProcessGroup:
-    return _groups().data
+def get_data_parallel_group(with_context_parallel: bool = False) -> dist.ProcessGroup:
+    """The data-parallel group; ``with_context_parallel``: data x context, over which gradients are averaged."""
+    return _groups().data_context if with_context_parallel else _groups().data
 
 
-def get_data_parallel_world_size() -> int:
-    return _groups().dp_size
+def get_data_parallel_world_size(with_context_parallel: bool = False) -> int:
+    g = _groups()
+    return g.dp_size * g.cp_size if with_context_parallel else g.dp_size
 
 
-def get_data_parallel_rank() -> int:
-    return _groups().data_ranks.index(dist.get_rank())
+def get_data_parallel_rank(with_context_parallel: bool = False) -> int:
+    ranks = _groups().data_context_ranks if with_context_parallel else _groups().data_ranks
+    return ranks.index(dist.get_rank())
 
 
-def get_data_parallel_ranks() -> list[int]:
-    return list(_groups().data_ranks)
+def get_data_parallel_ranks(with_context_parallel: bool = False) -> list[int]:
+    return list(_groups().data_context_ranks if with_context_parallel else _groups().data_ranks)
 
 
 # --- embedding (first + last pipeline stage, for tied word embeddings) -----

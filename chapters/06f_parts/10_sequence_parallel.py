@@ -102,12 +102,13 @@ plt.show()
 # same model: the same losses as without it, up to the float32 rounding of sums taken in another order.
 
 # %%
-def pretrain(log, *extra):
+def pretrain(log, *extra, nproc=2):
+    """pretrain_gpt.py on mock data, TP=2 unless ``extra`` says otherwise; the training losses by iteration."""
     torchrun("src/ch6/pretrain_gpt.py", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
              "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "8",
              "--lr", "1e-3", "--mock-data", "--vocab-size", "500", "--hidden-dropout", "0", "--attention-dropout",
              "0", "--log-interval", "4", "--eval-iters", "0", "--log-json", log, "--tensor-model-parallel-size",
-             "2", *extra, nproc_per_node=2, echo=False)
+             "2", *extra, nproc_per_node=nproc, echo=False)
     return {r["iteration"]: r["lm_loss"] for r in map(json.loads, open(log)) if r["kind"] == "train"}
 
 

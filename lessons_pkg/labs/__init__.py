@@ -47,7 +47,7 @@ class Result:
 
 
 _counter = itertools.count()
-CHAPTERS = ("ch5", "ch6", "ch6b", "ch6c", "ch6d", "ch6e")  # the modules lessons_pkg/labs/<chapter>.py, in the course's order
+CHAPTERS = ("ch5", "ch6", "ch6b", "ch6c", "ch6d", "ch6e", "ch6f")  # the modules lessons_pkg/labs/<chapter>.py, in the course's order
 
 
 def load(path: str | os.PathLike):

@@ -100,8 +100,8 @@ def check_layout(module) -> list[str]:
                               echo=False, cwd=folder)
         except LaunchError as e:
             raise Fail(f"your run failed:\n{str(e)[-1500:]}") from None
-        layout = re.search(r"data-parallel size: (\d+), tensor-model-parallel size: (\d+), "
-                           r"pipeline-model-parallel size: (\d+)", result.output)
+        layout = re.search(r"data-parallel size: (\d+), context-parallel size: \d+, tensor-model-parallel size: "
+                           r"(\d+), pipeline-model-parallel size: (\d+)", result.output)
         if not layout or layout.groups() != ("2", "2", "2"):
             raise Fail(f"the run's layout (DP, TP, PP) was {layout.groups() if layout else 'not printed'}; "
                        "the exercise asks for TP=2 x PP=2 x DP=2")

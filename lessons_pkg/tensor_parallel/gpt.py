@@ -28,6 +28,12 @@ head all-gathers the sequence (backward: reduce-scatter) in place of ``f``, so
 logits and loss cover every token as without it. The trainer sums the
 gradients of the parameters tagged ``sequence_parallel`` over the tensor group
 (:func:`~lessons_pkg.tensor_parallel.sequence_parallel.allreduce_sequence_parallel_grads`).
+
+Context parallelism (``cp_group``, training only): ``inputs`` are this rank's
+tokens of each sequence (:func:`lessons_pkg.context_parallel.split_sequence`:
+chunks r and ``2 cp - 1 - r``), their positions found from the rank; every
+layer's attention is ring attention over the group; the logits and the
+per-token loss are this rank's tokens' (``labels`` split alike).
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lessons_pkg import parallel_state
+from lessons_pkg.context_parallel.split import local_positions as local_positions_cp
 from lessons_pkg.tensor_parallel.checkpointing import gather_full, shard_of
 from lessons_pkg.tensor_parallel.config import GPTConfig, init_method_normal
 from lessons_pkg.tensor_parallel.cross_entropy import cross_entropy
@@ -100,10 +107,14 @@ class ParallelGPT(nn.Module):
     """
 
     def __init__(self, config: GPTConfig, tp_group: dist.ProcessGroup | None = None, pre_process: bool = True,
-                 post_process: bool = True, layer_offset: int = 0, num_layers: int | None = None):
+                 post_process: bool = True, layer_offset: int = 0, num_layers: int | None = None,
+                 cp_group: dist.ProcessGroup | None = None):
         super().__init__()
         self.config = config
         self.tp_group, self.tp_size, self.tp_rank = resolve_tp_group(tp_group)
+        self.cp_group = cp_group if cp_group is not None and dist.get_world_size(cp_group) > 1 else None
+        self.cp_size = dist.get_world_size(self.cp_group) if self.cp_group is not None else 1
+        self.cp_rank = dist.get_rank(self.cp_group) if self.cp_group is not None else 0
         self.pre_process, self.post_process = pre_process, post_process
         self.sequence_parallel = config.sequence_parallel
         if self.sequence_parallel:
@@ -117,7 +128,8 @@ class ParallelGPT(nn.Module):
 
         if pre_process:
             self.embedding = GPTEmbedding(config, self.padded_vocab_size, self.tp_group)
-        self.layers = nn.ModuleList(ParallelTransformerLayer(config, self.tp_group) for _ in range(self.num_layers))
+        self.layers = nn.ModuleList(ParallelTransformerLayer(config, self.tp_group, self.cp_group)
+                                    for _ in range(self.num_layers))
         if post_process:
             self.final_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon, config.use_fused_kernels)
             if self.sequence_parallel:
@@ -184,13 +196,17 @@ class ParallelGPT(nn.Module):
         """
         if kv_cache is not None:
             return self._forward_cached(inputs, position_ids, kv_cache, last_position_only)
-        if self.sequence_parallel and last_position_only:
-            raise ValueError("last_position_only serves generation, which needs the model without sequence_parallel")
+        if (self.sequence_parallel or self.cp_group is not None) and last_position_only:
+            raise ValueError("last_position_only serves generation, which needs the model without sequence or "
+                             "context parallelism")
         if self.pre_process:
             if inputs.is_floating_point():
                 raise TypeError(f"the first stage takes input_ids [b, s] (integers), got {inputs.dtype} "
                                 f"{tuple(inputs.shape)}")
-            if position_ids is None:
+            if position_ids is None and self.cp_group is not None:   # this rank's chunks of s = s_local x cp
+                position_ids = local_positions_cp(inputs.size(1) * self.cp_size, self.cp_size, self.cp_rank,
+                                                  inputs.device)                   # [1, s/cp]
+            elif position_ids is None:
                 position_ids = torch.arange(inputs.size(1), device=inputs.device).unsqueeze(0)  # [1, s]
             if self.sequence_parallel:
                 check_sequence_parallel(self.tp_size, inputs.size(1))
@@ -218,9 +234,9 @@ class ParallelGPT(nn.Module):
     def _forward_cached(self, inputs: torch.Tensor, position_ids: torch.Tensor | None, kv_cache,
                         last_position_only: bool) -> torch.Tensor:
         """Inference only: the new positions through this stage, keys/values read from and added to the cache."""
-        if self.sequence_parallel:
+        if self.sequence_parallel or self.cp_group is not None:
             raise ValueError("a key/value cache (generation) needs the whole sequence on every rank: build the "
-                             "model without sequence_parallel for inference (its weights are the same)")
+                             "model without sequence or context parallelism for inference (the same weights)")
         s = inputs.size(1)
         if self.pre_process:
             if position_ids is None:                                   # the new tokens follow the cached ones

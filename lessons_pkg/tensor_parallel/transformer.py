@@ -23,6 +23,10 @@ out the same computation (scores, causal softmax, weighted sum) and serves the
 fused kernels and the tests. Dropout is :mod:`lessons_pkg.tensor_parallel.dropout`
 (``F.dropout`` off the CPU).
 
+``cp_group`` (context parallelism, :mod:`lessons_pkg.context_parallel`): the
+layer holds this rank's tokens of a sequence split over the group, and its
+attention is ring attention over the group (no attention dropout).
+
 ``config.sequence_parallel`` (:mod:`lessons_pkg.tensor_parallel.sequence_parallel`):
 a layer takes and returns this rank's tokens ``[b, s/tp, h]``; its
 column-parallel layers all-gather the sequence and its row-parallel layers
@@ -38,6 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from lessons_pkg.context_parallel.ring_attention import ring_attention
 from lessons_pkg.tensor_parallel.config import GPTConfig, init_method_normal, scaled_init_method_normal
 from lessons_pkg.tensor_parallel.dropout import dropout as apply_dropout
 from lessons_pkg.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, resolve_tp_group
@@ -208,9 +213,14 @@ class ParallelAttention(nn.Module):
     caches only its own ``heads / tp`` heads, ``[b, heads/tp, positions, hd]``.
     """
 
-    def __init__(self, config: GPTConfig, tp_group: dist.ProcessGroup | None = None):
+    def __init__(self, config: GPTConfig, tp_group: dist.ProcessGroup | None = None,
+                 cp_group: dist.ProcessGroup | None = None):
         super().__init__()
         tp_group, tp_size, _ = resolve_tp_group(tp_group)
+        self.cp_group = cp_group if cp_group is not None and dist.get_world_size(cp_group) > 1 else None
+        if self.cp_group is not None and config.attention_dropout > 0:
+            raise ValueError(f"context parallelism computes attention as a ring, without dropout: attention_dropout "
+                             f"must be 0, got {config.attention_dropout} (--attention-dropout 0)")
         self.fused = config.use_fused_kernels
         self.head_dim = config.head_dim
         self.num_heads_per_partition = divide(config.num_attention_heads, tp_size, what="num_attention_heads")
@@ -228,9 +238,9 @@ class ParallelAttention(nn.Module):
             sequence_parallel=config.sequence_parallel)
 
     def forward(self, x: torch.Tensor, kv_cache=None) -> tuple[torch.Tensor, torch.Tensor]:
-        if kv_cache is not None and self.sequence_parallel:
+        if kv_cache is not None and (self.sequence_parallel or self.cp_group is not None):
             raise ValueError("a key/value cache (generation) needs the whole sequence on every rank: build the "
-                             "model without sequence_parallel for inference (its weights are the same)")
+                             "model without sequence or context parallelism for inference (the same weights)")
         nh, hd = self.num_heads_per_partition, self.head_dim
         qkv, _ = self.query_key_value(x)                            # [b, s, h] -> [b, s, 3h/tp] (SP: from s/tp)
         b, s = qkv.shape[:2]
@@ -245,6 +255,8 @@ class ParallelAttention(nn.Module):
 
     def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention of ``q [b, nh, sq, hd]`` (the last ``sq`` positions) over ``k, v [b, nh, sk, hd]``."""
+        if self.cp_group is not None:   # this rank's two chunks of the sequence, the other ranks' round the ring
+            return ring_attention(q, k, v, self.cp_group, causal=True)[0]
         dropout = self.attention_dropout if self.training else 0.0
         if self.fused or self.unfused:
             return attention_reference(q, k, v, dropout, self.training, fused=self.fused,
@@ -268,7 +280,8 @@ class ParallelTransformerLayer(nn.Module):
     (this rank's tokens); its LayerNorms are tagged ``sequence_parallel``.
     """
 
-    def __init__(self, config: GPTConfig, tp_group: dist.ProcessGroup | None = None):
+    def __init__(self, config: GPTConfig, tp_group: dist.ProcessGroup | None = None,
+                 cp_group: dist.ProcessGroup | None = None):
         super().__init__()
         fused, eps = config.use_fused_kernels, config.layernorm_epsilon
         _, tp_size, _ = resolve_tp_group(tp_group)
@@ -277,7 +290,7 @@ class ParallelTransformerLayer(nn.Module):
             check_sequence_parallel(tp_size)
         self.hidden_dropout = config.hidden_dropout
         self.input_layernorm = LayerNorm(config.hidden_size, eps, fused)
-        self.self_attention = ParallelAttention(config, tp_group)
+        self.self_attention = ParallelAttention(config, tp_group, cp_group)
         self.post_attention_layernorm = LayerNorm(config.hidden_size, eps, fused)
         self.mlp = ParallelMLP(config, tp_group)
         if self.sequence_parallel:  # they see only this rank's tokens: partial gradients

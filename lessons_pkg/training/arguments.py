@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-schedule", choices=_SCHEDULES, default=None,
                    help="(course) pipeline schedule; default 1f1b, or interleaved when "
                         "--num-layers-per-virtual-pipeline-stage is given")
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="split every sequence over this many ranks; attention as a ring (needs --attention-dropout 0)")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="split LayerNorms, dropouts and residuals along the sequence over the tensor-parallel "
                         "ranks (Korthikanti et al. 2022); needs --tensor-model-parallel-size > 1")
@@ -165,18 +167,31 @@ def validate_args(args: argparse.Namespace, world_size: int, device: torch.devic
         return True
 
     sizes_ok = all([positive(n) for n in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                                          "context_parallel_size",
                                           "num_layers", "hidden_size", "num_attention_heads", "seq_length",
                                           "micro_batch_size", "train_iters", "ffn_hidden_size",
                                           "max_position_embeddings", "make_vocab_size_divisible_by")])
     if not sizes_ok:
         raise ValueError("inconsistent arguments:\n  " + "\n  ".join(errors))
 
-    dp = None
-    if world_size % (tp * pp):
-        errors.append(f"world size ({world_size}) is not divisible by tensor-model-parallel-size ({tp}) "
-                      f"x pipeline-model-parallel-size ({pp}) = {tp * pp}")
+    dp, cp = None, args.context_parallel_size
+    if world_size % (tp * pp * cp):
+        sizes = f"tensor-model-parallel-size ({tp}) x pipeline-model-parallel-size ({pp})"
+        if cp > 1:
+            sizes += f" x context-parallel-size ({cp})"
+        errors.append(f"world size ({world_size}) is not divisible by {sizes} = {tp * pp * cp}")
     else:
-        dp = world_size // (tp * pp)
+        dp = world_size // (tp * pp * cp)
+    if cp > 1:
+        if args.seq_length % (2 * cp):
+            errors.append(f"with --context-parallel-size {cp}, seq-length ({args.seq_length}) must be divisible by "
+                          f"2 x context-parallel-size ({2 * cp}): each rank holds two equal chunks of a sequence")
+        elif args.sequence_parallel and (args.seq_length // cp) % tp:
+            errors.append(f"with --context-parallel-size {cp} and --sequence-parallel, each rank's "
+                          f"{args.seq_length // cp} tokens must divide by tensor-model-parallel-size ({tp})")
+        if args.attention_dropout:
+            errors.append(f"--context-parallel-size {cp} computes attention as a ring, without dropout: "
+                          f"--attention-dropout must be 0, got {args.attention_dropout}")
     if args.num_attention_heads % tp:
         errors.append(f"num-attention-heads ({args.num_attention_heads}) is not divisible by "
                       f"tensor-model-parallel-size ({tp})")
@@ -193,7 +208,7 @@ def validate_args(args: argparse.Namespace, world_size: int, device: torch.devic
     if args.sequence_parallel and tp == 1:
         errors.append("--sequence-parallel splits the sequence over the tensor-parallel ranks and needs "
                       "--tensor-model-parallel-size > 1, got 1 (Megatron-LM turns it off at TP=1: drop the flag)")
-    elif args.sequence_parallel and args.seq_length % tp:
+    elif args.sequence_parallel and cp == 1 and args.seq_length % tp:
         errors.append(f"with --sequence-parallel, seq-length ({args.seq_length}) must be divisible by "
                       f"tensor-model-parallel-size ({tp})")
     args.virtual_pipeline_model_parallel_size = 1

@@ -135,7 +135,9 @@ def checkpoint_args(args, model_chunks, consumed_samples: int, iteration: int):
 
 def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, scheduler, args, consumed_samples: int,
                     ranks: dict, dp_group) -> str:
-    """Every rank calls this. ``ranks``: ``tp``, ``pp``, ``pp_size``, ``dp`` of this rank. Returns the folder."""
+    """Every rank calls this. ``ranks``: ``tp``, ``pp``, ``pp_size``, ``dp`` of this rank; ``dp_group``: the
+    ranks that hold the same model shard (data x context parallel), ``dp`` this rank's place among them
+    (the one at 0 writes the model file). Returns the folder."""
     folder = checkpoint_dir(root, iteration, ranks["tp"], ranks["pp"], ranks["pp_size"])
     distributed_optim = bool(args.use_distributed_optimizer)
     save_optim, save_rng = not getattr(args, "no_save_optim", False), not getattr(args, "no_save_rng", False)
@@ -193,10 +195,17 @@ def _can_read_own_files(files, state: dict, args, model_chunks, ranks: dict, no_
     saved = state["args"]
     if getattr(saved, "padded_vocab_size", None) not in (None, model_chunks[0].padded_vocab_size):
         return False  # another padding (e.g. another make_vocab_size_divisible_by): fit the embedding rows
-    same_dp = getattr(saved, "data_parallel_size", None) == args.data_parallel_size
+    same_dp = _replicas(saved) == _replicas(args)
     if args.use_distributed_optimizer:  # ZeRO-1 reads its own slice (same DP) or cuts it from the plain form
         return (zero and same_dp) or plain
     return plain or not zero
+
+
+def _replicas(args) -> int | None:
+    """Ranks holding one copy of each model shard: data x context parallel (ZeRO-1 shards and RNG states
+    are kept per such rank)."""
+    dp = getattr(args, "data_parallel_size", None)
+    return None if dp is None else dp * (getattr(args, "context_parallel_size", None) or 1)
 
 
 def _check_model_args(saved, config, where: str) -> None:
@@ -273,10 +282,11 @@ def load_checkpoint(root: str, model_chunks, optimizer, scheduler, args, ranks: 
             scheduler.load_state_dict(state["opt_param_scheduler"])
     if not args.no_load_rng:
         rng = state.get("rng_state")
-        if rng and len(rng) == args.data_parallel_size and isinstance(rng[ranks["dp"]], dict) and "torch" in rng[ranks["dp"]]:
+        if rng and len(rng) == _replicas(args) and isinstance(rng[ranks["dp"]], dict) and "torch" in rng[ranks["dp"]]:
             set_rng_state(rng[ranks["dp"]])
         else:
-            saved = "none saved" if not rng else f"{len(rng)} saved, this run has data-parallel size {args.data_parallel_size}"
+            saved = "none saved" if not rng else (f"{len(rng)} saved, this run has {_replicas(args)} data x "
+                                                  "context-parallel ranks")
             print_rank_0(f" > random-number generators not restored ({saved}): they continue from --seed")
     consumed = state.get("consumed_train_samples", getattr(state.get("args"), "consumed_train_samples", 0) or 0)
     return int(state["iteration"]), int(consumed)

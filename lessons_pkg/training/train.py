@@ -6,15 +6,20 @@ loop; ``src/ch6/pretrain_gpt.py`` supplies the GPT pieces, as Megatron-LM's
 
     zero grads
     forward_backward(chunks, schedule, micro-batches)   # pipeline executor: .grad = d mean(loss) / d param
+    all-reduce sequence-parallel grads (LayerNorms, biases) over the tensor group   (--sequence-parallel)
     all-reduce tied-embedding grads (first + last stage)
-    optimizer.step(): DP average (all-reduce, or ZeRO-1 reduce-scatter), global norm, clip, AdamW
+    optimizer.step(): DP x CP average (all-reduce, or ZeRO-1 reduce-scatter), global norm, clip, AdamW
     scheduler.step()
 
 Each data-parallel rank reads ``num_micro_batches`` micro-batches of
 ``micro_batch_size`` samples per iteration, so one iteration consumes
 ``global_batch_size = micro x DP x num_micro_batches`` samples in the same
 order whatever the layout (Megatron's ``MegatronPretrainingSampler``): a
-TP x PP x DP run sees the same data as a single process.
+TP x PP x DP run sees the same data as a single process. With context
+parallelism the CP ranks of a data-parallel rank read the same samples and
+each keeps its two chunks of every sequence (``Runtime.local_tokens``); its
+loss is the mean over its tokens, and the average over data x context ranks
+is the mean over all.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from lessons_pkg import parallel_state as ps
+from lessons_pkg.context_parallel.split import split_sequence
 from lessons_pkg.pipeline import forward_backward
 from lessons_pkg.tensor_parallel.random import model_parallel_manual_seed
 from lessons_pkg.tensor_parallel.sequence_parallel import allreduce_sequence_parallel_grads
@@ -91,18 +97,32 @@ class Runtime:
         self.pp_size = ps.get_pipeline_model_parallel_world_size()
         self.tp_group, self.pp_group = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
         self.dp_group, self.embedding_group = ps.get_data_parallel_group(), ps.get_embedding_group()
+        # context parallelism: the ranks of the other tokens; gradients, losses and the optimizer's shards
+        # go over data x context (= the data-parallel group when CP=1)
+        self.cp_size, self.cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
+        self.cp_group = ps.get_context_parallel_group()
+        self.grad_group = ps.get_data_parallel_group(with_context_parallel=True)
+        self.grad_rank = ps.get_data_parallel_rank(with_context_parallel=True)
         self.pipeline_ranks = ps.get_pipeline_model_parallel_ranks()
         self.first_stage, self.last_stage = self.pp_rank == 0, self.pp_rank == self.pp_size - 1
         self.device = ps.get_device()
 
     @property
     def ranks(self) -> dict:
-        return {"tp": self.tp_rank, "pp": self.pp_rank, "pp_size": self.pp_size, "dp": self.dp_rank}
+        """This rank's place for checkpoints: "dp" is its rank over data x context (rank 0 writes the model)."""
+        return {"tp": self.tp_rank, "pp": self.pp_rank, "pp_size": self.pp_size, "dp": self.grad_rank}
+
+    def local_tokens(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``tokens, labels [mb, s] -> [mb, s/cp]``: this context-parallel rank's two chunks of each."""
+        if self.cp_size == 1:
+            return batch
+        return tuple(split_sequence(t, self.cp_size, self.cp_rank) for t in batch)
 
 
 def initialize(args) -> Runtime:
     ps.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                                 backend=args.distributed_backend)
+                                 backend=args.distributed_backend,
+                                 context_parallel_size=getattr(args, "context_parallel_size", 1))
     rt = Runtime()
     # Megatron's seeding: pipeline stages differ (their dropout masks are independent), while
     # tensor-parallel peers share the stream so replicated activations see the same dropout mask.
@@ -127,11 +147,13 @@ class _Autocast(torch.nn.Module):
 
 def pipeline_tensor_shape(args) -> dict:
     """What every stage sends the next one: ``[micro-batch, seq, hidden]`` float32 (the residual stream;
-    the executor casts an autocast bf16 activation to it), ``seq / tp`` of it with sequence parallelism.
+    the executor casts an autocast bf16 activation to it), ``seq / cp`` of it with context parallelism and
+    ``/ tp`` again with sequence parallelism.
     Given to the executor, as Megatron does, so no shape header has to travel: which the interleaved
     schedule needs on NCCL (see rounds.check_rounds)."""
     sp = getattr(args, "sequence_parallel", False)
-    seq = args.seq_length // args.tensor_model_parallel_size if sp else args.seq_length
+    seq = args.seq_length // getattr(args, "context_parallel_size", 1)       # this rank's tokens (CP)
+    seq = seq // args.tensor_model_parallel_size if sp else seq
     return dict(tensor_shape=(args.micro_batch_size, seq, args.hidden_size), tensor_dtype=torch.float32)
 
 
@@ -141,8 +163,8 @@ def _reduce_loss(losses: list[torch.Tensor] | None, rt: Runtime) -> float:
     value = torch.zeros((), device=rt.device)
     if rt.last_stage:
         value = torch.stack(losses).float().mean()
-        dist.all_reduce(value, group=rt.dp_group)
-        value /= dist.get_world_size(rt.dp_group)
+        dist.all_reduce(value, group=rt.grad_group)      # data x context: each CP rank's mean over its tokens
+        value /= dist.get_world_size(rt.grad_group)
     dist.broadcast(value, src=rt.pipeline_ranks[-1], group=rt.pp_group)  # last stage -> the whole pipeline
     return value.item()
 
@@ -185,7 +207,8 @@ def evaluate(run_chunks, dataset, consumed: int, rt: Runtime, args, loss_fn) -> 
         start = consumed + k * args.global_batch_size
         ids = microbatch_sample_ids(start, args.micro_batch_size, args.data_parallel_size, rt.dp_rank,
                                     args.num_micro_batches)
-        total += forward_only(run_chunks, [get_batch(dataset, i, rt.device) for i in ids], rt, args, loss_fn)
+        total += forward_only(run_chunks, [rt.local_tokens(get_batch(dataset, i, rt.device)) for i in ids], rt, args,
+                              loss_fn)
     for chunk in run_chunks:
         chunk.train()
     return total / args.eval_iters
@@ -204,7 +227,7 @@ def pretrain(args, rt: Runtime, model_provider, datasets_provider, loss_fn, padd
     v = args.virtual_pipeline_model_parallel_size
     chunks = [model_provider(**layout) for layout in chunk_layout(args.num_layers, rt.pp_size, rt.pp_rank, v)]
     n_params = sum(p.numel() for c in chunks for p in c.parameters())
-    if rt.dp_rank == 0:
+    if rt.grad_rank == 0:
         print(f" > number of parameters on (tensor, pipeline) model parallel rank ({rt.tp_rank}, {rt.pp_rank}): "
               f"{n_params}", flush=True)
     run_chunks = chunks
@@ -212,7 +235,7 @@ def pretrain(args, rt: Runtime, model_provider, datasets_provider, loss_fn, padd
         run_chunks = [_Autocast(c, torch.float16 if args.fp16 else torch.bfloat16) for c in chunks]
 
     named = [(f"chunk{i}.{n}", p) for i, c in enumerate(chunks) for n, p in c.named_parameters()]
-    optimizer = get_optimizer(named, args, Groups(rt.tp_group, rt.pp_group, rt.dp_group, rt.tp_rank))
+    optimizer = get_optimizer(named, args, Groups(rt.tp_group, rt.pp_group, rt.grad_group, rt.tp_rank))
     scheduler = OptimizerParamScheduler.from_args(optimizer, args)
 
     iteration, consumed = 0, 0
@@ -247,7 +270,7 @@ def pretrain(args, rt: Runtime, model_provider, datasets_provider, loss_fn, padd
             batch_size = global_batch_size_at(consumed, args)      # --rampup-batch-size, or the constant one
             ids = microbatch_sample_ids(consumed, args.micro_batch_size, args.data_parallel_size, rt.dp_rank,
                                         batch_size // (args.micro_batch_size * args.data_parallel_size))
-            batches = [get_batch(train_ds, i, rt.device) for i in ids]
+            batches = [rt.local_tokens(get_batch(train_ds, i, rt.device)) for i in ids]
             lr = optimizer.param_groups[0]["lr"]
             loss, grad_norm = train_step(chunks, run_chunks, optimizer, scheduler, batches, rt, args, loss_fn)
             sync()
@@ -291,7 +314,7 @@ def pretrain(args, rt: Runtime, model_provider, datasets_provider, loss_fn, padd
 
 def _save(args, iteration, chunks, optimizer, scheduler, consumed, rt: Runtime) -> None:
     print_rank_0(f"saving checkpoint at iteration {iteration:7d} to {args.save}")
-    save_checkpoint(args.save, iteration, chunks, optimizer, scheduler, args, consumed, rt.ranks, rt.dp_group)
+    save_checkpoint(args.save, iteration, chunks, optimizer, scheduler, args, consumed, rt.ranks, rt.grad_group)
     print_rank_0(f"  successfully saved checkpoint at iteration {iteration:7d} to {args.save}")
     if os.environ.get(KILL_ENV) == str(iteration):
         os.kill(os.getpid(), signal.SIGKILL)  # as if the job were killed right after a complete save

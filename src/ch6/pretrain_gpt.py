@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args.distributed_backend = backend
     rt = initialize(args)
     print_rank_0(f"using world size: {world_size}, data-parallel size: {args.data_parallel_size}, "
-                 f"tensor-model-parallel size: {args.tensor_model_parallel_size}, "
+                 f"context-parallel size: {args.context_parallel_size}, tensor-model-parallel size: {args.tensor_model_parallel_size}, "
                  f"pipeline-model-parallel size: {args.pipeline_model_parallel_size}, "
                  f"micro-batches per iteration: {args.num_micro_batches}, schedule: {args.pipeline_schedule}")
     print_rank_0(format_args(args))
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def model_provider(pre_process: bool, post_process: bool, layer_offset: int, num_layers: int):
         model = ParallelGPT(config, rt.tp_group, pre_process=pre_process, post_process=post_process,
-                            layer_offset=layer_offset, num_layers=num_layers)
+                            layer_offset=layer_offset, num_layers=num_layers, cp_group=rt.cp_group)
         model.load_master_state_dict(master)  # this rank's shard of this stage's layers
         return model.to(rt.device)
 

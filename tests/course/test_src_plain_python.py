@@ -30,6 +30,7 @@ PLAIN = {
     "src/ch6/vocab_parallel_embedding.py": ([], ": True"),
     "src/ch6/vocab_parallel_cross_entropy.py": ([], ": True"),
     "src/ch6/parallel_gpt.py": ([], ": True"),
+    "src/ch6/context_parallel.py": ([], "CP=2 equals one process (rtol 0.0001, atol 1e-05): True"),
     "src/ch6/sequence_parallel.py": ([], "with sequence parallelism equals one process (rtol 0.0001, atol 1e-05): True"),
     "src/ch6/parallel_gpt_fused.py": (["--nproc", "1"], "matches the plain model (atol = rtol = 1e-05): True"),
     "src/ch6/parallelformers_inference.py": (["--model", "local", "--max-new-tokens", "4"],

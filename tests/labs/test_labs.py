@@ -24,7 +24,7 @@ def test_every_chapter_has_three_to_five_exercises_and_every_file_exists():
         chapters.setdefault(e.id.split(".")[0], []).append(e)
         assert (ROOT / "labs" / e.file).is_file(), e.file
         assert (ROOT / "labs" / "solutions" / e.file).is_file(), e.file
-    assert sorted(chapters) == ["ch5", "ch6", "ch6b", "ch6c", "ch6d", "ch6e"]
+    assert sorted(chapters) == ["ch5", "ch6", "ch6b", "ch6c", "ch6d", "ch6e", "ch6f"]
     assert all(3 <= len(v) <= 5 for v in chapters.values()), {k: len(v) for k, v in chapters.items()}
 
 
@@ -80,6 +80,15 @@ WRONG = {
     # forgets the replicated position embedding and biases
     "ch6d.1": "def params_per_rank(L, h, V, s, tp):\n    m = 128 * tp; Vp = -(-V // m) * m\n"
               "    return Vp // tp * h + L * 12 * h * h // tp\n",
+    # tensor parallelism splits everything: the 10 s b h it leaves whole forgotten
+    "ch6f.1": "def activation_bytes(s, b, h, a, t=1, sequence_parallel=False, activation_bytes=2, mask_bytes=1):\n"
+              "    return s * b * h * (34 + 5 * a * s / h) / t\n",
+    # the blocks' outputs averaged instead of weighted by their share of the softmax
+    "ch6f.2": "import torch\n"
+              "def merge(out_a, lse_a, out_b, lse_b):\n    return (out_a + out_b) / 2, torch.logaddexp(lse_a, lse_b)\n",
+    # the plain contiguous split
+    "ch6f.3": "def rank_tokens(r, cp, s):\n    n = s // cp\n    return list(range(r * n, (r + 1) * n))\n"
+              "def causal_chunk_pairs(r, cp):\n    return 4 * r + 3\n",
 }
 
 

@@ -42,7 +42,7 @@ def test_two_torchrun_nodes_with_c10d_rendezvous(tmp_path):
     outputs = [(tmp_path / f"node{n}.log").read_text() for n in range(2)]
     assert [p.returncode for p, _ in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     text = "".join(outputs)
-    assert "using world size: 2, data-parallel size: 1, tensor-model-parallel size: 2" in text
+    assert "using world size: 2, data-parallel size: 1, context-parallel size: 1, tensor-model-parallel size: 2" in text
     assert " iteration        2/       2 |" in text and "| lm loss: " in text
 
 
