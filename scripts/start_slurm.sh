@@ -10,7 +10,10 @@
 # already running on the machine, and their ports are left alone: this cluster listens on
 # $LESSONS_SLURM_PORT and the next port (default 16817, 16818) and talks to its own munged.
 #
-# 1. installs munge, slurmctld, slurmd and the client tools with apt-get if they are missing;
+# 1. installs munge, slurmctld, slurmd and the client tools with apt-get if they are missing: the packages
+#    add the users munge and slurm, /etc/munge/munge.key, /etc/slurm/plugstack.conf(.d), /etc/default and
+#    /etc/init.d entries, /var/lib and /var/log folders; neither this script nor `stop` removes them
+#    (`apt-get purge munge slurmctld slurmd slurm-client` does), and no system service is started;
 # 2. writes slurm.conf for ONE node (this host) with the CPUs and memory `slurmd -C` reports,
 #    one partition `debug`, no cgroups (works inside containers);
 # 3. starts munged, slurmctld and slurmd (no systemd), records their pids, waits until the node is idle.

@@ -98,12 +98,20 @@ def _embedding_rank(partial_embedding):
     ids = torch.tensor([[0, 4, 5, 9], [3, 3, 8, 1]])                    # both ranks' ids, one repeated
     n = vocab // tp
     shard = full[rank * n:(rank + 1) * n].clone().requires_grad_()
+    status = None
     try:
         rows = partial_embedding(ids, shard, rank * n, (rank + 1) * n)
     except NotImplementedError as e:
-        return ("todo", str(e))
-    if tuple(rows.shape) != (2, 4, h):
-        return ("shape", tuple(rows.shape))
+        status = ("todo", str(e))
+    except (IndexError, RuntimeError) as e:   # e.g. looking up another rank's id in this rank's rows
+        status = ("error", f"{type(e).__name__}: {str(e).splitlines()[0]}")
+    else:
+        if tuple(rows.shape) != (2, 4, h):
+            status = ("shape", tuple(rows.shape))
+    ok = torch.tensor(0 if status else 1)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)          # every rank learns of a failure: none waits in a collective
+    if not ok:
+        return status or ("other", None)
     total = rows.clone()
     dist.all_reduce(total)                                               # g: each id's row is on one rank
     torch.autograd.backward(rows, torch.ones_like(rows))                 # g's backward: the gradient unchanged
@@ -111,6 +119,7 @@ def _embedding_rank(partial_embedding):
 
 
 def check_vocab_embedding(module) -> list[str]:
+    ids_text = "[[0, 4, 5, 9], [3, 3, 8, 1]]"
     results = run_on_ranks(_embedding_rank, TP, args=(module.partial_embedding,), timeout=TIMEOUT)
     full = torch.randn(10, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64).requires_grad_()
     ids = torch.tensor([[0, 4, 5, 9], [3, 3, 8, 1]])
@@ -120,6 +129,13 @@ def check_vocab_embedding(module) -> list[str]:
     for rank, (status, value) in enumerate(results):
         if status == "todo":
             raise NotImplementedError(value)
+        if status == "other":
+            continue                                   # another rank failed; its line says how
+        if status == "error":
+            n = 10 // TP
+            raise Fail(f"rank {rank}: partial_embedding({ids_text}, rows [{rank * n}, {(rank + 1) * n})) raised "
+                       f"{value}: an id outside [vocab_start, vocab_end) is another rank's; look up a valid "
+                       "local row for it (e.g. 0) and zero its result")
         if status == "shape":
             raise Fail(f"rank {rank}: partial_embedding returned shape {value}, expected (2, 4, 4) = ids.shape + (h,)")
         total, grad, n = value
@@ -146,9 +162,16 @@ def check_vocab_padding(module) -> list[str]:
     except ValueError as e:
         actual = str(e)
     pasted = (module.ERROR_WITHOUT_PADDING or "").strip()
+    if pasted.startswith("ValueError:"):      # the last line as Python prints it: the same message
+        pasted = pasted[len("ValueError:"):].strip()
+    if pasted.startswith("Traceback"):
+        raise Fail("ERROR_WITHOUT_PADDING holds the traceback's first line; paste its last line, the error itself "
+                   "(ValueError: ...)")
     if len(pasted) < 20 or pasted not in actual:
-        raise Fail("ERROR_WITHOUT_PADDING must be the error message you got (at least 20 characters of it) when\n"
-                   "building VocabParallelEmbedding(50257, 8) on 2 tensor ranks without padding; run it and paste it")
+        why = "it is empty" if not pasted else ("it is shorter than 20 characters" if len(pasted) < 20
+                                                else f"it is not part of the message the layer raises: {actual}")
+        raise Fail("ERROR_WITHOUT_PADDING must be the error you got (at least 20 characters of it) when building\n"
+                   f"VocabParallelEmbedding(50257, 8) on 2 tensor ranks without padding; {why}")
     lines.append(f"the error you reproduced: {actual}")
     if module.WHY not in ("A", "B", "C"):
         raise Fail(f"WHY must be 'A', 'B' or 'C', got {module.WHY!r}")

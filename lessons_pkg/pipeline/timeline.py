@@ -100,6 +100,9 @@ def draw(events: list[list[Event]], ax, title: str = "", unit: str = "s") -> Non
                 ax.text((e.start + e.end) / 2 - start, y, str(e.microbatch), ha="center", va="center",
                         fontsize=7, color="white" if e.chunk or e.op == "B" else "black")
     ax.set_yticks(range(len(events)), [f"rank {r}" for r in reversed(range(len(events)))])
-    ax.set_xlim(0, longest * 1.01)
+    # axes that share x (plt.subplots(sharex=True)) share one limit: the longest timeline drawn on any of them
+    ax._timeline_right = longest * 1.01
+    right = max(getattr(a, "_timeline_right", 0.0) for a in ax.get_shared_x_axes().get_siblings(ax))
+    ax.set_xlim(0, right)
     ax.set_xlabel(f"time ({unit})")
     ax.set_title(title, fontsize=10)

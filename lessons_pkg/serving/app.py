@@ -55,7 +55,7 @@ class ServingState:
 def _error(status: int, message: str, openai: bool = False, param: str | None = None):
     body = {"message": message}
     if openai:
-        kind = "invalid_request_error" if status == 400 else "server_error"
+        kind = "invalid_request_error" if status in (400, 404) else "server_error"
         body["error"] = {"message": message, "type": kind, "param": param, "code": status}
     return jsonify(body), status
 
@@ -98,6 +98,19 @@ def create_app(state: ServingState) -> Flask:
         return jsonify(object="list", data=[{"id": state.model_name, "object": "model", "owned_by": "lessons-pkg",
                                              "created": int(state.info.get("started", time.time())),
                                              "max_model_len": state.max_positions}])
+
+    @app.get("/v1/models/<path:model_id>")
+    def model(model_id: str):
+        if model_id != state.model_name:
+            return _error(404, f"The model '{model_id}' does not exist; this server serves '{state.model_name}'",
+                          openai=True, param="model")
+        return jsonify(id=state.model_name, object="model", owned_by="lessons-pkg",
+                       created=int(state.info.get("started", time.time())))
+
+    @app.route("/v1/chat/completions", methods=["GET", "POST"])
+    def chat_completions():
+        return _error(404, f"'{state.model_name}' is a base (completion) model with no chat template: this server "
+                      "has no /v1/chat/completions; send a prompt to /v1/completions", openai=True)
 
     @app.put("/api")
     def api():

@@ -13,6 +13,7 @@ argument table Megatron prints at start-up.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 import torch
@@ -267,6 +268,20 @@ def validate_args(args: argparse.Namespace, world_size: int, device: torch.devic
     for name in ("attention_dropout", "hidden_dropout"):
         if not 0.0 <= getattr(args, name) < 1.0:
             errors.append(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+    finite = math.isfinite
+    if not (finite(args.clip_grad) and args.clip_grad >= 0):
+        errors.append(f"--clip-grad must be >= 0 (0: no clipping), got {args.clip_grad}")
+    if not (finite(args.weight_decay) and args.weight_decay >= 0):
+        errors.append(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(args, name) < 1.0:   # also False for NaN
+            errors.append(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+    if not (finite(args.adam_eps) and args.adam_eps > 0):
+        errors.append(f"--adam-eps must be > 0, got {args.adam_eps}")
+    if not (finite(args.init_method_std) and args.init_method_std > 0):
+        errors.append(f"--init-method-std must be > 0, got {args.init_method_std}")
+    if not (finite(args.lr) and args.lr >= 0):
+        errors.append(f"--lr must be >= 0, got {args.lr}")
     if not 0.0 <= args.min_lr <= args.lr:
         errors.append(f"min-lr ({args.min_lr}) must be between 0 and lr ({args.lr})")
     if args.lr_warmup_fraction is not None:

@@ -49,6 +49,8 @@ def parse_args(argv=None):
         p.error(f"--true-vocab-size must be >= 1, got {args.true_vocab_size}")
     if args.max_batch_size < 1:
         p.error(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
+    if not 1 <= args.port <= 65535:
+        p.error(f"--port must be between 1 and 65535, got {args.port}")
     return args
 
 

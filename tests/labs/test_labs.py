@@ -86,6 +86,9 @@ WRONG = {
     # the blocks' outputs averaged instead of weighted by their share of the softmax
     "ch6f.2": "import torch\n"
               "def merge(out_a, lse_a, out_b, lse_b):\n    return (out_a + out_b) / 2, torch.logaddexp(lse_a, lse_b)\n",
+    # ch6.3: looks every id up in this rank's rows (another rank's ids index out of range): a one-line FAIL
+    "ch6.3": "import torch.nn.functional as F\n"
+             "def partial_embedding(ids, shard, vocab_start, vocab_end):\n    return F.embedding(ids - vocab_start, shard)\n",
     # the plain contiguous split
     "ch6f.3": "def rank_tokens(r, cp, s):\n    n = s // cp\n    return list(range(r * n, (r + 1) * n))\n"
               "def causal_chunk_pairs(r, cp):\n    return 4 * r + 3\n",
@@ -98,6 +101,25 @@ def test_a_typical_wrong_answer_fails(exercise_id, tmp_path):
     path.write_text(WRONG[exercise_id])
     result = run_check(EXERCISES[exercise_id], path)
     assert not result.passed and "not written yet" not in result.report(), result.report()
+
+
+def test_ch6_4_accepts_the_error_as_python_prints_it(tmp_path):
+    """The last line of the traceback (with ``ValueError:``) or the bare message: both pass; the traceback's
+    first line fails, saying so."""
+    solution = (ROOT / "labs" / "solutions" / "ch6" / "vocab_padding.py").read_text()
+    from lessons_pkg.tensor_parallel import VocabParallelEmbedding
+    from lessons_pkg.tensor_parallel.layers import TPShape
+
+    with pytest.raises(ValueError) as e:
+        VocabParallelEmbedding(50257, 8, tp_group=TPShape(2))
+    for pasted, passes in ((f"ValueError: {e.value}", True), (str(e.value), True),
+                           ("Traceback (most recent call last):", False)):
+        path = tmp_path / "answer.py"
+        path.write_text(solution + f"\nERROR_WITHOUT_PADDING = {pasted!r}\n")
+        result = run_check(EXERCISES["ch6.4"], path)
+        assert result.passed == passes, result.report()
+        if not passes:
+            assert "last line" in result.report()
 
 
 def test_command_line_check_and_list(capsys):

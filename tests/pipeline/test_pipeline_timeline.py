@@ -33,6 +33,25 @@ def test_draw_one_box_per_event():
     plt.close(fig)
 
 
+def test_every_bar_lies_inside_its_axis_when_axes_share_x():
+    """Chapter 5's figure: 1F1B (22 steps) above interleaving (19 half-steps) on plt.subplots(sharex=True).
+    The shared limit must hold the longer timeline, whichever is drawn last."""
+    from lessons_pkg.pipeline.schedules import interleaved_one_f_one_b, one_f_one_b
+
+    for order in ((0, 1), (1, 0)):
+        fig, axes = plt.subplots(2, 1, sharex=True)
+        drawn = [(one_f_one_b(4, 8), 1.0), (interleaved_one_f_one_b(4, 8, 2), 0.5)]
+        for i in order:
+            schedule, step = drawn[i]
+            draw(events_from_grid(simulate(schedule), step), axes[i])
+        for ax in axes:
+            right = ax.get_xlim()[1]
+            for bars in ax.collections:
+                for path in bars.get_paths():
+                    assert path.vertices[:, 0].max() <= right + 1e-9, (order, path.vertices[:, 0].max(), right)
+        plt.close(fig)
+
+
 def test_fixed_cost_is_identity_with_gradient():
     x = torch.randn(3, requires_grad=True)
     FixedCost(0.0)(x).sum().backward()

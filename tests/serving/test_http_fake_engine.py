@@ -180,3 +180,16 @@ def test_web_page_and_health(served):
     assert page.status_code == 200 and "/v1/completions" in page.text and 'id="prompt"' in page.text
     health = requests.get(url + "/health").json()
     assert health["status"] == "ok" and health["max_batch_size"] == 8
+
+
+def test_a_model_by_id_and_no_chat_endpoint(served):
+    """GET /v1/models/{id} answers as OpenAI does; /v1/chat/completions is a JSON 404 naming /v1/completions."""
+    url, _, _ = served
+    r = requests.get(url + "/v1/models/fake")
+    assert r.status_code == 200 and r.json()["id"] == "fake" and r.json()["object"] == "model"
+    r = requests.get(url + "/v1/models/gpt-4")
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model" and "'fake'" in r.json()["error"]["message"]
+    r = requests.post(url + "/v1/chat/completions", json={"model": "fake", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 404
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and "base" in error["message"] and "/v1/completions" in error["message"]

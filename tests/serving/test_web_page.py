@@ -60,3 +60,22 @@ def test_page_streams_a_greedy_answer(browser, one_rank_server, hf_greedy, tiny_
     assert answer == tiny_tokenizer.detokenize(gen)
     chunks = int(status.split(", ")[1].split()[0])
     assert chunks > 1                    # the answer arrived in pieces (streamed)
+
+
+def test_an_error_is_shown_in_red(browser, one_rank_server):
+    """A request the server refuses (more tokens than the model has positions): the status says the error,
+    in the error colour (#b00), not the grey of a normal status line."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(one_rank_server.url + "/")
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "model-name").text != "(loading)")
+    element = browser.find_element(By.ID, "max_tokens")
+    element.clear()
+    element.send_keys("100000")
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, 60).until(
+        lambda d: d.find_element(By.ID, "status").get_attribute("data-state") in ("done", "error"))
+    status = browser.find_element(By.ID, "status")
+    assert status.get_attribute("data-state") == "error" and status.text.startswith("error 400"), status.text
+    assert status.value_of_css_property("color") in ("rgba(187, 0, 0, 1)", "rgb(187, 0, 0)")

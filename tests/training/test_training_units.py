@@ -66,6 +66,16 @@ def test_valid_arguments_derive_megatron_sizes():
                                                   "micro-batch-size (2) x data-parallel size (1) = 2"),
     (("--rampup-batch-size", "16", "2", "100"), 1, "--rampup-batch-size starts at 16, above --global-batch-size (8)"),
     (("--rampup-batch-size", "0", "2", "100"), 1, "must be positive"),
+    (("--clip-grad", "-1"), 1, "--clip-grad must be >= 0 (0: no clipping), got -1.0"),
+    (("--clip-grad", "nan"), 1, "--clip-grad must be >= 0 (0: no clipping), got nan"),
+    (("--weight-decay", "-0.1"), 1, "--weight-decay must be >= 0, got -0.1"),
+    (("--adam-beta1", "1.0"), 1, "--adam-beta1 must be in [0, 1), got 1.0"),
+    (("--adam-beta2", "nan"), 1, "--adam-beta2 must be in [0, 1), got nan"),
+    (("--adam-eps", "0"), 1, "--adam-eps must be > 0, got 0.0"),
+    (("--adam-eps", "nan"), 1, "--adam-eps must be > 0, got nan"),
+    (("--init-method-std", "0"), 1, "--init-method-std must be > 0, got 0.0"),
+    (("--init-method-std", "nan"), 1, "--init-method-std must be > 0, got nan"),
+    (("--lr", "nan"), 1, "--lr must be >= 0, got nan"),
 ])
 def test_inconsistent_arguments_are_named(extra, world, message):
     with pytest.raises(ValueError) as err:
