@@ -87,3 +87,16 @@ def test_refusals_name_the_values():
     run_on_ranks(_refusals, 2, timeout=60)
     with pytest.raises(ValueError, match=r"world size \(6\) is not divisible by .* x context_parallel_size \(4\) = 4"):
         ps.check_parallel_sizes(6, 1, 1, 4)
+
+
+def test_groups_in_megatron_s_order_with_data_parallelism():
+    """8 ranks, TP=2 x CP=2 x DP=2 (the docstring's example): TP innermost, then CP, then DP; gradients
+    are averaged over data x context, whose groups hold each tensor rank's four copies of the shard."""
+    grid = ps.rank_grid(8, tp=2, pp=1, cp=2)
+    assert grid["tensor"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert grid["context"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert grid["data"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert grid["data_context"] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    # with PP=2 the stages are outermost: stage 1 is ranks 8..15
+    grid = ps.rank_grid(16, tp=2, pp=2, cp=2)
+    assert grid["pipeline"][0] == [0, 8] and grid["context"][-1] == [13, 15]

@@ -194,16 +194,19 @@ def test_the_lesson_s_flags_run_as_written(data):
     assert f"global batch size: {expected[-1]:5d} |" in result.output
 
 
-def test_context_parallel_with_tp_and_sp_matches_and_resumes_at_cp1(data, serial):
-    """--context-parallel-size 2 with TP=2 and sequence parallelism (4 ranks): one process's losses (LOSS_TOL:
-    the softmax is normalised block by block round the ring, sums in another order); its iteration-3
-    checkpoint holds the same files as any other, and resumes on one process (CP=1, TP=1) onto the same
-    curve as the context-parallel run itself."""
-    log, save = data["root"] / "cp2tp2.jsonl", data["root"] / "ckpt-cp2tp2"
-    result = launch(4, data, log, "--context-parallel-size", "2", "--tensor-model-parallel-size", "2",
-                    "--sequence-parallel", "--save", str(save), "--save-interval", "3")
+def test_context_parallel_with_tp_sp_pp_and_zero1_matches_and_resumes_at_cp1(data, serial):
+    """--context-parallel-size 2 with TP=2 (and sequence parallelism), PP=2 and the distributed optimizer
+    (8 ranks; ZeRO-1 shards over data x context): one process's losses (LOSS_TOL: the softmax normalised
+    block by block round the ring, sums in another order). Its iteration-3 checkpoint holds the same files
+    as any other and resumes on one process (CP=1, TP=1, PP=1, plain Adam) onto the CP run's own curve."""
+    log, save = data["root"] / "cp2tp2pp2.jsonl", data["root"] / "ckpt-cp2tp2pp2"
+    result = launch(8, data, log, "--context-parallel-size", "2", *TP2PP2, "--sequence-parallel",
+                    "--use-distributed-optimizer", "--save", str(save), "--save-interval", "3")
     assert "data-parallel size: 1, context-parallel size: 2, tensor-model-parallel size: 2" in result.output
     assert_same_curve(log, serial[0])
+    folder = save / f"iter_{ITERS:07d}" / "mp_rank_01_001"
+    assert sorted(p.name for p in folder.iterdir()) == [f"distrib_optim_dp_rank_{r:03d}.pt" for r in range(2)] + [
+        "model_optim_rng.pt"]
     resume = _checkpoint_at(save, 3, data["root"] / "ckpt-cp2-from-3")
     log1 = data["root"] / "cp-resumed-at-cp1.jsonl"
     launch(1, data, log1, "--load", str(resume))
@@ -211,17 +214,6 @@ def test_context_parallel_with_tp_and_sp_matches_and_resumes_at_cp1(data, serial
     assert sorted(got) == [4, 5, 6]
     for i in got:
         assert abs(got[i] - reference[i]) <= LOSS_TOL, f"iteration {i}: {got[i]} vs the CP run's {reference[i]}"
-
-
-def test_context_parallel_with_pp_dp_and_zero1_matches_single_process(data, serial):
-    """CP=2 x PP=2 x DP=2 with the distributed optimizer (8 ranks; ZeRO-1 shards over data x context)."""
-    log, save = data["root"] / "cp2pp2dp2.jsonl", data["root"] / "ckpt-cp2pp2dp2"
-    launch(8, data, log, "--context-parallel-size", "2", "--pipeline-model-parallel-size", "2",
-           "--use-distributed-optimizer", "--save", str(save), "--save-interval", "6")
-    assert_same_curve(log, serial[0])
-    folder = save / f"iter_{ITERS:07d}" / "mp_rank_00_001"
-    assert sorted(p.name for p in folder.iterdir()) == [f"distrib_optim_dp_rank_{r:03d}.pt" for r in range(4)] + [
-        "model_optim_rng.pt"]
 
 
 def test_checkpoint_layout(tp2pp2):
