@@ -139,12 +139,13 @@ course-ch5-schedules: setup
 # Two workers (pytest-xdist), one per core: most tests wait on process start-up and collectives, and
 # --dist loadfile keeps each module (and each notebook's cells, in order) on one worker. One session for
 # tests/ and chapters/ lets a worker that finishes its share of one take work from the other (two sessions
-# left a core idle at the end of each). --nbval applies to the notebooks only.
+# left a core idle at the end of each); the notebooks, the longest units, go first so that the many short
+# test files fill the end. --nbval applies to the notebooks only.
 # --durations=15 prints the slowest tests of every run: the ones to make cheaper before CI nears 15 minutes.
 TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15 --nbval --nbval-current-env \
-		--nbval-sanitize-with chapters/nbval_sanitize.cfg --nbval-cell-timeout 900 -p no:cacheprovider tests chapters
+		--nbval-sanitize-with chapters/nbval_sanitize.cfg --nbval-cell-timeout 900 -p no:cacheprovider chapters tests
 
 # JupyterLab on chapters/, as a user or as root (adds --allow-root); LAB_IP, LAB_PORT, LAB_OPEN: see scripts/lab.sh
 lab: setup
