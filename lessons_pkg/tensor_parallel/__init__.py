@@ -1,7 +1,9 @@
 """Megatron-LM tensor parallelism (chapter 6), one idea per module.
 
     utils          exact division, last-dim split, vocabulary ranges and padding
-    mappings       f, g, scatter, gather: communication as autograd functions
+    mappings       f, g, scatter, gather (and their sequence-parallel pair): communication as autograd functions
+    sequence_parallel  the regions split along the sequence: gradient sum, checks, the gathering matmul
+    random         the model-parallel random stream (per-rank dropout masks on the split sequence)
     layers         ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
     cross_entropy  vocab_parallel_cross_entropy: the loss without gathering the logits
     config         GPTConfig and Megatron's initialisations
