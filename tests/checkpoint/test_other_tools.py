@@ -158,6 +158,26 @@ def test_generate_tp2_on_a_converter_checkpoint_equals_transformers(converted, g
         assert got[i] == want, f"prompt {prompt!r}"
 
 
+def test_pretrain_gpt_finetunes_from_a_converter_checkpoint(converted, gpt2_2000, tmp_path):
+    """pretrain_gpt.py --load <the converter's TP2 files> --finetune on 2 ranks (TP=2), one iteration at lr 0
+    (AdamW then changes nothing, weight decay included): the checkpoint it saves holds the original model's
+    weights, so the trainer read the converter's file (its head copy at PP=1, its padding) correctly."""
+    from lessons_pkg.checkpoint.reshard import read_full_checkpoint
+    from lessons_pkg.launch import torchrun
+
+    _, model = gpt2_2000
+    save = tmp_path / "finetuned"
+    torchrun("src/ch6/pretrain_gpt.py", "--tensor-model-parallel-size", "2", "--num-layers", "4", "--hidden-size",
+             "64", "--num-attention-heads", "4", "--seq-length", "32", "--max-position-embeddings", "64",
+             "--micro-batch-size", "1", "--global-batch-size", "2", "--train-iters", "1", "--lr", "0",
+             "--mock-data", "--vocab-size", str(VOCAB), "--eval-iters", "0", "--load", converted[2, 1],
+             "--finetune", "--save", str(save), nproc_per_node=2, timeout=180, echo=False, cwd=ROOT)
+    got, want = read_full_checkpoint(str(save)).state_dict, original(model)
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
 # --- a checkpoint as Megatron-LM itself writes it ----------------------------------------------------
 def _megatron_lm_qkv(w: torch.Tensor, heads: int, version: float) -> torch.Tensor:
     """Our QKV rows ([np, 3, hn] order) in the order Megatron-LM wrote for ``checkpoint_version``."""
