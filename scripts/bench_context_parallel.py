@@ -153,6 +153,8 @@ def main(argv=None) -> int:
     p.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--plot", default=None, help="folder for context_parallel_timeline.png and _work.png")
     args = p.parse_args(argv)
+    if args.seq < 2:
+        p.error(f"--seq must be at least 2 tokens, got {args.seq}")
     if 1 not in args.cp:
         p.error("--cp must include 1 (the baseline)")
     for cp in args.cp:

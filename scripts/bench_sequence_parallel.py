@@ -140,6 +140,8 @@ def main(argv=None) -> int:
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--plot", default="outputs/ch6/sequence_parallel_memory.png")
     args = p.parse_args(argv)
+    if args.seq < 2:
+        p.error(f"--seq must be at least 2 tokens, got {args.seq}")
     for t in args.tp:
         if t < 1 or args.num_attention_heads % t or args.seq % t:
             p.error(f"--tp {t} must divide --num-attention-heads ({args.num_attention_heads}) and --seq ({args.seq})")

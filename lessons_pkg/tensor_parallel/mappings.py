@@ -1,12 +1,15 @@
-"""Communication of tensor parallelism as autograd functions: the paper's f and g, and split/gather.
+"""Communication of tensor parallelism as autograd functions: f and g, split/gather, the sequence-parallel pair.
 
 Megatron-LM (Shoeybi et al., 2019) writes a tensor-parallel MLP as::
 
     X --f--> [X A_r] --GeLU--> [Y B_r] --g--> Z        (r = this rank)
 
 ``f`` is the identity in the forward pass and an all-reduce in the backward
-pass; ``g`` is its conjugate. Each function below states its forward/backward
-pair. All take the process group explicitly and do nothing on a group of one
+pass; ``g`` is its conjugate. With sequence parallelism (the end of this file)
+the activations between the blocks hold ``[b, s/tp, h]``, and f and g become
+an all-gather along the sequence (backward: reduce-scatter) and a
+reduce-scatter (backward: all-gather). Each function below states its
+forward/backward pair. All take the process group explicitly and do nothing on a group of one
 rank, so a model built with TP=1 runs without communication.
 """
 from __future__ import annotations

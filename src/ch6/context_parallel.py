@@ -37,6 +37,10 @@ def main() -> int:
     add_nproc_argument(parser, default=2)
     parser.add_argument("--seq", type=int, default=64, help="tokens of each sequence (divisible by 2 x ranks)")
     args = parser.parse_args()
+    ranks = int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ else (args.nproc or args.nproc_default)
+    if args.seq < 2 * ranks or args.seq % (2 * ranks):
+        parser.error(f"--seq ({args.seq}) must be a positive multiple of 2 x the ranks ({2 * ranks}): every rank "
+                     "holds two equal chunks of each sequence")
     start_ranks(args)
     cp = int(os.environ["WORLD_SIZE"])
     parallel_state.initialize_model_parallel(1, 1, context_parallel_size=cp)

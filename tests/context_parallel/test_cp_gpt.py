@@ -100,3 +100,14 @@ def test_groups_in_megatron_s_order_with_data_parallelism():
     # with PP=2 the stages are outermost: stage 1 is ranks 8..15
     grid = ps.rank_grid(16, tp=2, pp=2, cp=2)
     assert grid["pipeline"][0] == [0, 8] and grid["context"][-1] == [13, 15]
+
+
+def test_the_demo_refuses_a_sequence_it_cannot_split(repo_root):
+    """src/ch6/context_parallel.py --seq 30 on 2 ranks: one argparse line, exit 2, before any rank starts."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "src/ch6/context_parallel.py", "--seq", "30"], cwd=repo_root,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "--seq (30) must be a positive multiple of 2 x the ranks (4)" in run.stderr

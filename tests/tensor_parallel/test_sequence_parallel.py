@@ -90,6 +90,20 @@ def _mappings(tp):
     for what, a, b in zip(("output", "input grad", "weight grad", "bias grad"), *results):
         _close(a, b, f"linear_with_sequence_gather {what}")
 
+    # under bf16 autocast (the GPU trainer's mode; here on the CPU): the matmul in bf16 like F.linear's,
+    # float32 gradients for the float32 weight and bias; bf16 rounding (8 bits of mantissa) bounds the error
+    results = []
+    for fn in (linear_with_sequence_gather, linear_with_sequence_gather_reference):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (_slice(full, tp, rank), w_r, b_r))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(xs, ws, bs, group)
+        assert out.dtype == torch.bfloat16
+        out.float().sum().backward()
+        assert ws.grad.dtype == bs.grad.dtype == torch.float32
+        results.append((out.float().detach(), xs.grad, ws.grad, bs.grad))
+    for what, a, b in zip(("output", "input grad", "weight grad", "bias grad"), *results):
+        torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2, msg=lambda m: f"bf16 {what}: {m}")
+
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_mappings_and_gathering_matmul(tp):
