@@ -219,6 +219,9 @@ print(f"largest loss difference < 2e-5: {gap < 2e-5}")  # the value itself varie
 # %%
 from lessons_pkg.checkpoint import transformers_converter
 
+# installs transformers 4.46.3 into a side folder the first time (build/compat/; a few seconds), silently here
+side = transformers_converter.install(log=lambda *a: None)
+print("transformers' converter ready in a side folder:", os.path.isfile(os.path.join(side, transformers_converter.CONVERTER)))
 THEIRS = transformers_converter.to_megatron(HF, f"{OUT}/converter-tp2", tp=2, pp=1)
 state = mf.safe_load(f"{THEIRS}/release/mp_rank_00/model_optim_rng.pt")
 print(f"written by transformers {transformers_converter.TRANSFORMERS.split('==')[1]}: args is a "
