@@ -23,7 +23,14 @@ batching server relies on.)
 Log-probabilities (``params.logprobs``) are those of the model's
 distribution over the real vocabulary (before temperature, top-k/top-p),
 for every token after the first, computed on the last stage without
-gathering the logits (``log_probs.py``).
+gathering the logits (``log_probs.py``); ``params.top_n_logprobs = k`` adds
+the k most likely tokens at every position, from the same vocab-parallel
+logits. Rank 0's callback also receives each step's log-probabilities (a
+:class:`StepLogProbs`, for streaming them): with one pipeline stage rank 0
+is the sampler and has them; with several, the sampler sends them to rank 0
+(one point-to-point message per step, only when ``params.logprobs``).
+
+Prompts are strings or lists of token ids (OpenAI accepts both).
 """
 from __future__ import annotations
 
@@ -33,22 +40,50 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from lessons_pkg.inference.communication import StageLink, StepSync, gather_to_sampler, model_group, share
+from lessons_pkg.inference.communication import (StageLink, StepSync, gather_to_sampler, group_ranks, model_group,
+                                                 share)
 from lessons_pkg.inference.kv_cache import KVCache
-from lessons_pkg.inference.log_probs import vocab_parallel_log_probs
+from lessons_pkg.inference.log_probs import vocab_parallel_log_probs, vocab_parallel_top_log_probs
 from lessons_pkg.inference.params import GenerationError, SamplingParams, check_lengths
 from lessons_pkg.inference.sampling import next_top_p, sample
 from lessons_pkg.inference.tokenization import TokenText, pad_batch
 
-Callback = Callable[[int, list], "set[int] | None"]
+TopLogProbs = list[tuple[int, float]]      # the k most likely (token id, log p) at one position, best first
+
+
+@dataclass
+class StepLogProbs:
+    """One step's new log-probabilities, for rank 0's callback (``params.logprobs``).
+
+    ``values[i][j]`` is log p of the token in column ``start + 1 + j`` of row
+    i, i.e. ``TokenOutput.logprobs[i][start + j]``; ``top[i][j]`` its
+    position's k most likely tokens (``params.top_n_logprobs``; None when 0).
+    The first step covers the prompt columns, each later step one column.
+    """
+    start: int
+    values: list[list[float]]
+    top: list[list[TopLogProbs]] | None = None
+
+
+# callback(step, new_tokens, step_log_probs or None) -> prompts to cancel (or None); rank 0 only
+Callback = Callable[[int, list, "StepLogProbs | None"], "set[int] | None"]
 
 
 @dataclass
 class TokenOutput:
-    """Token-level result: ``tokens[i]`` = prompt + generated ids of prompt i; ``logprobs[i]`` has one fewer."""
+    """Token-level result: ``tokens[i]`` = prompt + generated ids of prompt i; ``logprobs[i]`` has one fewer.
+
+    ``top_n_logprobs[i][j]``: the k most likely tokens where ``logprobs[i][j]`` was taken.
+    """
     tokens: list[list[int]]
     prompt_lengths: list[int]
     logprobs: list[list[float]] | None = None
+    top_n_logprobs: list[list[TopLogProbs]] | None = None
+
+
+def _pairs(positions: list) -> list[TopLogProbs]:
+    """``[[log p, id] x k]`` per position (a tensor's ``.tolist()``) -> lists of (token id, log p)."""
+    return [[(int(i), v) for v, i in position] for position in positions]
 
 
 def _group_info(group) -> tuple[int, int]:
@@ -95,16 +130,20 @@ class InferenceEngine:
         self.global_rank = dist.get_rank() if dist.is_initialized() else 0
         self.group = model_group(self.tp_group, pp_group)          # every rank of this replica
         self.link = StageLink(pp_group)
+        stages = group_ranks(pp_group)                              # for TP rank 0: rank 0 ... the sampler
+        self.rank0_global, self.sampler_global = stages[0], stages[-1]
 
     # -- text in, text out (Megatron's generate_and_post_process) ----------------------------------
-    def generate(self, prompts: list[str], params: SamplingParams, callback: Callback | None = None) -> dict:
-        """Prompts + generations as ``{"text", "segments", "logprobs", "tokens"}`` on every rank (a collective)."""
+    def generate(self, prompts: list, params: SamplingParams, callback: Callback | None = None) -> dict:
+        """Prompts (strings or token-id lists) + generations on every rank (a collective):
+        ``{"text", "segments", "logprobs", "top_n_logprobs", "tokens"}``."""
         prompt_ids = self.validate_request(prompts, params)
         out = self.generate_ids(prompt_ids, params, callback)
         return {
             "text": [self.text.detokenize(t) for t in out.tokens],
             "segments": [self.text.segments(t) for t in out.tokens],
             "logprobs": out.logprobs,
+            "top_n_logprobs": out.top_n_logprobs,
             "tokens": out.tokens,
         }
 
@@ -121,7 +160,7 @@ class InferenceEngine:
         return {"text": [self.text.detokenize(t) for t in tokens],
                 "segments": [self.text.segments(t) for t in tokens], "scores": scores}
 
-    def validate_request(self, prompts: list[str], params: SamplingParams) -> list[list[int]]:
+    def validate_request(self, prompts: list, params: SamplingParams) -> list[list[int]]:
         """Every check of :meth:`generate`, on this rank alone; returns the prompts' token ids."""
         prompt_ids = self.tokenize(prompts, params.add_BOS)
         self._validate_ids(prompt_ids, params)
@@ -144,14 +183,15 @@ class InferenceEngine:
         return prompt_ids
 
     def tokenize(self, prompts, add_BOS: bool) -> list[list[int]]:
-        """The prompts' token ids (``add_BOS``: the end-of-document token first)."""
+        """The prompts' token ids (``add_BOS``: the end-of-document token first); a prompt may be ids already."""
         if self.text is None:
             raise ValueError("this engine has no tokenizer: use generate_ids with token ids")
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r:.80}")
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, (str, list)) for p in prompts):
+            raise ValueError(f"prompts must be a non-empty list of strings or token-id lists, got {prompts!r:.80}")
         if not isinstance(add_BOS, bool):
             raise ValueError(f"add_BOS must be a boolean, got {add_BOS!r}")
-        return self.text.tokenize_prompts(prompts, add_BOS)
+        bos = [self.text.eod] if add_BOS else []                   # as TokenText.tokenize_prompts
+        return [bos + (self.text.tokenizer.tokenize(p) if isinstance(p, str) else list(p)) for p in prompts]
 
     # -- token ids in, token ids out ------------------------------------------------------------
     def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams,
@@ -160,7 +200,7 @@ class InferenceEngine:
         self._validate_ids(prompt_ids, params)
         with torch.inference_mode():
             if params.tokens_to_generate == 0:
-                return self._score(prompt_ids)
+                return self._score(prompt_ids, params.top_n_logprobs)
             return self._generate(prompt_ids, params, callback)
 
     def _validate_ids(self, prompt_ids, params: SamplingParams) -> None:
@@ -170,6 +210,8 @@ class InferenceEngine:
         params.validate(self.max_positions, [len(p) for p in prompt_ids])
         if params.top_k >= self.vocab_size:
             raise ValueError(f"top_k ({params.top_k}) must be smaller than the vocabulary ({self.vocab_size})")
+        if params.top_n_logprobs > self.vocab_size:
+            raise ValueError(f"top_n_logprobs ({params.top_n_logprobs}) exceeds the vocabulary ({self.vocab_size})")
 
     def check_prompt_ids(self, prompt_ids) -> None:
         if not isinstance(prompt_ids, list) or not prompt_ids:
@@ -215,26 +257,69 @@ class InferenceEngine:
             raise GenerationError(f"generation failed on rank {self.global_rank}: {local!r}") from local
         raise GenerationError(f"generation failed on rank {failed} (see that rank's error); stopped on every rank")
 
-    def _share_log_probs(self, log_probs: torch.Tensor | None, shape) -> torch.Tensor:
+    def _share_log_probs(self, log_probs: torch.Tensor | None, shape, dtype=torch.float32) -> torch.Tensor:
         """The last stage's log-probabilities to every rank (the sampler's copy; SUM with zeros is exact)."""
-        mine = log_probs if self.is_sampler else torch.zeros(shape, dtype=torch.float32, device=self.device)
+        mine = log_probs if self.is_sampler else torch.zeros(shape, dtype=dtype, device=self.device)
         return share(mine, self.is_sampler, self.group)
 
+    def _top_log_probs(self, logits: torch.Tensor, k: int) -> torch.Tensor:
+        """``[b, s, k, 2]`` float64: (log p, token id) of the k most likely tokens at every position (last stage)."""
+        values, ids = vocab_parallel_top_log_probs(logits, k, self.vocab_size, self.tp_group)
+        return torch.stack((values.double(), ids.double()), dim=-1)
+
+    @staticmethod
+    def _top_lists(top: torch.Tensor, row: int, n: int) -> list[TopLogProbs]:
+        """Row ``row``'s first ``n`` positions of a ``[b, s, k, 2]`` tensor as lists of (id, log p)."""
+        return _pairs(top[row, :n].tolist())
+
+    def _step_log_probs(self, log_probs: torch.Tensor, top: torch.Tensor | None, prev: int, ctx: int
+                        ) -> StepLogProbs | None:
+        """Rank 0's copy of columns ``prev .. ctx - 1`` of the log-probabilities (None on every other rank).
+
+        With one stage rank 0 is the sampler; with several, the sampler sends
+        ``[b, w, 1 + 2k]`` (log p, then the top k's (log p, id) pairs) to rank 0.
+        """
+        if not (self.is_rank0 or self.is_sampler):
+            return None
+        cols = log_probs[:, prev:ctx, None].double()                          # [b, w, 1]
+        if top is not None:
+            cols = torch.cat((cols, top[:, prev:ctx].flatten(2)), dim=-1)      # [b, w, 1 + 2k]
+        if self.pp_size > 1:
+            if self.is_sampler:
+                dist.send(cols.contiguous(), dst=self.rank0_global)
+                return None
+            cols = torch.empty_like(cols)
+            dist.recv(cols, src=self.sampler_global)
+        values = cols[..., 0].float().tolist()
+        tops = None
+        if top is not None:
+            pairs = cols[..., 1:].unflatten(-1, (-1, 2)).tolist()             # [b][w][k] of [log p, id]
+            tops = [_pairs(row) for row in pairs]
+        return StepLogProbs(prev, values, tops)
+
     # -- scoring only -----------------------------------------------------------------------------
-    def _score(self, prompt_ids: list[list[int]]) -> TokenOutput:
+    def _score(self, prompt_ids: list[list[int]], k: int = 0) -> TokenOutput:
         tokens, lengths = pad_batch(prompt_ids, 0, self.eod, self.device)      # [b, longest]
         logits, error = self.forward(tokens, None, last_only=False)
-        log_probs = None
+        log_probs = top = None
         if self.is_last and error is None:
             try:
                 log_probs = vocab_parallel_log_probs(logits[:, :-1], tokens[:, 1:], self.vocab_size, self.tp_group)
+                if k:
+                    top = self._top_log_probs(logits[:, :-1], k)
             except Exception as e:  # noqa: BLE001
                 error = e
         _, _, failed = StepSync(self.group, 0, 0, self.device).exchange(None, None, self._rank_if(error))
         self._raise_if_failed(failed, error)
-        log_probs = self._share_log_probs(log_probs, (tokens.size(0), tokens.size(1) - 1))
-        return TokenOutput([list(p) for p in prompt_ids], lengths.tolist(),
-                           [log_probs[i, : n - 1].tolist() for i, n in enumerate(lengths.tolist())])
+        b, s = tokens.size(0), tokens.size(1) - 1
+        log_probs = self._share_log_probs(log_probs, (b, s))
+        lens = lengths.tolist()
+        tops = None
+        if k:
+            top = self._share_log_probs(top, (b, s, k, 2), torch.float64)
+            tops = [self._top_lists(top, i, n - 1) for i, n in enumerate(lens)]
+        return TokenOutput([list(p) for p in prompt_ids], lens,
+                           [log_probs[i, : n - 1].tolist() for i, n in enumerate(lens)], tops)
 
     def _rank_if(self, error) -> int | None:
         return self.global_rank if error is not None else None
@@ -260,6 +345,8 @@ class InferenceEngine:
         double_eol = text.double_eol if text else None
         colon = text.colon if text else None
         log_probs = torch.zeros(b, width - 1, dtype=torch.float32, device=self.device) if params.logprobs else None
+        k = params.top_n_logprobs
+        top = torch.zeros(b, width - 1, k, 2, dtype=torch.float64, device=self.device) if k else None
 
         end = lengths + ttg                         # [b] where each row would end without a stop
         out_len = end.clone()
@@ -301,14 +388,19 @@ class InferenceEngine:
             out_len = torch.where(stop, torch.full_like(out_len, ctx + 1), out_len)
             done |= stop | (active & (end <= ctx + 1))
 
-            if params.logprobs and self.is_last:    # log p of the tokens in columns prev+1 .. ctx
-                log_probs[:, prev:ctx] = vocab_parallel_log_probs(
-                    logits, tokens[:, prev + 1: ctx + 1], self.vocab_size, self.tp_group)
+            step_log_probs = None
+            if params.logprobs:
+                if self.is_last:                    # log p of the tokens in columns prev+1 .. ctx
+                    log_probs[:, prev:ctx] = vocab_parallel_log_probs(
+                        logits, tokens[:, prev + 1: ctx + 1], self.vocab_size, self.tp_group)
+                    if k:
+                        top[:, prev:ctx] = self._top_log_probs(logits, k)
+                step_log_probs = self._step_log_probs(log_probs, top, prev, ctx)
 
             if callback is not None and self.is_rank0:
                 new = [int(t) if a else None for t, a in zip(draws.tolist(), active.tolist())]
                 try:
-                    gone = callback(ctx - first, new)
+                    gone = callback(ctx - first, new, step_log_probs)
                 except Exception as e:  # noqa: BLE001 - stops every rank at the next exchange
                     callback_error, gone = e, None
                 if gone:
@@ -321,12 +413,16 @@ class InferenceEngine:
         # a closing exchange: a failure of the last callback still stops every rank alike
         _, _, failed = StepSync(self.group, 0, 0, self.device).exchange(None, None, self._rank_if(callback_error))
         self._raise_if_failed(failed, callback_error)
-        if log_probs is not None:
-            log_probs = self._share_log_probs(log_probs, log_probs.shape)
         rows = tokens.tolist()
         lens = out_len.tolist()
-        return TokenOutput([row[:n] for row, n in zip(rows, lens)], lengths.tolist(),
-                           [log_probs[i, : n - 1].tolist() for i, n in enumerate(lens)] if params.logprobs else None)
+        lps = tops = None
+        if log_probs is not None:
+            log_probs = self._share_log_probs(log_probs, log_probs.shape)
+            lps = [log_probs[i, : n - 1].tolist() for i, n in enumerate(lens)]
+        if top is not None:
+            top = self._share_log_probs(top, top.shape, torch.float64)
+            tops = [self._top_lists(top, i, n - 1) for i, n in enumerate(lens)]
+        return TokenOutput([row[:n] for row, n in zip(rows, lens)], lengths.tolist(), lps, tops)
 
     def _stops(self, draws, tokens, ctx, params: SamplingParams, eol, double_eol) -> torch.Tensor:
         """Rows whose new token ends them: end-of-document, and Megatron's end-of-line rules when asked."""

@@ -51,6 +51,9 @@ class SamplingParams:
     # and only skips the early exit of the loop; generating them all is what a benchmark or a client asking
     # for a fixed length wants).
     use_eod_token_for_early_termination: bool = True
+    # Megatron-core's top_n_logprobs: with logprobs, the k most likely tokens and their log-probabilities at every
+    # position too (OpenAI's logprobs: k), taken from the vocab-parallel logits (log_probs.py)
+    top_n_logprobs: int = 0
 
     def validate(self, max_position_embeddings: int | None = None, prompt_lengths=()) -> None:
         """Raise ``ValueError`` naming the first field that breaks Megatron's rules.
@@ -87,6 +90,10 @@ class SamplingParams:
             if self.top_p_bound > self.top_p:
                 raise ValueError(f"top_p_bound ({self.top_p_bound}) must be greater than 0 and at most "
                                  f"top_p ({self.top_p})")
+        if not _is_int(self.top_n_logprobs) or self.top_n_logprobs < 0:
+            raise ValueError(f"top_n_logprobs must be an integer >= 0, got {self.top_n_logprobs!r}")
+        if self.top_n_logprobs > 0 and not self.logprobs:
+            raise ValueError(f"top_n_logprobs ({self.top_n_logprobs}) needs logprobs=True")
         if not _is_int(self.random_seed) or self.random_seed < -1:
             raise ValueError(f"random_seed must be an integer >= 0 (or -1 for none), got {self.random_seed!r}")
         check_lengths(prompt_lengths, self.tokens_to_generate, max_position_embeddings, self.add_BOS)

@@ -1,7 +1,7 @@
 """The HTTP side, on the serving rank only: Flask routes that validate, queue and answer.
 
     PUT  /api               Megatron's interface: {"prompts": [...], "tokens_to_generate": 1, ...}
-    POST /v1/completions    OpenAI's completions, ``stream: true`` for server-sent events
+    POST /v1/completions    OpenAI's (legacy) completions, ``stream: true`` for server-sent events
     GET  /v1/models         the one model served
     GET  /health            {"status": "ok", ...} once the model is loaded
     GET  /                  the web page (static/index.html)
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from flask import Flask, Response, jsonify, request, send_from_directory
 from werkzeug.exceptions import HTTPException
 
+from lessons_pkg.inference.tokenization import TokenText
 from lessons_pkg.serving import completions as oai
 from lessons_pkg.serving.batcher import Job, RequestQueue
 from lessons_pkg.serving.schema import BadRequest, parse_api_request, parse_completion_request, parse_json
@@ -71,6 +72,7 @@ def create_app(state: ServingState) -> Flask:
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = 8 * 1024 * 1024   # a larger body is answered 413, not read
     tok = state.tokenizer
+    segment = TokenText(tok).segment           # any token id's text (top_logprobs)
 
     @app.errorhandler(BadRequest)
     def bad_request(e: BadRequest):
@@ -133,46 +135,87 @@ def create_app(state: ServingState) -> Flask:
         c = parse_completion_request(parse_json(request.get_data()), tok, state.max_positions, state.model_name)
         job = state.submit(c.request, stream=c.stream)
         if c.stream:
-            return Response(_stream(job, c, state), mimetype="text/event-stream",
+            return Response(_stream(job, c, state, segment), mimetype="text/event-stream",
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         error = _wait(job, state)
         if error:
             return _error(*error, openai=True)
-        r, req = job.result, c.request
-        choices = [oai.choice(i, req.prompts[i], r["tokens"][i], req.prompt_lengths[i], job.wants, tok, req.stop,
-                              c.echo, r["segments"][i], r["logprobs"][i] if c.logprobs else None)
-                   for i in range(len(req.prompts))]
-        generated = sum(len(oai.generated_part(t, n, tok.eod)[0])
-                        for t, n in zip(r["tokens"], req.prompt_lengths))
-        return jsonify(oai.completion(state.model_name, choices, sum(req.prompt_lengths), generated))
+        return jsonify(_whole(job, c, state, segment))
 
     return app
 
 
-def _stream(job: Job, c, state: ServingState):
-    """Server-sent events for a streamed completion; a client that goes away cancels its job."""
+def _whole(job: Job, c, state: ServingState, segment) -> dict:
+    """The whole answer: n choices per prompt (the best of best_of rows), index = prompt * n + j."""
+    r, req, tok = job.result, c.request, state.tokenizer
+    choices = []
+    for p, prompt_text in enumerate(c.prompt_texts):
+        rows = list(c.rows(p))
+        if c.best_of > c.n:
+            scores = [oai.mean_log_prob(r["logprobs"][i], req.prompt_lengths[i]) for i in rows]
+            rows = [rows[j] for j in oai.best_rows(scores, c.n)]
+        for j, i in enumerate(rows):
+            choices.append(oai.choice(
+                p * c.n + j, prompt_text, r["tokens"][i], req.prompt_lengths[i], job.wants, tok, req.stop, c.echo,
+                segment, r["logprobs"][i] if r["logprobs"] else None,
+                r["top_n_logprobs"][i] if r.get("top_n_logprobs") else None, c.logprobs))
+    generated = sum(len(oai.generated_part(t, n, tok.eod)[0]) for t, n in zip(r["tokens"], req.prompt_lengths))
+    return oai.completion(state.model_name, choices, sum(len(ids) for ids in c.prompt_ids), generated)
+
+
+def _stream(job: Job, c, state: ServingState, segment):
+    """Server-sent events for a streamed completion (one choice per row); a client that goes away cancels its job."""
     req, tok = c.request, state.tokenizer
     cid, created = oai.new_id(), int(time.time())
-    states = [oai.StreamState(req.stop) for _ in req.prompts]
+    rows = range(len(req.prompts))                     # best_of == n when streaming: row i is choice i
+    states = [oai.StreamState(req.stop) for _ in rows]
+    k = c.logprobs
+    builders = [oai.LogProbsBuilder(segment, bool(k)) for _ in rows] if k is not None else None
+    echoed = [False for _ in rows]
+    extra = {"usage": None} if c.include_usage else {}
 
-    def chunk(index: int, text: str, reason: str | None = None) -> str:
+    def chunk(index: int, text: str, reason: str | None = None, logprobs=None) -> str:
         return oai.sse({"id": cid, "object": "text_completion", "created": created, "model": state.model_name,
-                        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}]})
+                        "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}],
+                        **extra})
 
+    def prompt_chunk(i: int, log_probs=None, tops=None) -> str:
+        """The echo of row i's prompt; with log-probs, its tokens' (the first one's is null)."""
+        echoed[i] = True
+        ids = c.prompt_ids[i // c.best_of]
+        lp = None
+        if builders is not None:
+            lp = builders[i].build(ids, [None] + list(log_probs), [None] + list(tops or [None] * len(log_probs)))
+        return chunk(i, c.prompt_texts[i // c.best_of], logprobs=lp)
+
+    def token_log_probs(i: int, released: list[tuple]):
+        if builders is None or not released:
+            return None
+        return builders[i].build([t for t, _, _ in released], [v for _, v, _ in released], [t for _, _, t in released])
+
+    if builders is not None and not c.echo:            # text_offset counts from the start of the prompt
+        for i in rows:
+            builders[i].offset = sum(len(segment(t)) for t in c.prompt_ids[i // c.best_of])
     deadline = time.monotonic() + state.request_timeout_s
     try:
-        if c.echo:
-            for i, prompt in enumerate(req.prompts):
-                yield chunk(i, prompt)
+        if c.echo and builders is None:
+            for i in rows:
+                yield prompt_chunk(i)
         while True:
             events, done = job.next_events(timeout=0.5)
-            for _, i, token in events:
+            for event in events:
+                if event[0] == "prompt":           # before row i's first token (log-probs asked for)
+                    if c.echo:
+                        yield prompt_chunk(event[1], event[2], event[3])
+                    continue
+                _, i, token, log_prob, top = event
                 st = states[i]
-                new = st.add(token, tok)
+                new = st.add(token, tok, log_prob, top)
                 if st.reason is not None:
                     job.finished.add(i)       # the serving loop cancels this prompt at the next token
-                if new:
-                    yield chunk(i, new)
+                released = st.release(new)
+                if new or (released and builders is not None):
+                    yield chunk(i, new, logprobs=token_log_probs(i, released))
             if done:
                 break
             if not events:
@@ -186,11 +229,20 @@ def _stream(job: Job, c, state: ServingState):
             yield oai.sse({"message": message, "error": {"message": message, "type": "server_error",
                                                           "code": status}})
         else:
+            r = job.result
             for i, st in enumerate(states):
+                if c.echo and not echoed[i]:      # no token came (max_tokens=0): the prompt from the answer
+                    n = req.prompt_lengths[i]
+                    yield prompt_chunk(i, r["logprobs"][i][: n - 1] if builders else None,
+                                       r["top_n_logprobs"][i][: n - 1] if builders and k else None)
                 rest = st.flush(tok) if st.reason is None else ""
-                generated = len(st.tokens)
-                reason = st.reason or ("stop" if generated < job.wants else "length")
-                yield chunk(i, rest, reason)
+                st.reason = st.reason or ("stop" if len(st.tokens) < job.wants else "length")
+                yield chunk(i, rest, st.reason, token_log_probs(i, st.release(rest)))
+            if c.include_usage:
+                generated = sum(len(oai.generated_part(t, n, tok.eod)[0])
+                                for t, n in zip(r["tokens"], req.prompt_lengths))
+                yield oai.sse({"id": cid, "object": "text_completion", "created": created, "model": state.model_name,
+                               "choices": [], "usage": oai.usage(sum(len(ids) for ids in c.prompt_ids), generated)})
         yield oai.sse("[DONE]")
     finally:
         if not job.done:

@@ -16,10 +16,17 @@ Compatible means "the same engine call can serve both":
   draws of a batch depend on who else is in it; beam search runs alone (one
   prompt, Megatron's rule).
 
-The engine calls ``callback(step, new_tokens)`` after each token on rank 0:
-that is where streamed tokens go out to their clients, and where the
-prompts of a client that disconnected are cancelled, without the other ranks
-doing anything but following the engine's own per-step broadcast.
+The engine calls ``callback(step, new_tokens, step_log_probs)`` after each
+token on rank 0: that is where streamed tokens (and their log-probs) go out
+to their clients, where a prompt whose text reached one of its stop strings
+ends, and where the prompts of a client that disconnected are cancelled,
+without the other ranks doing anything but following the engine's own
+per-step broadcast.
+
+A streamed job receives events ``("token", prompt, token id, log p, top)``
+(log p and top None unless it asked for log-probs) and, before the first
+token of a prompt when it asked for log-probs, ``("prompt", prompt, the
+prompt's log-probs, their top k)``.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import collections
 import threading
 import time
 
+from lessons_pkg.serving.completions import find_stop
 from lessons_pkg.serving.control import ControlChannel, WorkItem
 from lessons_pkg.serving.follower import describe, run_item
 from lessons_pkg.serving.schema import GenerateRequest
@@ -38,7 +46,7 @@ class Job:
     def __init__(self, request: GenerateRequest, stream: bool = False):
         self.request = request
         self.stream = stream
-        self.events: collections.deque = collections.deque()   # ("token", prompt index, token id)
+        self.events: collections.deque = collections.deque()   # ("token", ...) and ("prompt", ...): see above
         self.cond = threading.Condition()
         self.result: dict | None = None
         self.error: tuple[int, str] | None = None               # (HTTP status, message)
@@ -159,11 +167,85 @@ def cut(out: dict, index: int, keep: int) -> dict:
     """Prompt ``index`` of an engine answer, cut to its first ``keep`` tokens (prompt + generated)."""
     tokens = list(out["tokens"][index])
     logprobs = out["logprobs"][index] if out.get("logprobs") is not None else None
-    if len(tokens) <= keep:
-        return {"text": out["text"][index], "segments": list(out["segments"][index]), "tokens": tokens,
-                "logprobs": None if logprobs is None else list(logprobs)}
-    return {"text": None, "segments": list(out["segments"][index][:keep]), "tokens": tokens[:keep],
-            "logprobs": None if logprobs is None else list(logprobs[:keep - 1])}
+    top = out["top_n_logprobs"][index] if out.get("top_n_logprobs") is not None else None
+    whole = len(tokens) <= keep
+    n = len(tokens) if whole else keep
+    return {"text": out["text"][index] if whole else None, "segments": list(out["segments"][index][:n]),
+            "tokens": tokens[:n], "logprobs": None if logprobs is None else list(logprobs[:n - 1]),
+            "top_n_logprobs": None if top is None else list(top[:n - 1])}
+
+
+class StepCallback:
+    """The engine's callback for one batch, on rank 0: count each row's tokens, stream them, say whom to cancel.
+
+    Rows ``a .. b - 1`` of the batch are the prompts of the job of span
+    ``(job, a, b)``. After each step a row is cancelled once it has its
+    ``tokens_to_generate``, once its text holds one of its stop strings, or
+    when its client went away. A streamed job that asked for log-probs gets
+    each token's log p and top k from the engine's per-step copy (kept by
+    column, as the engine numbers them: entry c is log p of the token in column c + 1).
+    """
+
+    def __init__(self, spans: list[tuple[Job, int, int]], tokenizer):
+        self.spans, self.tokenizer = spans, tokenizer
+        rows = spans[-1][2]
+        self.counts = [0] * rows                      # tokens generated per row
+        self.generated = [[] for _ in range(rows)]    # rows with stop strings: their tokens so far
+        self.log_probs = [[] for _ in range(rows)]    # rows streamed with log-probs: by column - 1
+        self.tops = [[] for _ in range(rows)]
+
+    def __call__(self, step: int, new_tokens, step_log_probs=None) -> set[int] | None:
+        try:
+            return self._step(new_tokens, step_log_probs)
+        except Exception:  # never let bookkeeping on rank 0 break the ranks' lock-step
+            return None
+
+    def _step(self, new_tokens, step_log_probs) -> set[int] | None:
+        cancel = set()
+        for job, a, b in self.spans:
+            if job.cancelled:
+                cancel.update(range(a, b))
+                continue
+            with_lp = job.stream and job.request.sampling["logprobs"] and step_log_probs is not None
+            for i in range(a, b):
+                if with_lp:
+                    self._keep(i, step_log_probs)
+                token = new_tokens[i]
+                if token is None:
+                    continue
+                self.counts[i] += 1
+                if self.counts[i] <= job.wants:
+                    if job.stream:
+                        self._push(job, i - a, i, int(token), with_lp)
+                    if self._reached_stop(job, i, int(token)):
+                        cancel.add(i)
+                if self.counts[i] >= job.wants or (i - a) in job.finished:
+                    cancel.add(i)
+        return cancel or None
+
+    def _keep(self, i: int, step) -> None:
+        """This step's columns ``step.start ..`` of row i."""
+        del self.log_probs[i][step.start:], self.tops[i][step.start:]
+        self.log_probs[i] += step.values[i]
+        self.tops[i] += step.top[i] if step.top is not None else []
+
+    def _push(self, job: Job, prompt: int, i: int, token: int, with_lp: bool) -> None:
+        if not with_lp:
+            job.push(("token", prompt, token, None, None))
+            return
+        n = job.request.prompt_lengths[prompt]
+        lps, tops = self.log_probs[i], self.tops[i]
+        if self.counts[i] == 1:                       # the prompt's log-probs are complete now
+            job.push(("prompt", prompt, lps[: n - 1], tops[: n - 1] or None))
+        j = n + self.counts[i] - 2                    # the token's column - 1
+        job.push(("token", prompt, token, lps[j], tops[j] if tops else None))
+
+    def _reached_stop(self, job: Job, i: int, token: int) -> bool:
+        stops = job.request.stop
+        if not stops or token == self.tokenizer.eod:
+            return False
+        self.generated[i].append(token)
+        return find_stop(self.tokenizer.detokenize(self.generated[i]), stops) >= 0
 
 
 def run_batch(batch: list[Job], engine, channel: ControlChannel, params_cls, tokenizer) -> None:
@@ -179,41 +261,16 @@ def run_batch(batch: list[Job], engine, channel: ControlChannel, params_cls, tok
         sampling = dict(first.sampling, tokens_to_generate=max(job.wants for job in batch))
         item = WorkItem("generate", [p for job in batch for p in job.request.prompts], params_cls(**sampling))
 
-    spans, wants, counts, start = [], [], [], 0
+    spans, start = [], 0
     for job in batch:
-        n = len(job.request.prompts)
-        spans.append((job, start, start + n))
-        wants += [job.wants] * n
-        counts += [0] * n
-        start += n
-
-    def callback(step: int, new_tokens) -> set[int] | None:
-        cancel = set()
-        for job, a, b in spans:
-            if job.cancelled:
-                cancel.update(range(a, b))
-                continue
-            for i in range(a, b):
-                token = new_tokens[i]
-                if token is None:
-                    continue
-                counts[i] += 1
-                if job.stream and counts[i] <= wants[i]:
-                    job.push(("token", i - a, int(token)))
-                if counts[i] >= wants[i] or (i - a) in job.finished:
-                    cancel.add(i)
-        return cancel or None
-
-    def safe_callback(step, new_tokens):
-        try:
-            return callback(step, new_tokens)
-        except Exception:  # never let bookkeeping on rank 0 break the ranks' lock-step
-            return None
+        spans.append((job, start, start + len(job.request.prompts)))
+        start += len(job.request.prompts)
+    callback = StepCallback(spans, tokenizer)
 
     channel.send(item)
     error, out = None, None
     try:
-        out = run_item(engine, item, callback=safe_callback)
+        out = run_item(engine, item, callback=callback)
     except Exception as e:
         error = describe(e)
     errors = channel.agree(error)
@@ -239,4 +296,5 @@ def run_batch(batch: list[Job], engine, channel: ControlChannel, params_cls, tok
         job.finish(result={
             "text": [p["text"] for p in parts], "segments": [p["segments"] for p in parts],
             "logprobs": [p["logprobs"] for p in parts] if job.request.sampling["logprobs"] else None,
+            "top_n_logprobs": [p["top_n_logprobs"] for p in parts] if job.request.sampling["top_n_logprobs"] else None,
             "tokens": [p["tokens"] for p in parts]})

@@ -26,6 +26,25 @@ Where Megatron answers some errors with status 200 and plain text, or accepts
 ``top_p: 1`` only when written ``1.0``, we answer 400 with ``{"message": ...}``
 and accept any JSON number where a number is meant. Unknown fields are errors
 (a typo such as ``top-k`` would otherwise be ignored silently).
+
+OpenAI's ``POST /v1/completions`` (the legacy Completions API) takes every
+field OpenAI documents; ``null`` means "not given". How each maps::
+
+    prompt          string, list of strings, list of token ids, or list of token-id lists
+                    (an empty string is the end-of-document token alone: "the beginning of a new document")
+    max_tokens 16   tokens_to_generate; 0 with echo scores the prompt
+    temperature 1   0 is greedy (top_k=1); (0, 2] samples
+    top_p 1         1 is the whole distribution (Megatron's top_p=0)
+    seed            random_seed (a seeded request runs alone, so it repeats exactly)
+    n 1, best_of n  best_of rows per prompt in one batch (the sampler's generator draws each row's own
+                    numbers, so the rows differ); the n of highest mean log-probability per generated
+                    token are returned, index = prompt index * n + j; best_of > 1 cannot be streamed
+    logprobs        0..5: the chosen tokens' log-probs, plus the k most likely tokens (top_n_logprobs)
+    stop            up to 4 strings; generation of a prompt stops at the first one (cut from the text)
+    echo, stream    the prompt before the text; server-sent events
+    stream_options  {"include_usage": true}: a last chunk with the usage (only with stream)
+    user            accepted, not used; suffix, logit_bias: only when empty;
+    presence_penalty, frequency_penalty: only 0 (the engine has no penalties)
 """
 from __future__ import annotations
 
@@ -35,13 +54,15 @@ from dataclasses import dataclass, field
 
 MAX_PROMPTS = 128  # Megatron's limit per request
 
-# the engine's SamplingParams fields with Megatron's defaults (lessons_pkg.inference.SamplingParams)
-SAMPLING_DEFAULTS = {
+# the engine's SamplingParams fields that PUT /api takes, with Megatron's defaults (lessons_pkg.inference.SamplingParams)
+API_SAMPLING = {
     "tokens_to_generate": 64, "logprobs": False, "temperature": 1.0, "top_k": 0, "top_p": 0.0,
     "top_p_decay": 0.0, "top_p_bound": 0.0, "add_BOS": False, "stop_on_eol": False,
     "stop_on_double_eol": False, "prevent_newline_after_colon": False, "random_seed": -1,
 }
-API_FIELDS = {"prompts", *SAMPLING_DEFAULTS, "beam_width", "length_penalty", "stop_token", "no_log"}
+# ... and what OpenAI's logprobs: k adds (Megatron-core's name): every request's sampling dict has these keys
+SAMPLING_DEFAULTS = dict(API_SAMPLING, top_n_logprobs=0)
+API_FIELDS = {"prompts", *API_SAMPLING, "beam_width", "length_penalty", "stop_token", "no_log"}
 
 
 class BadRequest(ValueError):
@@ -56,7 +77,7 @@ class BadRequest(ValueError):
 class GenerateRequest:
     """One validated request, ready for the queue: prompts, sampling fields, beam search or not."""
 
-    prompts: list[str]
+    prompts: list                        # strings, or token-id lists (OpenAI)
     sampling: dict                       # SAMPLING_DEFAULTS' keys
     prompt_lengths: list[int]            # tokens of each prompt, BOS included
     beam_width: int | None = None
@@ -153,19 +174,38 @@ def check_sampling(s: dict) -> None:
         raise BadRequest(f"random_seed must be an integer >= 0, got {s['random_seed']}", "random_seed")
 
 
-def check_lengths(prompts: list[str], add_bos: bool, tokens_to_generate: int, tokenizer,
+def prompt_token_ids(prompts: list, add_bos: bool, tokenizer, name: str = "prompts") -> list[list[int]]:
+    """Each prompt's token ids as the engine will see them (BOS first with ``add_bos``); ids must be in the vocabulary."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            if not prompt and not add_bos:
+                raise BadRequest(f"{name}[{i}] is empty: empty prompts require add_BOS=true", name)
+            ids = tokenizer.tokenize(prompt)
+        else:
+            bad = [t for t in prompt if not 0 <= t < tokenizer.vocab_size]
+            if bad:
+                raise BadRequest(f"{name}[{i}] holds token ids outside the vocabulary [0, {tokenizer.vocab_size}): "
+                                 f"{_show(bad[:5])}", name)
+            ids = list(prompt)
+        out.append(([tokenizer.eod] if add_bos else []) + ids)
+    return out
+
+
+def check_lengths(prompts: list, add_bos: bool, tokens_to_generate: int, tokenizer,
                   max_positions: int, name: str = "prompts") -> list[int]:
     """Token counts of the prompts (BOS included); an error if prompt + tokens_to_generate exceed the positions."""
-    lengths = []
-    for i, prompt in enumerate(prompts):
-        if not prompt and not add_bos:
-            raise BadRequest(f"{name}[{i}] is empty: empty prompts require add_BOS=true", name)
-        n = len(tokenizer.tokenize(prompt)) + int(add_bos)
+    return fitting_lengths(prompt_token_ids(prompts, add_bos, tokenizer, name), tokens_to_generate, max_positions, name)
+
+
+def fitting_lengths(prompt_ids: list[list[int]], tokens_to_generate: int, max_positions: int, name: str) -> list[int]:
+    """``len`` of each prompt; an error if one + tokens_to_generate exceeds the model's positions."""
+    for i, ids in enumerate(prompt_ids):
+        n = len(ids)
         if n + tokens_to_generate > max_positions:
             raise BadRequest(f"{name}[{i}] has {n} tokens; with tokens_to_generate={tokens_to_generate} that is "
                              f"{n + tokens_to_generate}, beyond the model's {max_positions} positions", name)
-        lengths.append(n)
-    return lengths
+    return [len(ids) for ids in prompt_ids]
 
 
 def parse_api_request(req: object, tokenizer, max_positions: int) -> GenerateRequest:
@@ -183,8 +223,8 @@ def parse_api_request(req: object, tokenizer, max_positions: int) -> GenerateReq
         raise BadRequest("prompts argument required", "prompts")
     prompts = _prompts(req["prompts"], "prompts")
 
-    s = {}
-    for name, default in SAMPLING_DEFAULTS.items():
+    s = dict(SAMPLING_DEFAULTS)
+    for name, default in API_SAMPLING.items():
         if isinstance(default, bool):
             s[name] = _bool(req, name, default)
         elif isinstance(default, int):
@@ -221,80 +261,132 @@ def parse_api_request(req: object, tokenizer, max_positions: int) -> GenerateReq
 
 # ---- OpenAI's POST /v1/completions ------------------------------------------------------------------------
 COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "logprobs",
-                     "echo", "stream", "n", "best_of", "presence_penalty", "frequency_penalty",
-                     "user"}   # user: OpenAI's end-user tag, accepted and not used
+                     "echo", "stream", "stream_options", "n", "best_of", "presence_penalty", "frequency_penalty",
+                     "logit_bias", "suffix", "user"}     # every field of OpenAI's legacy Completions API
+STREAM_OPTIONS = {"include_usage", "include_obfuscation"}   # obfuscation pads chunks: accepted, not used
+MAX_LOGPROBS = 5                                        # OpenAI's maximum
 
 
 @dataclass
 class CompletionRequest:
+    """An OpenAI request in the engine's terms: ``request.prompts`` holds ``best_of`` rows per prompt."""
     request: GenerateRequest
     echo: bool
     stream: bool
-    logprobs: bool
+    logprobs: int | None                 # None: no logprobs in the answer; k: the top k alternatives (0: none)
+    n: int = 1
+    best_of: int = 1
+    include_usage: bool = False
+    prompt_texts: list[str] = field(default_factory=list)      # each prompt as text (echo)
+    prompt_ids: list[list[int]] = field(default_factory=list)  # each prompt's token ids (what the engine sees)
+
+    def rows(self, prompt: int) -> range:
+        """The engine rows of prompt ``prompt``."""
+        return range(prompt * self.best_of, (prompt + 1) * self.best_of)
+
+
+def _openai_prompts(value) -> list:
+    """OpenAI's four prompt forms -> a list of strings and token-id lists."""
+    def ids(x):
+        return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+    if isinstance(value, str):
+        prompts = [value]
+    elif ids(value):
+        prompts = [value]
+    elif isinstance(value, list) and value and (all(isinstance(p, str) for p in value) or all(ids(p) for p in value)):
+        prompts = value
+    elif value == []:
+        raise BadRequest("prompt is empty", "prompt")
+    else:
+        raise BadRequest(f"prompt must be a string, a list of strings, a list of token ids or a list of token-id "
+                         f"lists, got {_show(value)}", "prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise BadRequest(f"prompt: {len(prompts)} prompts, the maximum is {MAX_PROMPTS}", "prompt")
+    return prompts
+
+
+def _empty_or_default(req: dict, name: str, default, why: str) -> None:
+    if req.get(name, default) != default:
+        raise BadRequest(f"{name} is not supported ({why}), got {_show(req[name])}", name)
 
 
 def parse_completion_request(req: object, tokenizer, max_positions: int, model_name: str) -> CompletionRequest:
-    """OpenAI's completions body -> a :class:`GenerateRequest` in Megatron's terms.
-
-    ``temperature: 0`` is greedy decoding (Megatron's ``top_k=1``); ``top_p: 1``
-    is the whole distribution (Megatron's ``top_p=0``). ``logprobs`` may be 0
-    (the chosen tokens' log-probabilities): the engine does not compute the
-    top alternatives that larger values ask for, so they are an error.
-    """
+    """OpenAI's completions body -> a :class:`CompletionRequest` (the engine's rows), or :class:`BadRequest`."""
     if not isinstance(req, dict):
         raise BadRequest(f"request body must be a JSON object, got {_show(req)}")
+    req = {k: v for k, v in req.items() if v is not None}          # null: not given (OpenAI's nullable fields)
     unknown = sorted(set(req) - COMPLETION_FIELDS)
     if unknown:
-        raise BadRequest(f"unknown field(s) {unknown}", unknown[0])
+        raise BadRequest(f"unknown field(s) {unknown}; OpenAI's completions fields are {sorted(COMPLETION_FIELDS)}",
+                         unknown[0])
     model = req.get("model", model_name)
     if model != model_name:
         raise BadRequest(f"model {_show(model)} is not served here; this server serves {model_name!r}", "model")
     if "prompt" not in req:
         raise BadRequest("prompt is required", "prompt")
-    prompts = _prompts(req["prompt"], "prompt", allow_str=True)
-    for name, allowed in (("n", 1), ("best_of", 1)):
-        if req.get(name, allowed) not in (allowed, None):
-            raise BadRequest(f"{name} must be 1, got {_show(req[name])}", name)
+    prompts = _openai_prompts(req["prompt"])
     for name in ("presence_penalty", "frequency_penalty"):
-        if req.get(name, 0) not in (0, None):
-            raise BadRequest(f"{name} is not supported (must be 0), got {_show(req[name])}", name)
+        _empty_or_default(req, name, 0, "the engine has no penalties: must be 0")
+    _empty_or_default(req, "suffix", "", "this server only continues a prompt, it does not insert: must be empty")
+    _empty_or_default(req, "logit_bias", {}, "the engine does not bias logits: must be empty")
+    if not isinstance(req.get("user", ""), str):
+        raise BadRequest(f"user must be a string, got {_show(req['user'])}", "user")
 
     max_tokens = _int(req, "max_tokens", 16)
-    if max_tokens is None or max_tokens < 0:
-        raise BadRequest(f"max_tokens must be an integer >= 0, got {_show(max_tokens)}", "max_tokens")
+    if max_tokens < 0:
+        raise BadRequest(f"max_tokens must be an integer >= 0, got {max_tokens}", "max_tokens")
     temperature = _number(req, "temperature", 1.0)
-    if temperature is None or not 0.0 <= temperature <= 2.0:
+    if not 0.0 <= temperature <= 2.0:
         raise BadRequest(f"temperature must be in [0, 2], got {_show(temperature)}", "temperature")
     top_p = _number(req, "top_p", 1.0)
-    if top_p is None or not 0.0 < top_p <= 1.0:
+    if not 0.0 < top_p <= 1.0:
         raise BadRequest(f"top_p must be in (0, 1], got {_show(top_p)}", "top_p")
     seed = _int(req, "seed", None)
     if seed is not None and seed < 0:
         raise BadRequest(f"seed must be an integer >= 0, got {seed}", "seed")
-    logprobs = req.get("logprobs")
-    if logprobs is not None:
-        if isinstance(logprobs, bool) or not isinstance(logprobs, int):
-            raise BadRequest(f"logprobs must be an integer, got {_show(logprobs)}", "logprobs")
-        if logprobs != 0:
-            raise BadRequest(f"logprobs={logprobs} asks for the top {logprobs} alternatives, which this server does "
-                             "not compute; use logprobs=0 for the chosen tokens' log-probabilities", "logprobs")
+    logprobs = _int(req, "logprobs", None)
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise BadRequest(f"logprobs must be in [0, {MAX_LOGPROBS}] (OpenAI's maximum), got {logprobs}", "logprobs")
     echo = _bool(req, "echo", False)
     stream = _bool(req, "stream", False)
-    if stream and logprobs is not None:
-        raise BadRequest("logprobs with stream=true is not supported; ask without streaming", "logprobs")
     if max_tokens == 0 and not echo:
         raise BadRequest("max_tokens=0 returns nothing unless echo=true", "max_tokens")
-    stop = req.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
+
+    n = _int(req, "n", 1)
+    if n < 1:
+        raise BadRequest(f"n must be an integer >= 1, got {n}", "n")
+    best_of = _int(req, "best_of", n)
+    if best_of < n:
+        raise BadRequest(f"best_of ({best_of}) must be >= n ({n})", "best_of")
+    if stream and best_of > 1 and "best_of" in req:
+        raise BadRequest(f"best_of={best_of} cannot be streamed (the best are known only at the end); "
+                         "use n for several streamed choices", "best_of")
+    if len(prompts) * best_of > MAX_PROMPTS:
+        raise BadRequest(f"{len(prompts)} prompt(s) x best_of {best_of} = {len(prompts) * best_of} completions, "
+                         f"the maximum is {MAX_PROMPTS}", "n" if "best_of" not in req else "best_of")
+
+    include_usage = False
+    if "stream_options" in req:
+        options = req["stream_options"]
+        if not stream:
+            raise BadRequest("stream_options is only allowed with stream=true", "stream_options")
+        if not isinstance(options, dict) or set(options) - STREAM_OPTIONS:
+            raise BadRequest(f"stream_options must be an object with keys among {sorted(STREAM_OPTIONS)}, "
+                             f"got {_show(options)}", "stream_options")
+        include_usage = _bool(options, "include_usage", False)
+        _bool(options, "include_obfuscation", True)
+
+    stop = req.get("stop", [])
+    if isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop) or len(stop) > 4:
         raise BadRequest(f"stop must be a non-empty string or a list of up to 4 of them, got {_show(req['stop'])}",
                          "stop")
 
     s = dict(SAMPLING_DEFAULTS)
-    s.update(tokens_to_generate=max_tokens, logprobs=logprobs is not None or max_tokens == 0)
+    s.update(tokens_to_generate=max_tokens, logprobs=logprobs is not None or max_tokens == 0 or best_of > n,
+             top_n_logprobs=logprobs or 0)
     if temperature == 0.0:
         s["top_k"] = 1                                   # greedy
     else:
@@ -303,6 +395,12 @@ def parse_completion_request(req: object, tokenizer, max_positions: int, model_n
     if seed is not None:
         s["random_seed"] = seed
     check_sampling(s)
-    lengths = check_lengths(prompts, False, max_tokens, tokenizer, max_positions, "prompt")
-    gen = GenerateRequest(prompts, s, lengths, stop=stop)
-    return CompletionRequest(gen, echo, stream, logprobs is not None)
+
+    texts = [p if isinstance(p, str) else tokenizer.detokenize(p) for p in prompts]
+    prompts = [[tokenizer.eod] if p == "" else p for p in prompts]   # "" = the start of a new document
+    ids = prompt_token_ids(prompts, False, tokenizer, "prompt")
+    lengths = fitting_lengths(ids, max_tokens, max_positions, "prompt")
+    rows = [p for p in prompts for _ in range(best_of)]       # best_of rows per prompt, side by side
+    gen = GenerateRequest(rows, s, [n for n in lengths for _ in range(best_of)], stop=stop)
+    return CompletionRequest(gen, echo, stream, logprobs, n, best_of, include_usage, texts, ids)
+

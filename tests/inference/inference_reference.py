@@ -65,6 +65,13 @@ def hf_log_probs(hf_model, tokens: list[int]) -> torch.Tensor:
     return logits.log_softmax(-1).gather(-1, torch.tensor(tokens[1:])[:, None])[:, 0]
 
 
+def hf_top_log_probs(hf_model, tokens: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` most likely next tokens after every prefix: ``(log p [n - 1, k] float64, ids [n - 1, k])``."""
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([tokens])).logits[0, :-1].double()
+    return logits.log_softmax(-1).topk(k, dim=-1)
+
+
 def reference_beam_search(hf_model, prompt: list[int], n: int, beam_width: int, length_penalty: float,
                           stop_token: int) -> tuple[list[list[int]], list[float]]:
     """Plain beam search: the whole sequence recomputed every step, Megatron's rules, one process."""

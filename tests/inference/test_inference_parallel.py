@@ -1,23 +1,28 @@
 """The engine on TP x PP ranks against transformers and against itself at TP = 1.
 
 One ``run_on_ranks`` job per layout runs every request kind (greedy with
-log-probabilities, seeded sampling, scoring, beam search, a refused request,
-a cancelling callback, a failing callback followed by a good request) and
-returns the results; the parent compares them with single-process references
-built from the same weights.
+log-probabilities and the top-k alternatives, seeded sampling, scoring, beam
+search, a refused request, a cancelling callback, a failing callback followed
+by a good request) and returns the results; the parent compares them with
+single-process references built from the same weights. The top-k
+alternatives come from the vocab-parallel logits of the tensor group (each
+rank's candidates, all-gathered); rank 0's per-step copy of the log-probs
+comes from the sampler (point to point when PP > 1).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 from inference_reference import (
-    LOGPROB_ATOL, PROMPTS, hf_greedy, hf_log_probs, reference_beam_search, tiny_model_weights, train_tokenizer,
+    LOGPROB_ATOL, PROMPTS, hf_greedy, hf_log_probs, hf_top_log_probs, reference_beam_search, tiny_model_weights,
+    train_tokenizer,
 )
 
 from lessons_pkg.testing import run_on_ranks
 
 N = 8             # tokens to generate
 BEAM = 3
+TOP_N = 4         # top_n_logprobs
 SAMPLED = dict(tokens_to_generate=N, temperature=0.9, top_p=0.9, top_p_decay=0.95, top_p_bound=0.6, random_seed=7)
 TOP_K = dict(tokens_to_generate=N, top_k=5, temperature=1.5, random_seed=11)
 
@@ -41,26 +46,29 @@ def run_requests(tp: int, pp: int, vocab_file: str, merge_file: str) -> dict:
     config, weights = tiny_model_weights(tokenizer.vocab_size)
     engine = InferenceEngine(build_stage(Pretrained(config, weights, tokenizer), tp_group, pp_rank, pp),
                              tokenizer, tp_group, pp_group)
-    out = {"greedy": engine.generate(PROMPTS, SamplingParams(tokens_to_generate=N, top_k=1, logprobs=True)),
+    steps = []
+    greedy = SamplingParams(tokens_to_generate=N, top_k=1, logprobs=True, top_n_logprobs=TOP_N)
+    out = {"greedy": engine.generate(PROMPTS, greedy, lambda step, new, lp: steps.append(lp)),
            "sampled": engine.generate(PROMPTS, SamplingParams(**SAMPLED)),
            "top_k": engine.generate(PROMPTS, SamplingParams(**TOP_K)),
-           "score": engine.generate(PROMPTS, SamplingParams(tokens_to_generate=0, logprobs=True)),
+           "score": engine.generate(PROMPTS, SamplingParams(tokens_to_generate=0, logprobs=True, top_n_logprobs=TOP_N)),
            "beam": engine.beam_search(PROMPTS[:1], N, BEAM, length_penalty=1.0)}
     try:  # refused before any collective, identically on every rank
         engine.generate(PROMPTS, SamplingParams(tokens_to_generate=config.max_position_embeddings))
     except ValueError as e:
         out["too_long"] = str(e)
 
+    out["steps"] = [(s.start, s.values, s.top) for s in steps]
     seen = []
 
-    def cancel_second(step, new_tokens):   # a client of prompt 1 goes away after its 3rd token
+    def cancel_second(step, new_tokens, log_probs):   # a client of prompt 1 goes away after its 3rd token
         seen.append(new_tokens)
         return {1} if sum(t is not None for t in (s[1] for s in seen)) == 3 else None
 
     out["cancelled"] = engine.generate(PROMPTS, SamplingParams(tokens_to_generate=N, top_k=1), cancel_second)
     out["seen"] = seen
 
-    def failing(step, new_tokens):
+    def failing(step, new_tokens, log_probs):
         if step == 2:
             raise RuntimeError("client callback broke")
 
@@ -85,6 +93,8 @@ def setup(tmp_path_factory):
     greedy = [hf_greedy(hf, p, N, tokenizer.eod) for p in prompt_ids]
     reference = dict(prompt_ids=prompt_ids, greedy=greedy, greedy_log_probs=[hf_log_probs(hf, t) for t in greedy],
                      prompt_log_probs=[hf_log_probs(hf, p) for p in prompt_ids],
+                     greedy_top=[hf_top_log_probs(hf, t, TOP_N) for t in greedy],
+                     prompt_top=[hf_top_log_probs(hf, p, TOP_N) for p in prompt_ids],
                      beam=reference_beam_search(hf, prompt_ids[0], N, BEAM, 1.0, tokenizer.eod))
     serial = run_requests(1, 1, vocab_file, merge_file)          # TP = PP = 1, in this process
     return dict(files=(vocab_file, merge_file), tokenizer=tokenizer, reference=reference, serial=serial)
@@ -119,6 +129,17 @@ def check_against_references(out: dict, setup: dict, rank: int) -> None:
         scored = torch.tensor(out["score"]["logprobs"][i], dtype=torch.float64)   # scoring only: the prompt
         torch.testing.assert_close(scored, ref["prompt_log_probs"][i], atol=LOGPROB_ATOL, rtol=0)
         assert out["score"]["tokens"][i] == prompt
+        for top, (ref_values, ref_ids) in ((greedy["top_n_logprobs"][i], ref["greedy_top"][i]),
+                                           (out["score"]["top_n_logprobs"][i], ref["prompt_top"][i])):
+            assert [[t for t, _ in p] for p in top] == ref_ids.tolist(), f"rank {rank}: top-{TOP_N} ids of prompt {i}"
+            values = torch.tensor([[v for _, v in p] for p in top], dtype=torch.float64).view(-1, TOP_N)
+            torch.testing.assert_close(values, ref_values, atol=LOGPROB_ATOL, rtol=0)
+        for j in range(len(prompt) - 1, len(tokens) - 1):   # greedy: the chosen token heads the top k, same float
+            assert greedy["top_n_logprobs"][i][j][0] == (tokens[j + 1], greedy["logprobs"][i][j])
+        if rank == 0:                       # rank 0's per-step copy (the sampler's, sent when PP > 1) = the result
+            n = len(tokens) - 1
+            assert [v for _, values, _ in out["steps"] for v in values[i]][:n] == greedy["logprobs"][i]
+            assert [t for _, _, top in out["steps"] for t in top[i]][:n] == greedy["top_n_logprobs"][i]
     for kind in ("sampled", "top_k"):
         for i, prompt in enumerate(prompt_ids):
             tokens = out[kind]["tokens"][i]

@@ -53,6 +53,8 @@ def engine(model):
     (dict(top_p=0.5, top_p_bound=0.7), ["top_p_bound (0.7)", "top_p (0.5)"]),
     (dict(random_seed=-5), ["random_seed", "-5"]),
     (dict(logprobs="yes"), ["logprobs", "'yes'"]),
+    (dict(top_n_logprobs=3), ["top_n_logprobs (3)", "logprobs=True"]),
+    (dict(top_n_logprobs=-1, logprobs=True), ["top_n_logprobs", "-1"]),
 ])
 def test_bad_parameters_are_refused_by_name(bad, words):
     with pytest.raises(ValueError) as e:
@@ -89,6 +91,10 @@ def test_engine_refuses_what_does_not_fit(engine):
         engine.generate_ids([[1, 300]], SamplingParams(tokens_to_generate=4, top_k=1))
     with pytest.raises(ValueError, match="top_k"):
         engine.generate_ids([[1]], SamplingParams(tokens_to_generate=4, top_k=300))
+    with pytest.raises(ValueError, match=r"top_n_logprobs \(301\) exceeds the vocabulary \(300\)"):
+        engine.generate_ids([[1]], SamplingParams(tokens_to_generate=4, logprobs=True, top_n_logprobs=301))
+    with pytest.raises(ValueError, match="strings or token-id lists"):
+        engine.generate([3], SamplingParams(tokens_to_generate=4))
     cache = KVCache(1, 1, 1, 4, 2)
     with pytest.raises(RuntimeError, match="holds 4 positions; 0 are filled and 5 more do not fit"):
         cache.layer(0).append(torch.zeros(1, 1, 5, 2), torch.zeros(1, 1, 5, 2))
@@ -159,6 +165,39 @@ def test_engine_log_probs_equal_scoring_the_output(engine, model):
             logits = model(torch.tensor([tokens]))[0, :, :VOCAB]
         greedy = logits.argmax(-1)[len(prompts[i]) - 1: -1].tolist()
         assert tokens[len(prompts[i]):] == greedy
+
+
+def test_top_n_logprobs_and_step_log_probs(engine, model):
+    """Top-k log-probs = log_softmax + topk of a full forward; the chosen token's value is bit for bit its
+    log-prob; the callback's per-step log-probs add up to the final ones; token-id prompts = text prompts."""
+    k = 4
+    prompts = [[5, 17, 33, 2, 9], [100], [250, 251, 252, 3]]
+    steps = []
+    params = SamplingParams(tokens_to_generate=6, top_k=1, logprobs=True, top_n_logprobs=k)
+    out = engine.generate_ids(prompts, params, lambda step, new, lp: steps.append(lp))
+    scored = engine.generate_ids(out.tokens, SamplingParams(tokens_to_generate=0, logprobs=True, top_n_logprobs=k))
+    for i, tokens in enumerate(out.tokens):
+        with torch.no_grad():
+            ref = model(torch.tensor([tokens]))[0, :-1, :VOCAB].double().log_softmax(-1)      # [n - 1, V]
+        ref_values, ref_ids = ref.topk(k, dim=-1)
+        for top in (out.top_n_logprobs[i], scored.top_n_logprobs[i]):
+            assert len(top) == len(tokens) - 1
+            assert [[t for t, _ in position] for position in top] == ref_ids.tolist()
+            torch.testing.assert_close(torch.tensor([[v for _, v in p] for p in top], dtype=torch.float64),
+                                       ref_values, atol=ATOL, rtol=0)
+        # greedy: the chosen token is the most likely one, and both computations give the same float
+        for j in range(len(prompts[i]) - 1, len(tokens) - 1):
+            assert out.top_n_logprobs[i][j][0] == (tokens[j + 1], out.logprobs[i][j])
+    # the steps cover columns 0.. in order: the prompt columns first, then one column per step
+    widths = [len(s.values[0]) for s in steps]
+    assert [s.start for s in steps] == [sum(widths[:j]) for j in range(len(steps))] and set(widths[1:]) == {1}
+    for i, tokens in enumerate(out.tokens):
+        values = [v for s in steps for v in s.values[i]][: len(tokens) - 1]
+        top = [t for s in steps for t in s.top[i]][: len(tokens) - 1]
+        assert values == out.logprobs[i] and top == out.top_n_logprobs[i]
+    # a prompt of token ids is the same prompt as its text
+    as_text = engine.generate(["ab", [97, 98]], SamplingParams(tokens_to_generate=3, top_k=1))
+    assert as_text["tokens"][0] == as_text["tokens"][1] and as_text["text"][0] == as_text["text"][1]
 
 
 # -- stop rules ------------------------------------------------------------------------------

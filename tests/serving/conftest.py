@@ -102,3 +102,55 @@ def expected_api(hf_greedy, tokenizer, prompt: str, n: int) -> tuple[str, list[s
     """Megatron's answer for a greedy request, from transformers: (text, segments)."""
     ids = hf_greedy(prompt, n)
     return tokenizer.detokenize(ids), [tokenizer.detokenize([t]) for t in ids]
+
+
+# float32 log-probs of a 300-token vocabulary against transformers' on the same weights: measured ~1e-6
+# (summation order, attention kernels); 2e-5 is ~20x that, far below what a wrong shard or column gives
+LOGPROB_ATOL = 2e-5
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_gpt2_folder):
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(tiny_gpt2_folder).eval()
+
+
+def hf_openai_logprobs(hf_model, tokenizer, prompt: str, n: int, k: int) -> dict:
+    """OpenAI's ``logprobs`` (``echo: true``, greedy, ``n`` tokens, ``logprobs: k``) computed with transformers."""
+    import torch
+
+    from lessons_pkg.inference.tokenization import TokenText
+
+    segment = TokenText(tokenizer).segment
+    ids = tokenizer.tokenize(prompt)
+    with torch.no_grad():
+        tokens = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                   max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.eod,
+                                   eos_token_id=tokenizer.eod)[0].tolist()
+        log_p = hf_model(torch.tensor([tokens])).logits[0, :-1].double().log_softmax(-1)    # [len - 1, V]
+    assert tokenizer.eod not in tokens[len(ids):], "pick a prompt whose greedy continuation has no end of document"
+    chosen = log_p.gather(-1, torch.tensor(tokens[1:])[:, None])[:, 0].tolist()
+    values, top_ids = log_p.topk(k, dim=-1)
+    tops = [None]
+    for j in range(len(tokens) - 1):
+        top = {}
+        for t, v in zip(top_ids[j].tolist() + [tokens[j + 1]], values[j].tolist() + [chosen[j]]):
+            top.setdefault(segment(t), v)        # the top k, then the chosen token; the likelier of equal texts
+        tops.append(top)
+    texts = [segment(t) for t in tokens]
+    offsets = [sum(len(s) for s in texts[:j]) for j in range(len(texts))]
+    return {"tokens": texts, "token_logprobs": [None] + chosen, "top_logprobs": tops, "text_offset": offsets}
+
+
+def assert_logprobs_close(got: dict, want: dict, atol: float = LOGPROB_ATOL) -> None:
+    """An answer's ``logprobs`` object against :func:`hf_openai_logprobs`: the same tokens and alternatives, close values."""
+    import math
+
+    assert got["tokens"] == want["tokens"] and got["text_offset"] == want["text_offset"]
+    assert got["token_logprobs"][0] is None and got["top_logprobs"][0] is None
+    for j in range(1, len(want["tokens"])):
+        value, top, want_top = got["token_logprobs"][j], got["top_logprobs"][j], want["top_logprobs"][j]
+        assert math.isfinite(value) and abs(value - want["token_logprobs"][j]) <= atol, (j, value)
+        assert set(top) == set(want_top), f"position {j}: {sorted(top)} != {sorted(want_top)}"
+        assert all(math.isfinite(top[s]) and abs(top[s] - want_top[s]) <= atol for s in want_top), (j, top, want_top)

@@ -11,42 +11,19 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
-from lessons_pkg.launch import free_port
-from lessons_pkg.serving import ControlChannel, ServingLoop
-
-from serving_fake_engine import FakeEngine, FakeSamplingParams
+from serving_fake_engine import start_fake_server
 
 
 @pytest.fixture(scope="module")
 def served(tiny_tokenizer):
-    engine = FakeEngine(tiny_tokenizer, max_positions=64, step_delay=0.01)
-    port = free_port()
-    loop = ServingLoop(engine, tiny_tokenizer, ControlChannel(), FakeSamplingParams, 64, "fake", "127.0.0.1", port,
-                       max_batch_size=8, heartbeat_s=0.5)
-    thread = threading.Thread(target=loop.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            requests.get(url + "/health", timeout=1)
-            break
-        except requests.ConnectionError:
-            time.sleep(0.05)
+    url, engine, loop, stop = start_fake_server(tiny_tokenizer)
     yield url, engine, loop
-    loop.stopping.set()
-    thread.join(10)
-    assert not thread.is_alive()
-    with socket.socket() as s:   # the port is free again (SO_REUSEADDR, as every server sets it: TIME_WAIT)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", port))
-        s.listen()
+    stop()
 
 
 def test_api_answer_is_the_engines(served, tiny_tokenizer):

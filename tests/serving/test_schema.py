@@ -94,20 +94,54 @@ def test_openai_mapping(tiny_tokenizer):
     assert c.request.stop == ["\n"] and c.stream and c.echo and c.request.prompts == ["a", "b"]
 
 
+def test_openai_rows_token_prompts_and_accepted_fields(tiny_tokenizer):
+    """n / best_of rows side by side; token-id prompts; null and documented no-op fields accepted."""
+    ids = tiny_tokenizer.tokenize("Hello world")
+    c = parse_completion_request({"prompt": ["a", "Hello world"], "n": 2, "best_of": 3, "logprobs": 2, "user": "u",
+                                  "suffix": "", "logit_bias": {}, "presence_penalty": 0, "max_tokens": None,
+                                  "stop": None, "seed": None, "temperature": None}, tiny_tokenizer, MAXPOS, "m")
+    assert c.request.prompts == ["a"] * 3 + ["Hello world"] * 3 and (c.n, c.best_of) == (2, 3)
+    assert list(c.rows(1)) == [3, 4, 5] and c.request.prompt_lengths[3:] == [len(ids)] * 3
+    assert c.request.sampling["top_n_logprobs"] == 2 and c.request.sampling["logprobs"] and c.logprobs == 2
+    assert c.request.sampling["tokens_to_generate"] == 16 and c.request.sampling["temperature"] == 1.0
+    c = parse_completion_request({"prompt": ids}, tiny_tokenizer, MAXPOS, "m")
+    assert c.request.prompts == [ids] and c.prompt_texts == ["Hello world"] and c.prompt_ids == [ids]
+    c = parse_completion_request({"prompt": [ids, ids[:1]], "best_of": 2, "echo": True, "max_tokens": 0},
+                                 tiny_tokenizer, MAXPOS, "m")
+    assert c.request.prompts == [ids, ids, ids[:1], ids[:1]] and c.request.sampling["logprobs"]   # best_of ranks
+    c = parse_completion_request({"prompt": "", "stream": True, "stream_options": {"include_usage": True}},
+                                 tiny_tokenizer, MAXPOS, "m")
+    assert c.include_usage and c.request.prompts == [[tiny_tokenizer.eod]] and c.prompt_texts == [""]
+    assert not parse_completion_request({"prompt": "a"}, tiny_tokenizer, MAXPOS, "m").request.sampling["logprobs"]
+
+
 @pytest.mark.parametrize("body, word", [
     ({"max_tokens": 1}, "prompt"),
     ({"prompt": "a", "model": "gpt-4"}, "gpt-4"),
-    ({"prompt": "a", "n": 2}, "n"),
+    ({"prompt": "a", "n": 0}, "n must be an integer >= 1, got 0"),
+    ({"prompt": "a", "n": 3, "best_of": 2}, "best_of (2) must be >= n (3)"),
+    ({"prompt": "a", "best_of": 2, "stream": True}, "best_of=2 cannot be streamed"),
+    ({"prompt": ["a"] * 65, "n": 2}, "65 prompt(s) x best_of 2 = 130"),
     ({"prompt": "a", "temperature": 3}, "temperature"),
     ({"prompt": "a", "top_p": 0}, "top_p"),
-    ({"prompt": "a", "logprobs": 5}, "logprobs=5"),
-    ({"prompt": "a", "logprobs": 0, "stream": True}, "stream"),
+    ({"prompt": "a", "logprobs": 6}, "logprobs must be in [0, 5] (OpenAI's maximum), got 6"),
+    ({"prompt": "a", "logprobs": True}, "logprobs must be an integer, got true"),
     ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"prompt": "a", "max_tokens": 100}, "positions"),
-    ({"prompt": [[1, 2]]}, "prompt"),
+    ({"prompt": [[1, 2], [1, 300]]}, "prompt[1] holds token ids outside the vocabulary [0, 300): [300]"),
+    ({"prompt": [1, "a"]}, "a list of token ids"),
+    ({"prompt": [[1], []]}, "a list of token-id lists"),
+    ({"prompt": [True]}, "a list of token ids"),
     ({"prompt": "a", "frequency_penalty": 1}, "frequency_penalty"),
-    ({"prompt": "a", "suffix": "x"}, "suffix"),
+    ({"prompt": "a", "suffix": "x"}, "suffix is not supported"),
+    ({"prompt": "a", "logit_bias": {"5": 10}}, "logit_bias is not supported"),
+    ({"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options is only allowed with stream=true"),
+    ({"prompt": "a", "stream": True, "stream_options": {"usage": True}}, "stream_options must be an object"),
+    ({"prompt": "a", "stream": True, "stream_options": {"include_usage": 1}}, "include_usage must be a boolean"),
+    ({"prompt": "a", "user": 5}, "user must be a string"),
+    ({"prompt": "a", "top_k": 5}, "unknown field(s) ['top_k']"),
 ])
 def test_bad_completion_requests(tiny_tokenizer, body, word):
-    with pytest.raises(BadRequest, match=word.replace("[", r"\[")):
+    with pytest.raises(BadRequest) as e:
         parse_completion_request(body, tiny_tokenizer, MAXPOS, "m")
+    assert word in str(e.value), (word, str(e.value))

@@ -91,7 +91,7 @@ def test_openai_completions_and_stream(one_rank_server, hf_greedy, tiny_tokenize
         c = json.loads(line[6:])["choices"][0]
         streamed[c["index"]] += c["text"]
     assert [streamed[0], streamed[1]] == [c["text"] for c in whole["choices"]]
-    bad = requests.post(url + "/v1/completions", json={"prompt": "a", "logprobs": 3}, timeout=60)
+    bad = requests.post(url + "/v1/completions", json={"prompt": "a", "logprobs": 6}, timeout=60)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "logprobs"
 
 

@@ -1,6 +1,8 @@
 """The real server on TP=2 and on TP2 x PP2 ranks (torchrun jobs on a free loopback port).
 
 * greedy answers equal ``transformers``' on the same weights, for a batch of prompts of different lengths;
+* OpenAI's ``logprobs: k`` (the top k from the vocab-parallel logits), whole and streamed (the sampler's
+  per-step copy, sent to rank 0 when PP=2), equal ``transformers``';
 * concurrent clients are batched and each gets its own (HF-equal) answer;
 * an error inside generation (on the last pipeline stage only, when PP=2) answers 500, and the next request is right;
 * SIGTERM to a plain-python server (which started its own ranks) stops every rank within seconds, port freed;
@@ -10,6 +12,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -18,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from conftest import expected_api
+from conftest import assert_logprobs_close, expected_api, hf_openai_logprobs
 
 PROMPTS = ["Hello world", "The quick brown fox jumps over", "A server"]
 FAULT = "<<fail here>>"
@@ -75,6 +78,23 @@ def test_concurrent_clients_each_get_their_answer(server, hf_greedy, tiny_tokeni
     for (prompt, n), r in zip(jobs, answers):
         assert r.status_code == 200, r.text
         assert (r.json()["text"][0], r.json()["segments"][0]) == expected_api(hf_greedy, tiny_tokenizer, prompt, n)
+
+
+def test_openai_logprobs_equal_transformers(server, hf_model, tiny_tokenizer):
+    prompt, k = PROMPTS[1], 3
+    want = hf_openai_logprobs(hf_model, tiny_tokenizer, prompt, 5, k)
+    body = {"prompt": prompt, "max_tokens": 5, "temperature": 0, "logprobs": k, "echo": True}
+    r = requests.post(server.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert_logprobs_close(r.json()["choices"][0]["logprobs"], want)
+    joined = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    with requests.post(server.url + "/v1/completions", json=dict(body, stream=True), stream=True, timeout=60) as s:
+        for line in s.iter_lines():
+            if line.startswith(b"data: {"):
+                lp = json.loads(line[6:])["choices"][0]["logprobs"] or {}
+                for key in joined:
+                    joined[key] += lp.get(key) or []
+    assert_logprobs_close(joined, want)
 
 
 def test_generation_error_is_500_then_a_correct_answer(server, hf_greedy, tiny_tokenizer):
