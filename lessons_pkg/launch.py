@@ -4,7 +4,8 @@ The notebooks, ``make course`` and the tests all start multi-process jobs
 through :func:`torchrun`. Each rank's stdout and stderr go to their own file
 (torchrun's ``--redirects 3``); rank 0's lines are shown while the job runs, the
 other ranks' after it ends, so the output of a job is the same every time it
-runs. If a rank fails, its stderr is shown and :class:`LaunchError` is raised;
+runs. If a rank fails, its stderr is shown and :class:`LaunchError` is raised
+(a user error, one ``error: ...`` report of :mod:`lessons_pkg.errors`, is shown alone);
 if the job outlives ``timeout``, every process of the job is killed and
 :class:`LaunchTimeout` is raised. However the call ends (success, failure,
 timeout, Ctrl-C), no process it started is left running: torchrun starts each
@@ -33,7 +34,15 @@ LAUNCH_ID_VAR = "LESSONS_LAUNCH_ID"  # set in the environment of every process o
 
 
 class LaunchError(RuntimeError):
-    """A rank exited with an error; the message holds its stderr."""
+    """A rank exited with an error; the message holds its stderr.
+
+    ``user_error``: the ``error: ...`` lines a rank printed for a user error (see
+    :mod:`lessons_pkg.errors`), or None; the message is then those lines alone.
+    """
+
+    def __init__(self, message: str, user_error: str | None = None):
+        super().__init__(message)
+        self.user_error = user_error
 
 
 class LaunchTimeout(LaunchError):
@@ -80,13 +89,15 @@ def torchrun(
     cwd: str | None = None,
     echo: bool = True,
     check: bool = True,
+    preexec_fn=None,
 ) -> LaunchResult:
     """Run ``torchrun --standalone --nproc_per_node N script args`` and wait for it.
 
     ``echo`` prints the ranks' stdout (rank 0 live, then the others, each line
     prefixed with its rank when N > 1). ``check`` raises :class:`LaunchError`
     when the job fails. Each rank gets ``OMP_NUM_THREADS=1`` unless ``env``
-    says otherwise.
+    says otherwise. ``preexec_fn`` runs in torchrun's process before it starts
+    (the tests lower ``RLIMIT_FSIZE`` there: the ranks inherit it, a full disk).
     """
     if nproc_per_node < 1:
         raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
@@ -105,7 +116,7 @@ def torchrun(
         ]
         proc = subprocess.Popen(
             cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True, text=True,
+            start_new_session=True, text=True, preexec_fn=preexec_fn,
         )
         deadline = time.monotonic() + timeout
         shown = 0  # characters of rank 0's stdout already printed
@@ -131,8 +142,24 @@ def torchrun(
     if timed_out:
         raise LaunchTimeout(f"{script} ran past its timeout of {timeout:.0f} s and was killed\n" + _failure_report(result, launcher_output))
     if check and proc.returncode != 0:
+        user_error = user_error_of(result)
+        if user_error is not None:  # one rank said what is wrong; the other ranks' logs add nothing
+            raise LaunchError(user_error, user_error)
         raise LaunchError(f"{script} failed with exit code {proc.returncode}\n" + _failure_report(result, launcher_output))
     return result
+
+
+def user_error_of(result: LaunchResult) -> str | None:
+    """The ``error: ...`` report of the first rank that printed one (:mod:`lessons_pkg.errors`), or None.
+
+    It must end that rank's stderr with no traceback after it: a crash is not a user error.
+    """
+    for err in result.stderr:
+        lines = err.rstrip("\n").splitlines()
+        starts = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+        if starts and not any(line.startswith("Traceback") for line in lines[starts[-1]:]):
+            return "\n".join(lines[starts[-1]:])
+    return None
 
 
 def _echo_new(log_dir: str, shown: int, nproc: int) -> int:
@@ -258,7 +285,7 @@ def launch_self(nproc: int, timeout: float = 600, argv: list[str] | None = None)
         torchrun(script, *(sys.argv[1:] if argv is None else argv), nproc_per_node=nproc, timeout=timeout)
     except LaunchError as e:
         print(e, file=sys.stderr, flush=True)
-        raise SystemExit(124 if isinstance(e, LaunchTimeout) else 1) from None
+        raise SystemExit(124 if isinstance(e, LaunchTimeout) else 2 if e.user_error else 1) from None
     raise SystemExit(0)
 
 
@@ -301,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except LaunchError as e:
         print(e, file=sys.stderr)
-        return 1
+        return 2 if e.user_error else 1
     return 0
 
 

@@ -16,12 +16,14 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from safetensors import SafetensorError
 
 from lessons_pkg.checkpoint import megatron_format as mf
 from lessons_pkg.checkpoint.layout import TRACKER, checkpoint_dir, iteration_dirname
 from lessons_pkg.checkpoint.reshard import (Layout, SourceCheckpoint, VocabHints, build_rank_state,
                                             read_full_checkpoint)
 from lessons_pkg.checkpoint.vocab import VocabSize
+from lessons_pkg.errors import CheckpointError, UserError, describe
 from lessons_pkg.tensor_parallel.config import GPTConfig
 
 
@@ -63,14 +65,23 @@ def megatron_args_for(config: GPTConfig, **extra) -> argparse.Namespace:
 def _prepare_output(save_dir: str, overwrite: bool) -> str:
     """Refuse an existing non-empty ``save_dir`` unless ``overwrite``; return a fresh temporary sibling folder."""
     if os.path.exists(save_dir) and (not os.path.isdir(save_dir) or os.listdir(save_dir)) and not overwrite:
-        raise FileExistsError(f"--save-dir {save_dir} exists and is not empty: choose another folder or pass "
+        raise CheckpointError(f"--save-dir {save_dir} exists and is not empty: choose another folder or pass "
                               "--overwrite to replace it")
     parent = os.path.dirname(os.path.abspath(save_dir))
-    os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(save_dir))}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    except OSError as e:  # read-only, a file where a folder goes
+        raise _write_failed(save_dir, e) from None
     return tmp
+
+
+def _write_failed(save_dir: str, error: Exception) -> UserError:
+    reason = describe(error) or str(error)
+    kept = "the folder that was there is unchanged" if os.path.exists(save_dir) else "nothing was written"
+    return UserError(f"could not write the conversion to --save-dir {save_dir}: {reason}; {kept}")
 
 
 def _publish(tmp: str, save_dir: str) -> None:
@@ -141,6 +152,9 @@ def write_megatron(src, save_dir: str, target: Layout, with_optim: bool = True, 
 
         write_text_atomic(os.path.join(tmp, TRACKER), "release" if release else str(iteration))
         _publish(tmp, save_dir)
+    except (OSError, UserError) as e:  # a full disk, a read-only folder: name --save-dir, leave nothing
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_failed(save_dir, e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -176,6 +190,9 @@ def megatron_to_hf(load_dir: str, save_dir: str, overwrite: bool = False, vocab:
         vocab_file, merge_file = _tokenizer_files(load_dir, full.args, tokenizer)
         save_hf_folder(tmp, full.state_dict, full.config, vocab_file, merge_file)
         _publish(tmp, save_dir)
+    except (OSError, UserError, SafetensorError) as e:  # a full disk, a read-only folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_failed(save_dir, e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -210,7 +227,7 @@ def _download_hf(name: str) -> str:
 
         return snapshot_download(name, allow_patterns=["config.json", "*.safetensors", "vocab.json", "merges.txt"])
     except Exception as e:  # noqa: BLE001 - offline, unknown name, ...
-        raise FileNotFoundError(f"--load-dir {name!r} is not a local folder and could not be downloaded from the "
+        raise CheckpointError(f"--load-dir {name!r} is not a local folder and could not be downloaded from the "
                                 f"Hugging Face hub ({type(e).__name__}: {e})") from e
 
 

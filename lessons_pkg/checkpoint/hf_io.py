@@ -16,6 +16,7 @@ import shutil
 
 import torch
 
+from lessons_pkg.errors import CheckpointError
 from lessons_pkg.tensor_parallel.config import GPTConfig
 from lessons_pkg.tensor_parallel.hf import config_from_hf, config_to_hf, from_hf_state_dict, to_hf_state_dict
 
@@ -54,7 +55,7 @@ def load_hf_folder(folder: str) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
 
     hf_config = GPT2Config.from_pretrained(folder)
     if hf_config.model_type != "gpt2":
-        raise ValueError(f"{folder}: model_type {hf_config.model_type!r}, only GPT-2 folders can be imported")
+        raise CheckpointError(f"{folder}: model_type {hf_config.model_type!r}, only GPT-2 folders can be imported")
     config = config_from_hf(hf_config)
     path = os.path.join(folder, "model.safetensors")
     if os.path.isfile(path):
@@ -69,8 +70,8 @@ def load_hf_folder(folder: str) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     needed = ["transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight"]
     missing = [k for k in needed if k not in tensors]
     if missing:
-        raise ValueError(f"{folder}: not a GPT-2 checkpoint, missing {missing}")
+        raise CheckpointError(f"{folder}: not a GPT-2 checkpoint, missing {missing}")
     if tensors["transformer.wte.weight"].shape != (config.vocab_size, config.hidden_size):
-        raise ValueError(f"{folder}: transformer.wte.weight has shape {tuple(tensors['transformer.wte.weight'].shape)}, "
+        raise CheckpointError(f"{folder}: transformer.wte.weight has shape {tuple(tensors['transformer.wte.weight'].shape)}, "
                          f"config says vocab_size {config.vocab_size} x n_embd {config.hidden_size}")
     return config, from_hf_state_dict({k: v.float() for k, v in tensors.items()}, config)

@@ -22,6 +22,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from lessons_pkg.errors import CheckpointError
+
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
 
@@ -49,7 +51,7 @@ def read_tracker(root: str) -> int | str | None:
     if text == "release":
         return "release"
     if not text.isdigit():
-        raise ValueError(f"{path} should hold an iteration number or 'release', found {text!r}")
+        raise CheckpointError(f"{path} should hold an iteration number or 'release', found {text!r}")
     return int(text)
 
 
@@ -85,7 +87,7 @@ def is_torch_dist(folder: str) -> bool:
 
 def _refuse_torch_dist(folder: str) -> None:
     if is_torch_dist(folder):
-        raise ValueError(f"{folder} is a Megatron-LM torch_dist checkpoint (metadata.json and *.distcp shards of "
+        raise CheckpointError(f"{folder} is a Megatron-LM torch_dist checkpoint (metadata.json and *.distcp shards of "
                          "torch.distributed.checkpoint), which this course does not read. Save with "
                          "--ckpt-format torch (the legacy format: one model_optim_rng.pt per tensor and pipeline "
                          "rank), or convert it with Megatron-LM itself: load it and pass --ckpt-convert-format torch "
@@ -95,31 +97,31 @@ def _refuse_torch_dist(folder: str) -> None:
 def find_checkpoint(root: str, iteration: int | None | str = "latest") -> CheckpointFiles:
     """The checkpoint under ``root`` that the tracker (or ``iteration``) names, checked complete."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"{root}: no such checkpoint folder")
+        raise CheckpointError(f"{root}: no such checkpoint folder")
     if iteration == "latest":
         iteration = read_tracker(root)
         if iteration is None:
             _refuse_torch_dist(root)
             entries = sorted(os.listdir(root))[:10]
             if any(re.fullmatch(r"mp_rank_\d{2}(_\d{3})?", n) for n in os.listdir(root)):
-                raise ValueError(f"{root} is one iteration of a checkpoint (it holds {entries}), not a checkpoint "
+                raise CheckpointError(f"{root} is one iteration of a checkpoint (it holds {entries}), not a checkpoint "
                                  f"folder: pass its parent, the folder with {TRACKER}")
-            raise ValueError(f"{root} is not a Megatron checkpoint folder: no {TRACKER} (it holds {entries})")
+            raise CheckpointError(f"{root} is not a Megatron checkpoint folder: no {TRACKER} (it holds {entries})")
         if iteration == "release":
             iteration = None
     folder = os.path.join(root, iteration_dirname(iteration))
     if not os.path.isdir(folder):
-        raise ValueError(f"{root}: {TRACKER} names {iteration_dirname(iteration)}, but there is no such folder")
+        raise CheckpointError(f"{root}: {TRACKER} names {iteration_dirname(iteration)}, but there is no such folder")
     names = sorted(n for n in os.listdir(folder) if n.startswith("mp_rank_"))
     matches = [re.fullmatch(r"mp_rank_(\d{2})(?:_(\d{3}))?", n) for n in names]
     _refuse_torch_dist(folder)
     if not names:
-        raise ValueError(f"{folder} holds no mp_rank_XX[_YYY] folders: it is empty or half-written")
+        raise CheckpointError(f"{folder} holds no mp_rank_XX[_YYY] folders: it is empty or half-written")
     if not all(matches):
-        raise ValueError(f"{folder}: unexpected folders {[n for n, m in zip(names, matches) if not m]}")
+        raise CheckpointError(f"{folder}: unexpected folders {[n for n, m in zip(names, matches) if not m]}")
     with_pp = {m.group(2) is not None for m in matches}
     if len(with_pp) > 1:
-        raise ValueError(f"{folder} mixes layouts: both mp_rank_XX (PP=1) and mp_rank_XX_YYY (PP>1) folders: {names}")
+        raise CheckpointError(f"{folder} mixes layouts: both mp_rank_XX (PP=1) and mp_rank_XX_YYY (PP>1) folders: {names}")
     tps = sorted({int(m.group(1)) for m in matches})
     pps = sorted({int(m.group(2)) if m.group(2) else 0 for m in matches})
     files = CheckpointFiles(root, iteration, len(tps), len(pps))
@@ -129,6 +131,6 @@ def find_checkpoint(root: str, iteration: int | None | str = "latest") -> Checkp
             if not os.path.isfile(files.model_file(t, p)):
                 missing.append(os.path.relpath(files.model_file(t, p), root))
     if tps != list(range(len(tps))) or pps != list(range(len(pps))) or missing:
-        raise ValueError(f"{folder} is incomplete (half-written or mixed layouts): folders {names}, "
+        raise CheckpointError(f"{folder} is incomplete (half-written or mixed layouts): folders {names}, "
                          f"missing {missing or 'rank numbers ' + str((tps, pps))}")
     return files

@@ -51,6 +51,8 @@ import types
 
 import torch
 
+from lessons_pkg.errors import CheckpointError
+
 CHECKPOINT_VERSION = 3.0
 WORD = "embedding.word_embeddings.weight"
 POSITION = "embedding.position_embeddings.weight"
@@ -80,11 +82,11 @@ def read_args(args, where: str) -> argparse.Namespace:
     if isinstance(args, dict):
         bad = [k for k in args if not isinstance(k, str)]
         if bad:
-            raise ValueError(f"{where}: its args dict has keys that are not names: {bad[:5]}")
+            raise CheckpointError(f"{where}: its args dict has keys that are not names: {bad[:5]}")
         return argparse.Namespace(**args)
     if isinstance(args, (argparse.Namespace, types.SimpleNamespace)):
         return argparse.Namespace(**vars(args))
-    raise ValueError(f"{where}: its 'args' is a {type(args).__module__}.{type(args).__qualname__}; a Megatron "
+    raise CheckpointError(f"{where}: its 'args' is a {type(args).__module__}.{type(args).__qualname__}; a Megatron "
                      "checkpoint stores them as an argparse.Namespace (Megatron-LM), a types.SimpleNamespace "
                      "(transformers' converter) or a dict")
 
@@ -103,10 +105,10 @@ def safe_load(path: str, mmap: bool = False) -> dict:
         except Exception:  # noqa: BLE001 - not a zip checkpoint at all
             pass
         if refused:
-            raise ValueError(f"cannot read checkpoint file {path}: it pickles {', '.join(refused)}, outside the "
+            raise CheckpointError(f"cannot read checkpoint file {path}: it pickles {', '.join(refused)}, outside the "
                              "allowlist of lessons_pkg.checkpoint.megatron_format.SAFE_GLOBALS (unpickling it "
                              "could run arbitrary code; we never load with weights_only=False)") from e
-        raise ValueError(f"cannot read checkpoint file {path}: {type(e).__name__}: {str(e)[:500]}") from e
+        raise CheckpointError(f"cannot read checkpoint file {path}: {type(e).__name__}: {str(e)[:500]}") from e
 
 
 # --- our stage state dict <-> Megatron's nested dict ------------------------------------------------
@@ -156,7 +158,7 @@ def from_megatron(model: dict, checkpoint_version: float = CHECKPOINT_VERSION,
             and any(k.startswith("layers.") for k in model):
         return dict(model)  # the flat ParallelGPT state dict that earlier versions of this course saved
     if "language_model" not in model:
-        raise ValueError(f"not a Megatron GPT model: no 'language_model' among {sorted(model)[:8]}")
+        raise CheckpointError(f"not a Megatron GPT model: no 'language_model' among {sorted(model)[:8]}")
     lm = model["language_model"]
     out: dict[str, torch.Tensor] = {}
     embedding = lm.get("embedding")
@@ -166,7 +168,7 @@ def from_megatron(model: dict, checkpoint_version: float = CHECKPOINT_VERSION,
             out[POSITION] = embedding["position_embeddings"]["weight"]
     encoder = lm.get("encoder", lm.get("transformer"))
     if encoder is None:
-        raise ValueError(f"Megatron model has no 'encoder' (or older 'transformer'): keys {sorted(lm)}")
+        raise CheckpointError(f"Megatron model has no 'encoder' (or older 'transformer'): keys {sorted(lm)}")
     for key, value in encoder.items():
         for pattern, new in _OLD_NAMES:
             key = pattern.sub(new, key)
@@ -186,7 +188,7 @@ def model_keys(state: dict) -> list[str]:
         return ["model"]
     chunks = sorted((k for k in state if re.fullmatch(r"model\d+", k)), key=lambda k: int(k[5:]))
     if not chunks:
-        raise ValueError(f"checkpoint holds no 'model' nor 'model0', 'model1', ...: keys {sorted(state)}")
+        raise CheckpointError(f"checkpoint holds no 'model' nor 'model0', 'model1', ...: keys {sorted(state)}")
     return chunks
 
 
@@ -241,4 +243,4 @@ def check_supported(args: argparse.Namespace, where: str) -> None:
     if get("ffn_hidden_size") not in (None, 4 * get("hidden_size", 0)):
         problems.append(f"ffn_hidden_size {get('ffn_hidden_size')} (must be 4 x hidden_size = {4 * get('hidden_size', 0)})")
     if problems:
-        raise ValueError(f"{where}: this Megatron model is not a GPT-2 that ParallelGPT can hold: " + "; ".join(problems))
+        raise CheckpointError(f"{where}: this Megatron model is not a GPT-2 that ParallelGPT can hold: " + "; ".join(problems))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lessons_pkg.errors import CheckpointError
 from lessons_pkg.tensor_parallel.config import GPTConfig
 
 
@@ -53,7 +54,7 @@ def load_tokenizer(path: str | None = None, args: argparse.Namespace | None = No
     if vocab_file or merge_file:
         for flag, f in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
             if not f or not os.path.isfile(f):
-                raise FileNotFoundError(f"{flag} {f!r}: no such file (both --vocab-file and --merge-file are needed)")
+                raise CheckpointError(f"{flag} {f!r}: no such file (both --vocab-file and --merge-file are needed)")
         return build_tokenizer(vocab_file, merge_file, tokenizer_type)
     if path:
         v, m = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
@@ -76,13 +77,13 @@ def load_pretrained(path: str, vocab_file: str | None = None, merge_file: str | 
     must map onto the padded size by Megatron's rule).
     """
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"--load {path!r}: no such folder")
+        raise CheckpointError(f"--load {path!r}: no such folder")
     if is_hf_folder(path):
         from lessons_pkg.checkpoint.hf_io import load_hf_folder
 
         config, state_dict = load_hf_folder(path)
         if true_vocab_size is not None and true_vocab_size != config.vocab_size:
-            raise ValueError(f"--true-vocab-size {true_vocab_size}, but the transformers model {path} has "
+            raise CheckpointError(f"--true-vocab-size {true_vocab_size}, but the transformers model {path} has "
                              f"vocab_size {config.vocab_size}")
         tokenizer = load_tokenizer(path, None, vocab_file, merge_file, tokenizer_type)
         return Pretrained(config, state_dict, tokenizer, None, None, "hf", path)
@@ -113,7 +114,7 @@ def _find_tokenizer(path, args, vocab_file, merge_file, tokenizer_type):
 def stage_layers(num_layers: int, pp_rank: int, pp_size: int) -> tuple[int, int]:
     """``(layer_offset, num_layers)`` of pipeline stage ``pp_rank`` (layers split evenly, as Megatron does)."""
     if num_layers % pp_size:
-        raise ValueError(f"num_layers ({num_layers}) is not divisible by pipeline-model-parallel-size ({pp_size})")
+        raise CheckpointError(f"num_layers ({num_layers}) is not divisible by pipeline-model-parallel-size ({pp_size})")
     per = num_layers // pp_size
     return pp_rank * per, per
 

@@ -45,6 +45,7 @@ import torch
 from lessons_pkg.checkpoint import megatron_format as mf
 from lessons_pkg.checkpoint.layout import CheckpointFiles, find_checkpoint
 from lessons_pkg.checkpoint.vocab import VocabSize, resolve_vocab_size, vocab_file_size
+from lessons_pkg.errors import CheckpointError
 from lessons_pkg.tensor_parallel.config import GPTConfig
 from lessons_pkg.tensor_parallel.utils import vocab_size_with_padding
 
@@ -79,7 +80,7 @@ class Layout:
             if not isinstance(value, int) or value < 1:
                 errors.append(f"{what} {name}-parallel size must be a positive integer, got {value!r}")
         if errors:
-            raise ValueError("; ".join(errors))
+            raise CheckpointError("; ".join(errors))
         if config.num_attention_heads % self.tp:
             errors.append(f"{what} tensor-parallel size {self.tp} does not divide num_attention_heads "
                           f"({config.num_attention_heads})")
@@ -87,7 +88,7 @@ class Layout:
             errors.append(f"{what} pipeline size {self.pp} x virtual {self.vp} = {self.stages()} stages do not "
                           f"divide num_layers ({config.num_layers})")
         if errors:
-            raise ValueError("; ".join(errors))
+            raise CheckpointError("; ".join(errors))
 
     def chunks(self, config: GPTConfig, pp_rank: int) -> list[dict]:
         """``ParallelGPT`` keyword arguments of each model chunk of pipeline rank ``pp_rank``."""
@@ -129,7 +130,7 @@ def config_from_args(args, vocab_size: int, where: str = "the checkpoint") -> GP
     missing = [n for n in ("hidden_size", "num_layers", "num_attention_heads", "max_position_embeddings")
                if get(n) is None]
     if missing:
-        raise ValueError(f"{where}: the saved args have no {', '.join(missing)}: cannot tell the model's sizes")
+        raise CheckpointError(f"{where}: the saved args have no {', '.join(missing)}: cannot tell the model's sizes")
     return GPTConfig(
         vocab_size=int(vocab_size), hidden_size=get("hidden_size"), num_layers=get("num_layers"),
         num_attention_heads=get("num_attention_heads"), max_position_embeddings=get("max_position_embeddings"),
@@ -173,14 +174,14 @@ class SourceCheckpoint:
         first = mf.safe_load(where, mmap=True)
         for key in ("args", "model") if "model" in first else ("args",):
             if key not in first:
-                raise ValueError(f"{where} has no {key!r}: not a Megatron checkpoint file")
+                raise CheckpointError(f"{where} has no {key!r}: not a Megatron checkpoint file")
         args = mf.read_args(first["args"], where)
         mf.check_supported(args, where)
         vp = len(mf.model_keys(first))
         saved = (getattr(args, "tensor_model_parallel_size", None) or files.tp,
                  getattr(args, "pipeline_model_parallel_size", None) or files.pp)
         if saved != (files.tp, files.pp):
-            raise ValueError(f"{files.folder}: the folders say TP={files.tp} x PP={files.pp} but the saved args say "
+            raise CheckpointError(f"{files.folder}: the folders say TP={files.tp} x PP={files.pp} but the saved args say "
                              f"TP={saved[0]} x PP={saved[1]} (mixed or renamed layouts)")
         version = float(first.get("checkpoint_version", 0.0))
         vocab_size = _resolve_vocab(args, first, files, version, vocab)
@@ -221,7 +222,7 @@ class SourceCheckpoint:
         state = self._file(tp_rank, pp_rank)
         keys = mf.model_keys(state)
         if len(keys) != self.layout.vp:
-            raise ValueError(f"{self.files.model_file(tp_rank, pp_rank)} holds {len(keys)} model chunks, "
+            raise CheckpointError(f"{self.files.model_file(tp_rank, pp_rank)} holds {len(keys)} model chunks, "
                              f"{self.files.model_file(0, 0)} holds {self.layout.vp} (mixed layouts)")
         heads = self.config.num_attention_heads // self.layout.tp
         return mf.from_megatron(state[keys[chunk]], self.version, heads)
@@ -250,7 +251,7 @@ class SourceCheckpoint:
         for t in range(self.layout.tp):
             stage = self._chunk(t, pp_rank, chunk)
             if local not in stage:
-                raise ValueError(f"{self.files.model_file(t, pp_rank)} (chunk {chunk}) has no {local!r}")
+                raise CheckpointError(f"{self.files.model_file(t, pp_rank)} (chunk {chunk}) has no {local!r}")
             shards.append(stage[local])
         return glue(key, shards, self.files.model_file(0, pp_rank))
 
@@ -292,7 +293,7 @@ class SourceCheckpoint:
         for t in range(self.layout.tp):
             moments = self._moments_of_rank(t, pp_rank)
             if moments is None or name not in moments:
-                raise ValueError(f"{self.files.rank_dir(t, pp_rank)}: no optimizer state for {name!r}")
+                raise CheckpointError(f"{self.files.rank_dir(t, pp_rank)}: no optimizer state for {name!r}")
             for k in parts:
                 parts[k].append(moments[name][k])
             step = moments[name]["step"]
@@ -310,9 +311,9 @@ class SourceCheckpoint:
                 if name in (mf.WORD, mf.HEAD):  # the padded vocabulary is the checkpoint's own
                     shape = (self.padded_vocab_size // self.layout.tp, shape[1])
                 if name not in stage:
-                    raise ValueError(f"{self.files.model_file(0, 0)}: chunk {c} has no {name!r}")
+                    raise CheckpointError(f"{self.files.model_file(0, 0)}: chunk {c} has no {name!r}")
                 if tuple(stage[name].shape) != shape:
-                    raise ValueError(f"{self.files.model_file(0, 0)}: {name!r} has shape {tuple(stage[name].shape)}, "
+                    raise CheckpointError(f"{self.files.model_file(0, 0)}: {name!r} has shape {tuple(stage[name].shape)}, "
                                      f"the saved args (hidden {self.config.hidden_size}, heads "
                                      f"{self.config.num_attention_heads}, TP {self.layout.tp}) imply {shape}")
 
@@ -326,11 +327,11 @@ def _resolve_vocab(args, first: dict, files: CheckpointFiles, version: float, hi
     stage = mf.from_megatron(first[mf.model_keys(first)[0]], version,
                              heads // files.tp if heads and version < 2.0 else None)
     if mf.WORD not in stage:
-        raise ValueError(f"{where} holds no word embedding ({mf.WORD}): not the first pipeline stage of a GPT")
+        raise CheckpointError(f"{where} holds no word embedding ({mf.WORD}): not the first pipeline stage of a GPT")
     rows = stage[mf.WORD].shape[0] * files.tp
     saved = getattr(args, "padded_vocab_size", None)
     if saved is not None and saved != rows:
-        raise ValueError(f"{where}: args.padded_vocab_size is {saved} but the word embedding has {rows} rows "
+        raise CheckpointError(f"{where}: args.padded_vocab_size is {saved} but the word embedding has {rows} rows "
                          f"({stage[mf.WORD].shape[0]} per tensor rank x {files.tp})")
     size, source = hints.tokenizer_size, hints.tokenizer_source
     vocab_file = getattr(args, "vocab_file", None)
@@ -348,7 +349,7 @@ def glue(key: str, shards: list[torch.Tensor], where: str, check_replicas: bool 
             for t, s in enumerate(shards[1:], start=1):
                 if s.shape != shards[0].shape or not torch.equal(s, shards[0]):
                     diff = (s.float() - shards[0].float()).abs().max().item() if s.shape == shards[0].shape else "shape"
-                    raise ValueError(f"{where}: replicated tensor {key!r} differs between tensor ranks 0 and {t} "
+                    raise CheckpointError(f"{where}: replicated tensor {key!r} differs between tensor ranks 0 and {t} "
                                      f"(max difference {diff}): the checkpoint is inconsistent")
         return shards[0].clone()
     return torch.cat([s for s in shards], dim=dim)
@@ -370,7 +371,7 @@ def zero_moments_by_name(shards: list[dict]) -> dict[str, dict]:
     """ZeRO-1 slices of every data-parallel rank -> per-parameter moments (the flat buffer cut back apart)."""
     shards = sorted(shards, key=lambda s: s["dp_rank"])
     if [s["dp_rank"] for s in shards] != list(range(shards[0]["dp_size"])):
-        raise ValueError(f"distributed-optimizer files of data-parallel ranks {[s['dp_rank'] for s in shards]}, "
+        raise CheckpointError(f"distributed-optimizer files of data-parallel ranks {[s['dp_rank'] for s in shards]}, "
                          f"expected 0..{shards[0]['dp_size'] - 1}: some are missing")
     names, numels = shards[0]["param_names"], shards[0]["numels"]
     flat = {}
@@ -383,13 +384,13 @@ def zero_moments_by_name(shards: list[dict]) -> dict[str, dict]:
             if all(st is None for st in states):  # saved before Adam's first step: zero moments
                 mine = [torch.zeros(size)]
             elif any(st is None for st in states):
-                raise ValueError(f"distributed-optimizer slice of data-parallel rank {s['dp_rank']} has Adam state "
+                raise CheckpointError(f"distributed-optimizer slice of data-parallel rank {s['dp_rank']} has Adam state "
                                  "for only some of its parameter groups")
             else:
                 mine = [st[k].reshape(-1) for st in states]
                 step = states[0]["step"]
             if sum(p.numel() for p in mine) != size:
-                raise ValueError(f"distributed-optimizer slice of data-parallel rank {s['dp_rank']} holds "
+                raise CheckpointError(f"distributed-optimizer slice of data-parallel rank {s['dp_rank']} holds "
                                  f"{sum(p.numel() for p in mine)} elements, expected {size}")
             pieces += mine
         flat[k] = torch.cat(pieces)
@@ -405,7 +406,7 @@ def zero_moments_by_name(shards: list[dict]) -> dict[str, dict]:
 def fit_vocab(full: torch.Tensor, true_vocab: int, padded: int) -> torch.Tensor:
     """Rows ``[V_src_pad, ...]`` -> ``[padded, ...]``: real rows kept, source dummy rows kept while they fit, zeros after."""
     if padded < true_vocab:
-        raise ValueError(f"a padded vocabulary of {padded} rows cannot hold the {true_vocab} real tokens")
+        raise CheckpointError(f"a padded vocabulary of {padded} rows cannot hold the {true_vocab} real tokens")
     if full.size(0) == padded:
         return full
     if full.size(0) > padded:
@@ -458,7 +459,7 @@ def build_rank_state(src: SourceCheckpoint, target: Layout, tp_rank: int, pp_ran
     padded = padded_vocab_size or vocab_size_with_padding(config.vocab_size, target.tp,
                                                           config.make_vocab_size_divisible_by)[0]
     if padded < config.vocab_size or padded % target.tp:
-        raise ValueError(f"padded vocabulary {padded} cannot hold {config.vocab_size} tokens in {target.tp} equal "
+        raise CheckpointError(f"padded vocabulary {padded} cannot hold {config.vocab_size} tokens in {target.tp} equal "
                          "slices")
     chunks = stage_param_names(config, target, tp_rank, pp_rank)
     layouts = target.chunks(config, pp_rank)
@@ -482,7 +483,7 @@ def build_rank_state(src: SourceCheckpoint, target: Layout, tp_rank: int, pp_ran
                 full = fit_vocab(full, config.vocab_size, padded)
             stage[local] = split(key, full, target.tp, tp_rank)
             if tuple(stage[local].shape) != tuple(_shape) and source_key != mf.WORD:
-                raise ValueError(f"{key}: the source gives shape {tuple(stage[local].shape)} at TP={target.tp}, "
+                raise CheckpointError(f"{key}: the source gives shape {tuple(stage[local].shape)} at TP={target.tp}, "
                                  f"the model expects {tuple(_shape)}")
             if with_optim:
                 m = src.full_moments(source_key)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lessons_pkg.errors import CheckpointError
 from lessons_pkg.tensor_parallel.utils import vocab_size_with_padding
 
 
@@ -64,18 +65,18 @@ def resolve_vocab_size(args, padded: int, tp: int, explicit: int | None = None, 
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{where}: {source} must be a positive integer, got {value!r}")
+            raise CheckpointError(f"{where}: {source} must be a positive integer, got {value!r}")
         if value > padded:
-            raise ValueError(f"{where}: {source} is {value}, but the word embedding has only {padded} rows "
+            raise CheckpointError(f"{where}: {source} is {value}, but the word embedding has only {padded} rows "
                              f"(padded_vocab_size): not the vocabulary of this checkpoint")
         if tokenizer_size is not None and tokenizer_size != value:
-            raise ValueError(f"{where}: {source} is {value} but {tokenizer_source} has {tokenizer_size} tokens: "
+            raise CheckpointError(f"{where}: {source} is {value} but {tokenizer_source} has {tokenizer_size} tokens: "
                              "not the tokenizer this model was trained with")
         return VocabSize(padded, value, source)
     if tokenizer_size is None:
         return VocabSize(padded, None, "unknown")
     if tokenizer_size > padded or vocab_size_with_padding(tokenizer_size, tp, divisible_by)[0] != padded:
-        raise ValueError(f"{where} records only its padded vocabulary ({padded} rows, no true_vocab_size or "
+        raise CheckpointError(f"{where} records only its padded vocabulary ({padded} rows, no true_vocab_size or "
                          f"orig_vocab_size), and {tokenizer_source} has {tokenizer_size} tokens: "
                          f"{padding_rule(tokenizer_size, tp, divisible_by)}, not {padded}. Not the tokenizer this "
                          f"model was trained with (or pass --true-vocab-size)")
@@ -90,7 +91,7 @@ def vocab_file_size(path: str) -> int:
         with open(path, encoding="utf-8") as f:
             vocab = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read vocabulary file {path}: {e}") from None
+        raise CheckpointError(f"cannot read vocabulary file {path}: {e}") from None
     if not isinstance(vocab, dict) or not vocab:
-        raise ValueError(f"{path}: expected a non-empty JSON object token -> id")
+        raise CheckpointError(f"{path}: expected a non-empty JSON object token -> id")
     return len(vocab)

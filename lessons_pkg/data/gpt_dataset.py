@@ -34,6 +34,7 @@ import tempfile
 import numpy as np
 
 from lessons_pkg.data.indexed_dataset import MMapIndexedDataset
+from lessons_pkg.errors import UserError
 
 # ---------------------------------------------------------------------------------------------
 # train / valid / test split of the documents
@@ -51,10 +52,10 @@ def get_train_valid_test_split(splits_string: str, size: int) -> list[int]:
     try:
         weights = [float(s) for s in splits_string.split(separator)]
     except ValueError:
-        raise ValueError(f"--split {splits_string!r} must be numbers separated by ',' or '/', like 949,50,1") from None
+        raise UserError(f"--split {splits_string!r} must be numbers separated by ',' or '/', like 949,50,1") from None
     weights = (weights + [0.0, 0.0])[:3]
     if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"--split {splits_string!r} needs non-negative weights with a positive sum")
+        raise UserError(f"--split {splits_string!r} needs non-negative weights with a positive sum")
     total = sum(weights)
     bounds = [0]
     for w in weights:
@@ -79,7 +80,7 @@ def num_epochs_needed(tokens_per_epoch: int, seq_length: int, num_samples: int) 
     with the next one.
     """
     if tokens_per_epoch < 2:
-        raise ValueError(f"the split has {tokens_per_epoch} tokens; a sample needs at least 2")
+        raise UserError(f"the split has {tokens_per_epoch} tokens; a sample needs at least 2")
     return max(1, -(-(num_samples * seq_length + 1) // tokens_per_epoch))  # ceil((ns*sl + 1) / tpe)
 
 
@@ -190,11 +191,18 @@ def _index_cache_prefix(data_prefix: str, name: str, documents: np.ndarray, size
 def _save_atomically(path: str, array: np.ndarray) -> None:
     # Ranks may build the same indices at once: each writes a private file and renames it,
     # so nobody ever loads a half-written .npy.
+    # A failed write (a full disk, a read-only folder) leaves no file and names the cache it was for.
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npy.tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-    os.replace(tmp, path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npy.tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"cannot write the dataset index cache {path}: {e.strerror or e}") from None
 
 
 class GPTDataset:
@@ -265,7 +273,7 @@ def check_token_ids(indexed: MMapIndexedDataset, vocab_size: int, chunk_tokens: 
         ends = np.cumsum(indexed.sizes.astype(np.int64))
         sequence = int(np.searchsorted(ends, at, side="right"))
         document = int(np.searchsorted(indexed.document_indices, sequence, side="right")) - 1
-        raise ValueError(f"{indexed.prefix}: token id {int(tokens[at])} (document {document}, token "
+        raise UserError(f"{indexed.prefix}: token id {int(tokens[at])} (document {document}, token "
                          f"{at - (int(ends[sequence - 1]) if sequence else 0)} of sequence {sequence}) is outside "
                          f"the vocabulary of size {vocab_size}; were these data made with another tokenizer?")
 

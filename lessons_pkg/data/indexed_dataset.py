@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lessons_pkg.errors import UserError
+
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 HEADER_SIZE = 9 + 8 + 1 + 8 + 8  # magic, version, dtype code, S, D = 34 bytes
@@ -154,7 +156,7 @@ def write_index(idx_path: str, dtype, sizes, document_indices) -> None:
         f.write(document_indices.tobytes(order="C"))
 
 
-class IndexFormatError(ValueError):
+class IndexFormatError(UserError):
     """An ``.idx`` file that is not Megatron's format, or that does not match its ``.bin``."""
 
 

@@ -27,6 +27,8 @@ import json
 import os
 from collections.abc import Iterable
 
+from lessons_pkg.errors import UserError
+
 EOD_TOKEN = "<|endoftext|>"
 
 
@@ -36,9 +38,19 @@ def load_vocab_and_merges(vocab_file: str, merge_file: str) -> tuple[dict[str, i
         try:
             vocab = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{vocab_file}: not GPT-2's vocab.json ({e})") from None
+            raise UserError(f"{vocab_file}: not GPT-2's vocab.json ({e})") from None
     if not isinstance(vocab, dict) or not vocab:
-        raise ValueError(f"{vocab_file}: expected a non-empty JSON object token -> id")
+        raise UserError(f"{vocab_file}: expected a non-empty JSON object token -> id")
+    if "" in vocab:  # the BPE model cannot hold it (tokenizers fails deep inside)
+        raise UserError(f"{vocab_file}: token id {vocab['']} is the empty string; a BPE vocabulary has no empty token")
+    bad = next(((t, i) for t, i in vocab.items() if not isinstance(i, int) or isinstance(i, bool) or i < 0), None)
+    if bad is not None:
+        raise UserError(f"{vocab_file}: token {bad[0]!r} has id {bad[1]!r}; ids are integers >= 0")
+    if len(set(vocab.values())) != len(vocab):
+        ids = sorted(vocab.values())
+        twice = next(a for a, b in zip(ids, ids[1:]) if a == b)
+        raise UserError(f"{vocab_file}: id {twice} is given to more than one token: "
+                        f"{sorted(t for t, i in vocab.items() if i == twice)[:3]}")
     merges = []
     with open(merge_file, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
@@ -47,7 +59,7 @@ def load_vocab_and_merges(vocab_file: str, merge_file: str) -> tuple[dict[str, i
                 continue
             parts = line.split(" ")
             if len(parts) != 2:
-                raise ValueError(f"{merge_file}:{number}: a merge is two symbols separated by a space, got {line!r}")
+                raise UserError(f"{merge_file}:{number}: a merge is two symbols separated by a space, got {line!r}")
             merges.append((parts[0], parts[1]))
     return vocab, merges
 
@@ -60,7 +72,7 @@ class GPT2BPETokenizer:
 
         vocab, merges = load_vocab_and_merges(vocab_file, merge_file)
         if EOD_TOKEN not in vocab:
-            raise ValueError(f"{vocab_file} has no {EOD_TOKEN} token, which marks document ends (eod)")
+            raise UserError(f"{vocab_file} has no {EOD_TOKEN} token, which marks document ends (eod)")
         self.vocab_file, self.merge_file = vocab_file, merge_file
         self._tokenizer = GPT2TokenizerFast(vocab=vocab, merges=merges)
         self.encoder = vocab
@@ -81,7 +93,7 @@ class GPT2BPETokenizer:
 def build_tokenizer(vocab_file: str, merge_file: str, tokenizer_type: str = "GPT2BPETokenizer") -> GPT2BPETokenizer:
     """The tokenizer ``--tokenizer-type`` names; only GPT2BPETokenizer is provided."""
     if tokenizer_type != "GPT2BPETokenizer":
-        raise ValueError(f"--tokenizer-type {tokenizer_type!r} is not supported; use GPT2BPETokenizer")
+        raise UserError(f"--tokenizer-type {tokenizer_type!r} is not supported; use GPT2BPETokenizer")
     return GPT2BPETokenizer(vocab_file, merge_file)
 
 
@@ -98,7 +110,7 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, output_dir: str,
     from tokenizers import ByteLevelBPETokenizer
 
     if vocab_size < 257:
-        raise ValueError(f"vocab_size ({vocab_size}) must be at least 257: 256 bytes + {EOD_TOKEN}")
+        raise UserError(f"vocab_size ({vocab_size}) must be at least 257: 256 bytes + {EOD_TOKEN}")
     seen = {"texts": 0, "chars": 0}
 
     def counted(texts):
@@ -111,9 +123,9 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, output_dir: str,
     tokenizer.train_from_iterator(counted(texts), vocab_size=vocab_size, min_frequency=min_frequency,
                                   special_tokens=[EOD_TOKEN], show_progress=False)
     if seen["chars"] == 0:
-        raise ValueError(f"no text to train a tokenizer on ({seen['texts']} texts, all empty)")
+        raise UserError(f"no text to train a tokenizer on ({seen['texts']} texts, all empty)")
     if tokenizer.get_vocab_size() < vocab_size:
-        raise ValueError(f"{seen['texts']} texts ({seen['chars']} characters) yield only "
+        raise UserError(f"{seen['texts']} texts ({seen['chars']} characters) yield only "
                          f"{tokenizer.get_vocab_size()} tokens with min_frequency {min_frequency}, "
                          f"not the {vocab_size} asked for: give more text or a smaller vocab_size")
     os.makedirs(output_dir, exist_ok=True)

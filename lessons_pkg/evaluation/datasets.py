@@ -29,11 +29,12 @@ import json
 import os
 from dataclasses import dataclass
 
+from lessons_pkg.errors import UserError
 from lessons_pkg.evaluation.detokenizer import get_detokenizer
 from lessons_pkg.evaluation.windows import Sample, overlapping_windows
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """An evaluation file that cannot be used as asked; the message names the file (and line)."""
 
 

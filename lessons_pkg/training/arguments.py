@@ -18,6 +18,7 @@ import os
 
 import torch
 
+from lessons_pkg.errors import UserError, output_folder_problems
 from lessons_pkg.training.batch_size import rampup_problems
 
 # a few options are ours (not Megatron-LM's); they are marked "(course)" in --help
@@ -173,7 +174,7 @@ def validate_args(args: argparse.Namespace, world_size: int, device: torch.devic
                                           "micro_batch_size", "train_iters", "ffn_hidden_size",
                                           "max_position_embeddings", "make_vocab_size_divisible_by")])
     if not sizes_ok:
-        raise ValueError("inconsistent arguments:\n  " + "\n  ".join(errors))
+        raise UserError(errors[0] if len(errors) == 1 else "inconsistent arguments:\n  " + "\n  ".join(errors))
 
     dp, cp = None, args.context_parallel_size
     if world_size % (tp * pp * cp):
@@ -303,6 +304,15 @@ def validate_args(args: argparse.Namespace, world_size: int, device: torch.devic
         errors.append(f"save-interval ({args.save_interval}) is set but --save (the folder) is not")
     if args.finetune and not args.load:
         errors.append("--finetune loads weights from --load, but --load is not set")
+    for flag, folder in (("--save", args.save), ("--tensorboard-dir", args.tensorboard_dir)):
+        if folder is not None:
+            errors += output_folder_problems(flag, folder)
+    if args.log_json is not None:
+        if os.path.isdir(args.log_json):
+            errors.append(f"--log-json {args.log_json} is a folder; it names the file the log lines go to")
+        else:
+            errors += output_folder_problems("--log-json", os.path.dirname(os.path.abspath(args.log_json)),
+                                             what="its folder")
     for name in ("log_interval", "eval_interval"):
         if getattr(args, name) < 1:
             errors.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -327,7 +337,7 @@ def validate_args(args: argparse.Namespace, world_size: int, device: torch.devic
         errors += _data_problems(args)
 
     if errors:
-        raise ValueError("inconsistent arguments:\n  " + "\n  ".join(errors))
+        raise UserError(errors[0] if len(errors) == 1 else "inconsistent arguments:\n  " + "\n  ".join(errors))
     args.world_size = world_size
     return args
 

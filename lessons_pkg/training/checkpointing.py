@@ -27,6 +27,10 @@ rename itself is durable; ``latest_checkpointed_iteration.txt`` is rewritten
 the same way by global rank 0 only after a barrier, i.e. after EVERY rank's
 files are durable. A crash mid-save leaves a partial ``iter_XXXXXXX`` folder
 that nothing points to; ``--load`` resumes from the previous complete one.
+A write that fails (a full disk, a read-only folder) is not a crash: every rank
+learns of it, rank 0 removes the half-written ``iter_XXXXXXX`` folder, the
+tracker keeps naming the last complete iteration, and every rank raises one
+:class:`~lessons_pkg.errors.UserError` that names the folder and the reason.
 
 Loading (:func:`load_checkpoint`) accepts a checkpoint of ANY layout: the same
 layout loads its own files; any other tensor/pipeline/virtual/data-parallel
@@ -40,22 +44,25 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from lessons_pkg.checkpoint import megatron_format as mf
-from lessons_pkg.checkpoint.layout import TRACKER, checkpoint_dir, find_checkpoint, mp_rank_dirname, read_tracker
+from lessons_pkg.checkpoint.layout import (TRACKER, checkpoint_dir, find_checkpoint, iteration_dirname, mp_rank_dirname,
+                                          read_tracker)
+from lessons_pkg.errors import CheckpointError, UserError, output_error
 from lessons_pkg.tensor_parallel.random import get_model_parallel_rng_state, set_model_parallel_rng_state
 from lessons_pkg.utils import print_rank_0
 
-__all__ = ["CRASH_ENV", "TRACKER", "checkpoint_dir", "get_rng_state", "load_checkpoint", "mp_rank_dirname",
-           "read_tracker", "save_checkpoint", "set_rng_state", "save_atomic", "write_text_atomic"]
+__all__ = ["KILL_DURING_SAVE_ENV", "TRACKER", "checkpoint_dir", "get_rng_state", "load_checkpoint",
+           "mp_rank_dirname", "read_tracker", "save_checkpoint", "set_rng_state", "save_atomic", "write_text_atomic"]
 
-# Fault injection for the tests (see tests/training): the save at this iteration raises on
-# the upper half of the ranks before they write, after the lower half have written theirs.
-CRASH_ENV = "LESSONS_CRASH_DURING_SAVE_AT_ITER"
+# Fault injection for the tests (see tests/training): at the save of this iteration the last rank
+# SIGKILLs itself once its own files are written, before any rank may move the tracker.
+KILL_DURING_SAVE_ENV = "LESSONS_KILL_DURING_SAVE_AT_ITER"
 
 
 # --- random-number generators ------------------------------------------------------------------
@@ -95,23 +102,68 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+class _RecordingWriter:
+    """The file ``torch.save`` writes through, keeping the ``OSError`` of a failed write.
+
+    ``torch.save`` turns a failed write (``ENOSPC``, ``EFBIG``) into ``RuntimeError: ... unexpected
+    pos``; this keeps the real reason so it can be reported.
+    """
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
 def save_atomic(obj, path: str) -> None:
-    """``torch.save`` to ``path.tmp``, fsync it, rename it to ``path``, fsync the folder (the rename is durable)."""
-    with open(path + ".tmp", "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    """``torch.save`` to ``path.tmp``, fsync it, rename it to ``path``, fsync the folder (the rename is durable).
+
+    A failed write leaves no ``path.tmp`` and raises :class:`UserError` naming ``path`` and the reason.
+    """
+    try:
+        with open(path + ".tmp", "wb") as f:
+            writer = _RecordingWriter(f)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:
+                if writer.error is None:
+                    raise
+                raise writer.error from None
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    except OSError as e:
+        _remove(path + ".tmp")
+        raise output_error(path, e) from None
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    except OSError as e:
+        _remove(path + ".tmp")
+        raise output_error(path, e) from None
 
 
 def copy_tokenizer_files(args, root: str) -> None:
@@ -120,8 +172,12 @@ def copy_tokenizer_files(args, root: str) -> None:
                                                                             "merges.txt")):
         dst = os.path.join(root, name)
         if src and os.path.isfile(src) and not os.path.exists(dst):
-            shutil.copyfile(src, dst + ".tmp")
-            os.replace(dst + ".tmp", dst)
+            try:
+                shutil.copyfile(src, dst + ".tmp")
+                os.replace(dst + ".tmp", dst)
+            except OSError as e:
+                _remove(dst + ".tmp")
+                raise output_error(dst, e) from None
 
 
 # --- save --------------------------------------------------------------------------------------
@@ -146,39 +202,62 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
     if save_rng:
         dist.all_gather_object(rng_states, get_rng_state(), group=dp_group)
 
-    crash_at = os.environ.get(CRASH_ENV)
-    if crash_at is not None and int(crash_at) == iteration and dist.get_rank() >= dist.get_world_size() // 2:
-        raise RuntimeError(f"{CRASH_ENV}={crash_at}: simulated crash of rank {dist.get_rank()} "
-                           f"in the middle of saving iteration {iteration}")
+    error = None  # this rank's failed write, if any
+    try:
+        if ranks["dp"] == 0:
+            os.makedirs(folder, exist_ok=True)
+            state = {
+                "checkpoint_version": mf.CHECKPOINT_VERSION,
+                "iteration": iteration,
+                "args": checkpoint_args(args, model_chunks, consumed_samples, iteration),
+                "consumed_train_samples": consumed_samples,
+            }
+            for i, chunk in enumerate(model_chunks):
+                state["model" if len(model_chunks) == 1 else f"model{i}"] = mf.to_megatron(chunk.state_dict())
+            if save_optim:
+                state["opt_param_scheduler"] = scheduler.state_dict()
+                if not distributed_optim:
+                    state["optimizer"] = optimizer.state_dict()
+            if save_rng:
+                state["rng_state"] = rng_states
+            save_atomic(state, os.path.join(folder, "model_optim_rng.pt"))
+        if distributed_optim and save_optim:
+            os.makedirs(folder, exist_ok=True)
+            save_atomic(optimizer.state_dict(), os.path.join(folder, f"distrib_optim_dp_rank_{ranks['dp']:03d}.pt"))
+    except (OSError, UserError) as e:  # a full disk, a read-only folder, a file where a folder goes
+        error = str(e) if isinstance(e, UserError) else str(output_error(getattr(e, "filename", None) or folder, e))
+    if os.environ.get(KILL_DURING_SAVE_ENV) == str(iteration) and dist.get_rank() == dist.get_world_size() - 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # the tests' kill -9 between the shard writes and the tracker move
 
-    if ranks["dp"] == 0:
-        os.makedirs(folder, exist_ok=True)
-        state = {
-            "checkpoint_version": mf.CHECKPOINT_VERSION,
-            "iteration": iteration,
-            "args": checkpoint_args(args, model_chunks, consumed_samples, iteration),
-            "consumed_train_samples": consumed_samples,
-        }
-        for i, chunk in enumerate(model_chunks):
-            state["model" if len(model_chunks) == 1 else f"model{i}"] = mf.to_megatron(chunk.state_dict())
-        if save_optim:
-            state["opt_param_scheduler"] = scheduler.state_dict()
-            if not distributed_optim:
-                state["optimizer"] = optimizer.state_dict()
-        if save_rng:
-            state["rng_state"] = rng_states
-        save_atomic(state, os.path.join(folder, "model_optim_rng.pt"))
-    if distributed_optim and save_optim:
-        os.makedirs(folder, exist_ok=True)
-        save_atomic(optimizer.state_dict(), os.path.join(folder, f"distrib_optim_dp_rank_{ranks['dp']:03d}.pt"))
-
-    dist.barrier()  # every rank's files are in place and on disk ...
-    if dist.get_rank() == 0:  # ... only now does `latest` move
-        _fsync_dir(os.path.dirname(folder))
-        copy_tokenizer_files(args, root)
-        write_text_atomic(os.path.join(root, TRACKER), str(iteration))
-    dist.barrier()
+    # every rank's files are in place and on disk (or some rank's write failed: all ranks learn which)
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    error = next((e for e in errors if e is not None), None)
+    if error is None and dist.get_rank() == 0:  # ... only now does `latest` move
+        try:
+            _fsync_dir(os.path.dirname(folder))
+            copy_tokenizer_files(args, root)
+            write_text_atomic(os.path.join(root, TRACKER), str(iteration))
+        except (OSError, UserError) as e:
+            error = str(e)
+    outcome = [error]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        _fail_save(root, iteration, outcome[0])
     return folder
+
+
+def _fail_save(root: str, iteration: int, error: str) -> None:
+    """Remove the half-written iteration (rank 0, once every rank has stopped writing) and raise on every rank."""
+    last = read_tracker(root)
+    partial = os.path.join(root, iteration_dirname(iteration))
+    if dist.get_rank() == 0 and last != iteration:
+        shutil.rmtree(partial, ignore_errors=True)
+    dist.barrier()
+    kept = f"{TRACKER} still names iteration {last}" if last is not None else f"there is no {TRACKER} yet"
+    left = "could not be removed" if os.path.exists(partial) and last != iteration else "is gone"
+    raise UserError(f"could not save iteration {iteration} to {root}: {error}; the partial {partial} {left} "
+                    f"and {kept}")
 
 
 # --- load --------------------------------------------------------------------------------------
@@ -218,7 +297,7 @@ def _check_model_args(saved, config, where: str) -> None:
     diffs = [f"{k} {getattr(saved, k)} (this run: {v})" for k, v in mine.items()
              if getattr(saved, k, None) is not None and getattr(saved, k) != v]
     if diffs:
-        raise ValueError(f"{where} holds another model than this run builds: " + ", ".join(diffs))
+        raise CheckpointError(f"{where} holds another model than this run builds: " + ", ".join(diffs))
 
 
 def load_checkpoint(root: str, model_chunks, optimizer, scheduler, args, ranks: dict) -> tuple[int, int]:
@@ -265,7 +344,7 @@ def load_checkpoint(root: str, model_chunks, optimizer, scheduler, args, ranks: 
             # transformers' converter writes the head's copy of the tied embedding even at PP=1, where the
             # model uses the embedding itself: the copy must be that embedding
             if mf.WORD in stage and not torch.equal(stage.pop(mf.HEAD), stage[mf.WORD]):
-                raise ValueError(f"{where}: word_embeddings_for_head differs from the word embedding: the output "
+                raise CheckpointError(f"{where}: word_embeddings_for_head differs from the word embedding: the output "
                                  "layer is not tied to the input embedding, which ParallelGPT requires")
         chunk.load_state_dict(stage)
     if hasattr(optimizer, "reload_model_params"):  # ZeRO-1's master slice must follow the loaded weights
@@ -275,7 +354,7 @@ def load_checkpoint(root: str, model_chunks, optimizer, scheduler, args, ranks: 
         return 0, 0
     if not no_optim:
         if optim_state is None:
-            raise ValueError(f"{files.folder} holds no optimizer state (saved with --no-save-optim?): "
+            raise CheckpointError(f"{files.folder} holds no optimizer state (saved with --no-save-optim?): "
                              "pass --no-load-optim (or --finetune) to load the weights only")
         optimizer.load_state_dict(optim_state)
         if "opt_param_scheduler" in state:

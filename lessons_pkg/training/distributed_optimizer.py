@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from lessons_pkg.errors import CheckpointError
 from lessons_pkg.training import grads as G
 from lessons_pkg.training.loss_scaler import DynamicLossScaler
 from lessons_pkg.training.param_groups import Groups, adam_kwargs, load_adam_state, param_names, split_by_weight_decay
@@ -143,7 +144,7 @@ class DistributedOptimizer:
             self._load_full_state(state)
             return
         if (state["dp_size"], state["dp_rank"]) != (self.dp_size, self.dp_rank):
-            raise ValueError(f"distributed-optimizer state of data-parallel rank {state['dp_rank']} of "
+            raise CheckpointError(f"distributed-optimizer state of data-parallel rank {state['dp_rank']} of "
                              f"{state['dp_size']} cannot be loaded on rank {self.dp_rank} of {self.dp_size}")
         load_adam_state(self.adam, state["adam"], self.main_shard.device)
         if self.loss_scaler is not None and "loss_scaler" in state:
@@ -165,7 +166,7 @@ class DistributedOptimizer:
         moments = moments_by_name(state)
         missing = [n for n in self.names if n not in moments]
         if missing:
-            raise ValueError(f"optimizer state has no moments for {missing[:3]} ({len(missing)} parameters)")
+            raise CheckpointError(f"optimizer state has no moments for {missing[:3]} ({len(missing)} parameters)")
         template = self.adam.state_dict()
         flat = {}
         for k in ("exp_avg", "exp_avg_sq"):

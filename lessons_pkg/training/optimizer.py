@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from lessons_pkg.errors import CheckpointError
 from lessons_pkg.training import grads as G
 from lessons_pkg.training.loss_scaler import DynamicLossScaler
 from lessons_pkg.training.param_groups import (  # noqa: F401  (Groups, no_weight_decay: part of this module's API)
@@ -76,7 +77,7 @@ class Optimizer:
         saved = state.get("param_names", self.names)
         if saved != self.names:
             bad = next(((a, b) for a, b in zip(saved, self.names) if a != b), (len(saved), len(self.names)))
-            raise ValueError(f"optimizer state was saved for other parameters: {bad[0]!r} where this model has "
+            raise CheckpointError(f"optimizer state was saved for other parameters: {bad[0]!r} where this model has "
                              f"{bad[1]!r} (a checkpoint of another layout must be resharded, see lessons_pkg.checkpoint)")
         load_adam_state(self.adam, state["adam"], self.params[0].device if self.params else "cpu")
         if self.loss_scaler is not None and "loss_scaler" in state:

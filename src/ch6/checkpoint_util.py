@@ -58,52 +58,66 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _overlap(load_dir: str, save_dir: str) -> str | None:
+    """How ``save_dir`` overlaps ``load_dir`` ("is", "is inside", "holds"), or None when they are apart
+    (or ``load_dir`` is not a local path: a hub name)."""
+    if not os.path.exists(load_dir):
+        return None
+    load, save = os.path.realpath(load_dir), os.path.realpath(save_dir)
+    if load == save:
+        return "is"
+    if save.startswith(load + os.sep):
+        return "is inside"
+    if load.startswith(save + os.sep):
+        return "holds"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from lessons_pkg.checkpoint import convert
     from lessons_pkg.checkpoint.reshard import Layout, SourceCheckpoint, VocabHints
     from lessons_pkg.checkpoint.vocab import vocab_file_size
+    from lessons_pkg.errors import UserError
 
-    try:
-        if args.true_vocab_size is not None and args.true_vocab_size < 1:
-            raise ValueError(f"--true-vocab-size must be >= 1, got {args.true_vocab_size}")
-        for flag in ("vocab_file", "merge_file"):
-            path = getattr(args, flag)
-            if path is not None and not os.path.isfile(path):
-                raise FileNotFoundError(f"--{flag.replace('_', '-')} {path}: no such file")
-        vocab = VocabHints(args.true_vocab_size,
-                           vocab_file_size(args.vocab_file) if args.vocab_file else None,
-                           f"--vocab-file {args.vocab_file}")
-        tokenizer = (args.vocab_file, args.merge_file)
-        for flag in ("target_tensor_parallel_size", "target_pipeline_parallel_size",
-                     "target_virtual_pipeline_parallel_size"):
-            value = getattr(args, flag)
-            if value is not None and value < 1:
-                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-        if os.path.abspath(args.load_dir) == os.path.abspath(args.save_dir):
-            raise ValueError(f"--save-dir is --load-dir ({args.load_dir}): write the conversion somewhere else")
-        if args.loader == "hf" and args.saver == "hf":
-            raise ValueError("--loader hf --saver hf is a copy: nothing to convert")
-        if args.loader == "megatron":
-            if args.saver == "hf":
-                summary = convert.megatron_to_hf(args.load_dir, args.save_dir, args.overwrite, vocab,
-                                                 tokenizer=tokenizer)
-            else:
-                src_layout = SourceCheckpoint.open(args.load_dir, vocab).layout
-                target = Layout(args.target_tensor_parallel_size or src_layout.tp,
-                                args.target_pipeline_parallel_size or src_layout.pp,
-                                args.target_virtual_pipeline_parallel_size)
-                summary = convert.megatron_to_megatron(args.load_dir, args.save_dir, target, not args.no_save_optim,
-                                                       args.overwrite, vocab, progress=not args.no_progress,
-                                                       tokenizer=tokenizer)
+    if args.true_vocab_size is not None and args.true_vocab_size < 1:
+        raise UserError(f"--true-vocab-size must be >= 1, got {args.true_vocab_size}")
+    for flag in ("vocab_file", "merge_file"):
+        path = getattr(args, flag)
+        if path is not None and not os.path.isfile(path):
+            raise UserError(f"--{flag.replace('_', '-')} {path}: no such file")
+    vocab = VocabHints(args.true_vocab_size,
+                       vocab_file_size(args.vocab_file) if args.vocab_file else None,
+                       f"--vocab-file {args.vocab_file}")
+    tokenizer = (args.vocab_file, args.merge_file)
+    for flag in ("target_tensor_parallel_size", "target_pipeline_parallel_size",
+                 "target_virtual_pipeline_parallel_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    overlap = _overlap(args.load_dir, args.save_dir)
+    if overlap:  # even with --overwrite: replacing --save-dir would delete (part of) the source
+        raise UserError(f"--save-dir {args.save_dir} {overlap} --load-dir {args.load_dir}: write the conversion "
+                        "to a folder outside the source")
+    if args.loader == "hf" and args.saver == "hf":
+        raise UserError("--loader hf --saver hf is a copy: nothing to convert")
+    if args.loader == "megatron":
+        if args.saver == "hf":
+            summary = convert.megatron_to_hf(args.load_dir, args.save_dir, args.overwrite, vocab,
+                                             tokenizer=tokenizer)
         else:
-            target = Layout(args.target_tensor_parallel_size or 1, args.target_pipeline_parallel_size or 1,
+            src_layout = SourceCheckpoint.open(args.load_dir, vocab).layout
+            target = Layout(args.target_tensor_parallel_size or src_layout.tp,
+                            args.target_pipeline_parallel_size or src_layout.pp,
                             args.target_virtual_pipeline_parallel_size)
-            summary = convert.hf_to_megatron(args.load_dir, args.save_dir, target, args.overwrite,
-                                             progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+            summary = convert.megatron_to_megatron(args.load_dir, args.save_dir, target, not args.no_save_optim,
+                                                   args.overwrite, vocab, progress=not args.no_progress,
+                                                   tokenizer=tokenizer)
+    else:
+        target = Layout(args.target_tensor_parallel_size or 1, args.target_pipeline_parallel_size or 1,
+                        args.target_virtual_pipeline_parallel_size)
+        summary = convert.hf_to_megatron(args.load_dir, args.save_dir, target, args.overwrite,
+                                         progress=not args.no_progress)
     for name, size in summary["files"].items():
         print(f"  {size / 2**20:10.1f} MiB  {name}")
     if "seconds" in summary:
@@ -114,4 +128,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lessons_pkg.errors import run_cli
+
+    sys.exit(run_cli(main))

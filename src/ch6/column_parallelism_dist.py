@@ -36,7 +36,7 @@ def main() -> int:
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     if A_FULL.shape[1] % world:
-        raise SystemExit(f"A has {A_FULL.shape[1]} columns, which do not split over {world} ranks")
+        raise SystemExit(f"error: A has {A_FULL.shape[1]} columns, which do not split over {world} ranks")
     n = A_FULL.shape[1] // world
 
     # 1. only rank 0 starts with X; broadcast gives every rank a copy
@@ -62,4 +62,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lessons_pkg.errors import run_cli
+
+    sys.exit(run_cli(main))

@@ -69,6 +69,12 @@ def get_args(argv=None) -> argparse.Namespace:
         p.error("--overlapping-eval applies to --task WIKITEXT103 only")
     if args.strict_lambada and args.task != "LAMBADA":
         p.error("--strict-lambada applies to --task LAMBADA only")
+    if args.results_json:  # refused before the model is loaded, not after the work is done
+        from lessons_pkg.errors import output_folder_problems
+
+        for problem in output_folder_problems("--results-json", os.path.dirname(os.path.abspath(args.results_json)),
+                                              what="its folder"):
+            p.error(f"{problem} (the file {args.results_json})")
     return args
 
 
@@ -147,10 +153,8 @@ def main(argv=None) -> None:
 
     ps.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
     rank = dist.get_rank()
-    try:
-        pre = load_pretrained(args.load, args.vocab_file, args.merge_file, args.tokenizer_type, args.true_vocab_size)
-    except (ValueError, FileNotFoundError) as e:  # the same on every rank, before any collective
-        raise SystemExit(f"error: {e}") from None
+    # a bad folder or file: a UserError, the same on every rank before any collective (run_cli)
+    pre = load_pretrained(args.load, args.vocab_file, args.merge_file, args.tokenizer_type, args.true_vocab_size)
     if pre.tokenizer is None:
         raise SystemExit(f"error: {args.load!r} ships no tokenizer: pass --vocab-file and --merge-file")
     if pre.tokenizer.vocab_size != pre.config.vocab_size:
@@ -207,4 +211,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from lessons_pkg.errors import run_cli
+
+    sys.exit(run_cli(main))

@@ -75,6 +75,12 @@ def get_args(argv=None) -> argparse.Namespace:
         if sampling or args.random_seed != -1 or args.temperature != 1.0:
             p.error(f"--beam-width is deterministic: it takes no sampling flags (got "
                     f"{sampling + (['random_seed'] if args.random_seed != -1 else []) + (['temperature'] if args.temperature != 1.0 else [])})")
+    if args.output_json:  # refused before the model is loaded, not after the work is done
+        from lessons_pkg.errors import output_folder_problems
+
+        for problem in output_folder_problems("--output-json", os.path.dirname(os.path.abspath(args.output_json)),
+                                              what="its folder"):
+            p.error(f"{problem} (the file {args.output_json})")
     return args
 
 
@@ -104,10 +110,8 @@ def main(argv=None) -> None:
 
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     ps.initialize_model_parallel(tp, pp)
-    try:
-        pre = load_pretrained(args.load, args.vocab_file, args.merge_file, args.tokenizer_type, args.true_vocab_size)
-    except (ValueError, FileNotFoundError) as e:  # the same on every rank, before any collective
-        raise SystemExit(f"error: {e}") from None
+    # a bad folder or file: a UserError, the same on every rank before any collective (run_cli)
+    pre = load_pretrained(args.load, args.vocab_file, args.merge_file, args.tokenizer_type, args.true_vocab_size)
     if pre.tokenizer is None:
         raise SystemExit(f"error: {args.load!r} ships no tokenizer: pass --vocab-file and --merge-file")
     if pre.tokenizer.vocab_size != pre.config.vocab_size:
@@ -174,6 +178,7 @@ def report(args, out: dict) -> None:
                 pairs = zip(out["segments"][i][1:], out["logprobs"][i])
                 print("    " + " ".join(f"{seg!r}:{lp:.3f}" for seg, lp in pairs))
     if args.output_json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
         with open(args.output_json, "w") as f:
             json.dump(out, f, indent=1)
         print(f"> written to {args.output_json}")
@@ -181,4 +186,6 @@ def report(args, out: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from lessons_pkg.errors import run_cli
+
+    sys.exit(run_cli(main))

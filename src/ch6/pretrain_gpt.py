@@ -29,6 +29,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from lessons_pkg import parallel_state  # noqa: E402
+from lessons_pkg.errors import UserError, run_cli  # noqa: E402
 from lessons_pkg.training.arguments import format_args, parse_args, validate_args  # noqa: E402
 
 
@@ -55,7 +56,7 @@ def vocab_size_of(args) -> int:
 
     vocab, _ = load_vocab_and_merges(args.vocab_file, args.merge_file)
     if EOD_TOKEN not in vocab:
-        raise ValueError(f"{args.vocab_file} has no {EOD_TOKEN} token")
+        raise UserError(f"{args.vocab_file} has no {EOD_TOKEN} token")
     return len(vocab)
 
 
@@ -63,14 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     backend = args.distributed_backend or parallel_state.default_backend()
-    is_rank_0 = os.environ.get("RANK", "0") == "0"
-    try:  # every check before any process group, weight or dataset exists
-        validate_args(args, world_size, "cuda" if backend == "nccl" else "cpu")
-        vocab_size = vocab_size_of(args)  # reads --vocab-file: a broken file is reported here too
-    except ValueError as e:
-        if is_rank_0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+    # every check before any process group, weight or dataset exists (a UserError: one line, see run_cli)
+    validate_args(args, world_size, "cuda" if backend == "nccl" else "cpu")
+    vocab_size = vocab_size_of(args)  # reads --vocab-file: a broken file is reported here too
 
     import torch
     import torch.distributed as dist
@@ -133,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             datasets = build_train_valid_test_datasets(args.data_path, args.split, num_samples, args.seq_length,
                                                        args.seed, verbose=False)
         if datasets[0] is None:
-            raise ValueError(f"--split {args.split!r} leaves no documents of {args.data_path} for training")
+            raise UserError(f"--split {args.split!r} leaves no documents of {args.data_path} for training")
         return datasets
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -152,4 +148,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -34,7 +34,7 @@ def main() -> int:
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     if X_FULL.shape[1] % world:
-        raise SystemExit(f"X has {X_FULL.shape[1]} columns, which do not split over {world} ranks")
+        raise SystemExit(f"error: X has {X_FULL.shape[1]} columns, which do not split over {world} ranks")
     n = X_FULL.shape[1] // world
 
     # 1. rank 0 cuts X into column blocks and scatters them, one per rank
@@ -60,4 +60,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lessons_pkg.errors import run_cli
+
+    sys.exit(run_cli(main))

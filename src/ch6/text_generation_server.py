@@ -126,10 +126,8 @@ def main(argv=None) -> int:
               f"pipeline-model-parallel size: {pp}", flush=True)
         print(f"> initialized tensor model parallel with size {tp}\n"
               f"> initialized pipeline model parallel with size {pp}", flush=True)
-    try:
-        pre = load_pretrained(args.load, args.vocab_file, args.merge_file, args.tokenizer_type, args.true_vocab_size)
-    except (ValueError, FileNotFoundError) as e:  # the same on every rank, before any collective
-        raise SystemExit(f"error: {e}") from None
+    # a bad folder or file: a UserError, the same on every rank before any collective (run_cli)
+    pre = load_pretrained(args.load, args.vocab_file, args.merge_file, args.tokenizer_type, args.true_vocab_size)
     if pre.tokenizer is None:
         raise SystemExit(f"error: {args.load} names no tokenizer; pass --vocab-file and --merge-file")
     if rank == 0:
@@ -176,4 +174,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lessons_pkg.errors import run_cli
+
+    sys.exit(run_cli(main))

@@ -115,4 +115,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from lessons_pkg.errors import run_cli
+
+    sys.exit(run_cli(main))

@@ -1,6 +1,7 @@
 """src/ch6/checkpoint_util.py: bad input gets one clear message naming the values, and nothing is written."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sys
@@ -9,15 +10,18 @@ import pytest
 import torch
 
 from lessons_pkg.checkpoint import megatron_format as mf
+from lessons_pkg.checkpoint.layout import read_tracker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "src", "ch6"))
 
 import checkpoint_util  # noqa: E402
 
+from lessons_pkg.errors import run_cli  # noqa: E402
+
 
 def run(capsys, *argv):
-    code = checkpoint_util.main(["--no-progress", *map(str, argv)])
+    code = run_cli(checkpoint_util.main, ["--no-progress", *map(str, argv)])
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -94,8 +98,13 @@ def test_output_is_never_overwritten_unless_asked(capsys, tp2pp2, tmp_path):
     code, _, err = run(capsys, "--load-dir", tp2pp2, "--save-dir", save, "--target-tensor-parallel-size", "1")
     assert code == 2 and "exists and is not empty" in err and "--overwrite" in err
     assert (save / "precious.txt").read_text() == "keep me"
-    code, _, err = run(capsys, "--load-dir", tp2pp2, "--save-dir", tp2pp2)
-    assert code == 2 and "--save-dir is --load-dir" in err
+    inside, parent = os.path.join(tp2pp2, "iter_0000002", "new"), os.path.dirname(tp2pp2)
+    for save_dir, how in ((tp2pp2, "is"), (inside, "is inside"), (parent, "holds")):
+        for overwrite in ((), ("--overwrite",)):  # replacing --save-dir would delete the source: never
+            code, _, err = run(capsys, "--load-dir", tp2pp2, "--save-dir", save_dir, *overwrite)
+            assert code == 2 and err == f"error: --save-dir {save_dir} {how} --load-dir {tp2pp2}: write the " \
+                                       "conversion to a folder outside the source\n", err
+    assert read_tracker(tp2pp2) == 2 and not os.path.exists(inside)
     code, _, _ = run(capsys, "--load-dir", tp2pp2, "--save-dir", save, "--target-tensor-parallel-size", "1",
                      "--target-pipeline-parallel-size", "1", "--overwrite")
     assert code == 0 and not (save / "precious.txt").exists() and (save / "iter_0000002" / "mp_rank_00").is_dir()
@@ -111,7 +120,7 @@ def test_a_failing_conversion_leaves_nothing(capsys, src, tmp_path, monkeypatch)
     def fail_on_third(*args, **kwargs):  # dies midway, after two of four shards were written
         calls["n"] += 1
         if calls["n"] == 3:
-            raise ValueError("simulated failure in the middle of the conversion")
+            raise OSError(errno.ENOSPC, "No space left on device (simulated)")
         return real(*args, **kwargs)
 
     from lessons_pkg.checkpoint import convert
@@ -119,5 +128,6 @@ def test_a_failing_conversion_leaves_nothing(capsys, src, tmp_path, monkeypatch)
     monkeypatch.setattr(convert, "build_rank_state", fail_on_third)
     save = tmp_path / "out"
     code, _, err = run(capsys, "--load-dir", src, "--save-dir", save, "--target-tensor-parallel-size", "4")
-    assert code == 2 and "simulated failure" in err
+    assert code == 2 and err == (f"error: could not write the conversion to --save-dir {save}: No space left on "
+                                 "device (simulated); nothing was written\n"), err
     assert nothing_written(save)

@@ -36,12 +36,14 @@ sys.path.insert(0, os.path.join(ROOT, "src", "ch6"))
 
 import checkpoint_util  # noqa: E402
 
+from lessons_pkg.errors import run_cli  # noqa: E402
+
 VOCAB = 2000
 PADDED = 2048  # 2000 up to a multiple of make_vocab_size_divisible_by (128) x TP, for TP 1, 2 and 4
 
 
 def util(capsys, *argv):
-    code = checkpoint_util.main(["--no-progress", *map(str, argv)])
+    code = run_cli(checkpoint_util.main, ["--no-progress", *map(str, argv)])
     out = capsys.readouterr()
     return code, out.out, out.err
 

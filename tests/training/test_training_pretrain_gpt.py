@@ -6,8 +6,9 @@ Launches (shared through module fixtures, to keep the suite fast):
     dp2      8 ranks, TP=2 x PP=2 x DP=2, --use-distributed-optimizer, interleaved schedule, recomputation,
              --sequence-parallel
     killed   4 ranks, SIGKILLed right after its save at iteration 3
-    crashed  4 ranks, resumed from 3, crashes in the middle of its save at 6
-    resumed  4 ranks, resumed again (from 3: the crashed save never became `latest`)
+    full     4 ranks, resumed from 3, the disk full (RLIMIT_FSIZE) when it saves at 6
+    killed-in-save  4 ranks, resumed from 3, one rank SIGKILLed between the shard writes and the tracker move at 6
+    resumed  4 ranks, resumed again (from 3: neither failed save became `latest`)
     zero1    2 ranks, DP=2 with the distributed optimizer, then resumed from its iteration-3 checkpoint
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import pydoc_data.topics
+import resource
 import shutil
 import subprocess
 import sys
@@ -24,7 +26,7 @@ import pytest
 from lessons_pkg.data import IndexedDatasetBuilder
 from lessons_pkg.data.tokenizer import build_tokenizer, train_byte_level_bpe
 from lessons_pkg.launch import free_port, torchrun
-from lessons_pkg.training.checkpointing import CRASH_ENV, read_tracker
+from lessons_pkg.training.checkpointing import KILL_DURING_SAVE_ENV, read_tracker
 from lessons_pkg.training.train import KILL_ENV
 
 SCRIPT = "src/ch6/pretrain_gpt.py"
@@ -62,13 +64,13 @@ def common_args(data, log_json, *extra):
     ]
 
 
-def launch(nproc, data, log_json, *extra, env=None, check=True, timeout=240):
+def launch(nproc, data, log_json, *extra, env=None, check=True, timeout=240, preexec_fn=None):
     # the same padded vocabulary in every layout: 300 -> 320 (64 x 5) at TP=1 and (32 x 2) x 5 at TP=2,
     # since the dummy tokens' logits enter the softmax (as in Megatron)
     tp = 2 if "--tensor-model-parallel-size" in extra else 1
     divisible = ["--make-vocab-size-divisible-by", str(64 // tp)]
     return torchrun(SCRIPT, *common_args(data, log_json, *divisible, *extra), nproc_per_node=nproc,
-                    timeout=timeout, env=env, check=check, echo=False)
+                    timeout=timeout, env=env, check=check, echo=False, preexec_fn=preexec_fn)
 
 
 def records(path, kind="train"):
@@ -225,10 +227,17 @@ def test_checkpoint_layout(tp2pp2):
     assert not list(save.rglob("*.tmp"))
 
 
-def test_killed_run_resumes_exactly_and_a_crashed_save_is_ignored(data, tp2pp2):
+def full_disk():
+    """In torchrun's process before it starts (the ranks inherit it): files cannot grow past 64 KiB, as on a
+    full disk. The logs stay below it; every checkpoint shard of this model is larger (~200 KiB)."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+
+def test_killed_run_resumes_exactly_and_failed_saves_lose_nothing(data, tp2pp2):
     ref_log = tp2pp2[0]
     save = data["root"] / "ckpt-resume"
     args = (*TP2PP2, "--save", str(save), "--load", str(save), "--save-interval", "3")
+    partial = save / f"iter_{ITERS:07d}"
 
     # 1. killed (SIGKILL, no clean-up) right after the save at iteration 3 completed
     killed = launch(4, data, data["root"] / "killed.jsonl", *args, env={KILL_ENV: "3"}, check=False)
@@ -236,24 +245,32 @@ def test_killed_run_resumes_exactly_and_a_crashed_save_is_ignored(data, tp2pp2):
     assert read_tracker(str(save)) == 3
     assert sorted(losses(data["root"] / "killed.jsonl")) == [1, 2, 3]
 
-    # 2. resumed from 3; crashes in the middle of the save at 6 (the upper ranks raise before writing)
-    crashed_log = data["root"] / "crashed.jsonl"
-    crashed = launch(4, data, crashed_log, *args, env={CRASH_ENV: str(ITERS)}, check=False)
-    assert crashed.returncode != 0 and "simulated crash" in "".join(crashed.stderr)
-    assert " > loaded checkpoint from" in crashed.output and "at iteration 3" in crashed.output
-    assert read_tracker(str(save)) == 3, "`latest` must not point at the partial checkpoint"
-    partial = save / f"iter_{ITERS:07d}"
-    assert (partial / "mp_rank_00_000" / "model_optim_rng.pt").is_file()     # rank 0 had written ...
-    assert not (partial / "mp_rank_00_001" / "model_optim_rng.pt").exists()  # ... rank 2 had not
+    # 2. resumed from 3; the disk is full when it saves at 6: one error line, the partial iteration removed
+    full_log = data["root"] / "full-disk.jsonl"
+    full = launch(4, data, full_log, *args, check=False, preexec_fn=full_disk)
+    assert full.returncode != 0 and " > loaded checkpoint from" in full.output and "at iteration 3" in full.output
+    reports = [line for err in full.stderr for line in err.splitlines() if line.startswith("error: ")]
+    assert len(reports) == 1 and not any("Traceback" in err for err in full.stderr), full.stderr
+    assert reports[0].startswith(f"error: could not save iteration {ITERS} to {save}: cannot write {partial}/"), reports
+    assert reports[0].endswith(f"File too large; the partial {partial} is gone and "
+                               "latest_checkpointed_iteration.txt still names iteration 3"), reports
+    assert read_tracker(str(save)) == 3 and not partial.exists() and not list(save.rglob("*.tmp"))
 
-    # 3. resumed again: from the last complete checkpoint (3), finishes and saves 6
+    # 3. resumed from 3 again; one rank is killed (SIGKILL) after the shards of 6 are written, before the
+    #    tracker moves: `latest` still names 3
+    killed_in_save = launch(4, data, data["root"] / "killed-in-save.jsonl", *args, env={KILL_DURING_SAVE_ENV: str(ITERS)},
+                            check=False)
+    assert killed_in_save.returncode != 0
+    assert read_tracker(str(save)) == 3, "`latest` must not point at the checkpoint whose save was cut short"
+
+    # 4. resumed again: from the last complete checkpoint (3), finishes and saves 6
     resumed_log = data["root"] / "resumed.jsonl"
     resumed = launch(4, data, resumed_log, *args)
     assert "at iteration 3" in resumed.output and read_tracker(str(save)) == ITERS
 
     # same layout, same operations: the resumed losses equal the uninterrupted run's bit for bit
     reference = losses(ref_log)
-    for log in (crashed_log, resumed_log):
+    for log in (full_log, data["root"] / "killed-in-save.jsonl", resumed_log):
         assert losses(log) == {i: reference[i] for i in range(4, ITERS + 1)}
     assert losses(data["root"] / "killed.jsonl") == {i: reference[i] for i in (1, 2, 3)}
 

@@ -213,8 +213,10 @@ def test_pretrain_gpt_reports_a_broken_vocab_file_before_any_process_group(tmp_p
         (tmp_path / name).write_text("")
     (tmp_path / "vocab.json").write_text('{"a": 0,')  # cut short
     monkeypatch.delenv("RANK", raising=False)
-    status = pretrain_gpt.main(BASE[:-3] + ["--data-path", str(tmp_path / "d"), "--vocab-file", str(tmp_path / "vocab.json"),
-                                            "--merge-file", str(tmp_path / "merges.txt")])
+    from lessons_pkg.errors import run_cli
+
+    status = run_cli(pretrain_gpt.main, BASE[:-3] + ["--data-path", str(tmp_path / "d"), "--vocab-file", str(tmp_path / "vocab.json"),
+                                                     "--merge-file", str(tmp_path / "merges.txt")])
     assert status == 2 and not dist.is_initialized()
     assert f"error: {tmp_path / 'vocab.json'}: not GPT-2's vocab.json" in capsys.readouterr().err
 

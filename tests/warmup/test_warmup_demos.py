@@ -48,5 +48,10 @@ def test_distributed_demos_match_single_process(repo_root, script, check, nproc)
 def test_distributed_demo_refuses_a_world_that_does_not_divide(repo_root):
     from lessons_pkg.launch import LaunchError
 
-    with pytest.raises(LaunchError, match="A has 4 columns, which do not split over 3 ranks"):
-        torchrun(str(repo_root / "src/ch6/column_parallelism_dist.py"), nproc_per_node=3, timeout=120, echo=False)
+    script = str(repo_root / "src/ch6/column_parallelism_dist.py")
+    with pytest.raises(LaunchError) as failed:
+        torchrun(script, nproc_per_node=3, timeout=120, echo=False)
+    assert str(failed.value) == failed.value.user_error == "error: A has 4 columns, which do not split over 3 ranks"
+    # every rank meets it; it is printed once (by rank 0), with no traceback, in the ranks' own logs too
+    result = torchrun(script, nproc_per_node=3, timeout=120, echo=False, check=False)
+    assert result.stderr == ["error: A has 4 columns, which do not split over 3 ranks\n", "", ""], result.stderr
