@@ -1,15 +1,29 @@
-"""Exercise ch5.3: how many micro-batches' activations a stage holds at most.
+"""Exercise ch5.3: how many micro-batches' activations a rank of interleaved 1F1B holds at most.
 
-A stage keeps a micro-batch's activations from its forward to its backward.
-Write the largest number of micro-batches "in flight" (forward done, backward
-not yet) on rank ``rank`` of a p-stage pipeline with m micro-batches, as a
-formula, for "gpipe" and for "1f1b". Measure it first:
+With interleaving (notebook 05, section 7; Megatron-LM's schedule) each rank
+holds v model chunks, and every micro-batch passes each rank v times, once per
+chunk. Each pass keeps that chunk's activations until its backward. Write the
+largest number of (micro-batch, chunk) pairs in flight (forward run, backward
+not yet) on rank ``rank`` of p stages, m micro-batches (a multiple of p) and
+v >= 2 chunks per rank, as a formula.
 
-    python src/ch5/pipeline_memory.py --microbatches 2 4 8      # 4 ranks, saved-tensor bytes per stage
+Measure it first:
 
-Check: python -m lessons_pkg.labs check ch5.3
+    python src/ch5/pipeline_memory.py --microbatches 4 8 16     # 4 ranks; the 'interleaved v=2' rows
+
+(there a chunk is one Linear + tanh layer, and one micro-batch through it saves
+1.00 MiB: its input and its output), or count on the simulator:
+
+    from lessons_pkg.pipeline.schedules import interleaved_one_f_one_b, simulate, format_table
+    print(format_table(simulate(interleaved_one_f_one_b(4, 8, 2))))
+
+How many forwards does rank r run before its first backward, what happens after
+that, and when can m be too small to matter? Then compare with 1F1B, which holds
+min(m, p - r) micro-batches of a whole stage (v chunks' worth).
+
+Check: python -m lessons_pkg.labs check ch5.3     (compared for p = 1..5, v = 2..4, m = p..4p, every rank)
 """
 
 
-def peak_in_flight(schedule: str, p: int, m: int, rank: int) -> int:
-    raise NotImplementedError("peak_in_flight(schedule, p, m, rank) for 'gpipe' and '1f1b'")
+def peak_in_flight(p: int, m: int, v: int, rank: int) -> int:
+    raise NotImplementedError("peak_in_flight(p, m, v, rank): (micro-batch, chunk) pairs in flight at most")

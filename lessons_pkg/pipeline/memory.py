@@ -15,9 +15,15 @@ passes through the pack hook; we count the bytes of its storage (once per
 storage, however many times it is saved) until autograd drops it after the
 backward. Parameters are saved too (``x W^T`` saves ``W``) but are not
 activations: storages of the tensors given as ``exclude`` are not counted.
+
+Saved-tensor hooks are thread-local: a forward that runs in another thread
+(torchgpipe computes its partitions in worker threads) is invisible to a
+meter entered in the main thread. Enter ``meter.in_this_thread()`` inside
+that thread too; the counts are shared and guarded by a lock.
 """
 from __future__ import annotations
 
+import threading
 from typing import Iterable
 
 import torch
@@ -75,18 +81,24 @@ class SavedTensorMeter:
         self.excluded = {t.untyped_storage().data_ptr() for t in exclude}
         self.live = self.peak = 0
         self._refs: dict[tuple, list[int]] = {}  # storage -> [bytes, times saved and not yet released]
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._lock = threading.Lock()  # packs may come from several threads, releases from the garbage collector
+        self._hooks = self.in_this_thread()
+
+    def in_this_thread(self) -> torch.autograd.graph.saved_tensors_hooks:
+        """A context manager that makes this meter count what autograd saves in the calling thread as well."""
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _pack(self, tensor: torch.Tensor) -> _Saved:
         storage = tensor.untyped_storage()
         if storage.data_ptr() in self.excluded or storage.nbytes() == 0:
             return _Saved(tensor, self, None)
         key = (tensor.device, storage.data_ptr())
-        entry = self._refs.setdefault(key, [storage.nbytes(), 0])
-        if entry[1] == 0:
-            self.live += entry[0]
-            self.peak = max(self.peak, self.live)
-        entry[1] += 1
+        with self._lock:
+            entry = self._refs.setdefault(key, [storage.nbytes(), 0])
+            if entry[1] == 0:
+                self.live += entry[0]
+                self.peak = max(self.peak, self.live)
+            entry[1] += 1
         return _Saved(tensor, self, key)
 
     @staticmethod
@@ -94,11 +106,12 @@ class SavedTensorMeter:
         return saved.tensor
 
     def _release(self, key) -> None:
-        entry = self._refs[key]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.live -= entry[0]
-            del self._refs[key]
+        with self._lock:
+            entry = self._refs[key]
+            entry[1] -= 1
+            if entry[1] == 0:
+                self.live -= entry[0]
+                del self._refs[key]
 
     def __enter__(self) -> "SavedTensorMeter":
         self._hooks.__enter__()

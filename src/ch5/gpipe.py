@@ -211,4 +211,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lessons_pkg.errors import run_cli
+
+    sys.exit(run_cli(main))

@@ -27,6 +27,12 @@ What happens:
    ``GPT2LMHeadModel`` built from the same weights on every rank: the loss,
    and on every stage the gradient of every parameter it holds.
 
+DeepSpeed's log is cut to the lines about the pipeline (:class:`PipelineLog`):
+the partition (``stage=0 layers=3`` and the layers), ``CONFIG: micro_batches=4``
+(the micro-batches of each step: 1 would mean no pipelining at all) and one
+``RANK=.. STAGE=.. STAGE_PARAMS=.. TOTAL_PARAMS=.. UNIQUE_PARAMS=..`` line per
+stage; rank 0 checks the last two counts against ``GPT2LMHeadModel``.
+
 Lines that start with ``check:`` are the verifications; the exit status is 1 if one fails.
 """
 from __future__ import annotations
@@ -36,6 +42,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -143,6 +150,52 @@ def hf_name(name: str, n_layer: int) -> str:
     return f"transformer.h.{index - 2}.{rest}"
 
 
+class PipelineLog(logging.Filter):
+    """Of DeepSpeed's INFO lines, let through those that describe the pipeline; keep their messages in ``lines``.
+
+    ``CONFIG: micro_batches=4 micro_batch_size=2``: the micro-batches per step (rank 0), and on every stage
+    ``RANK=0 STAGE=0 LAYERS=3 [0, 3) STAGE_PARAMS=... TOTAL_PARAMS=... UNIQUE_PARAMS=...``: its layers and
+    parameters, where TOTAL_PARAMS sums every stage's and UNIQUE_PARAMS counts a tied copy once. Warnings
+    and errors pass as well; the rest (the configuration dump, the optimizer) does not.
+    """
+
+    KEEP = ("CONFIG: micro_batches=", "RANK=")
+
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        if record.getMessage().startswith(self.KEEP):
+            self.lines.append(record.getMessage())
+            return True
+        return False
+
+
+def show_pipeline_log_only(logger: logging.Logger) -> PipelineLog:
+    """Let ``logger`` (DeepSpeed's) print its warnings and its pipeline lines (:class:`PipelineLog`), nothing else.
+
+    DeepSpeed 0.19 sets its logger *and* the logger's stdout handler to WARNING, which hides every INFO
+    line (0.15 printed them all); both go down to INFO here, and the filter picks the lines.
+    """
+    log = PipelineLog()
+    logger.setLevel(logging.INFO)
+    for handler in logger.handlers:
+        handler.setLevel(logging.INFO)
+    logger.addFilter(log)
+    return log
+
+
+def logged_param_counts(lines: list[str]) -> dict[str, int]:
+    """``{'STAGE_PARAMS': .., 'TOTAL_PARAMS': .., 'UNIQUE_PARAMS': ..}`` from this stage's ``RANK=`` line; {} if none."""
+    for line in lines:
+        if line.startswith("RANK="):
+            return {key: int(value) for key, value in re.findall(r"(\w+_PARAMS)=(\d+)", line)}
+    return {}
+
+
 def skip_cpu_inference_all_reduce_build() -> None:
     """On the CPU, DeepSpeed's communication backend compiles a shared-memory all-reduce for *inference*
     (``deepspeed_shm_comm``, about a minute of C++ in every new environment) when it initialises. Training
@@ -159,7 +212,7 @@ def skip_cpu_inference_all_reduce_build() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start_ranks(args)  # plain python: start 4 ranks under torchrun; under a launcher: already a rank
-    deepspeed.utils.logger.setLevel(logging.WARNING)  # keep the output to this script's lines
+    pipeline_log = show_pipeline_log_only(deepspeed.utils.logger)
     skip_cpu_inference_all_reduce_build()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -213,13 +266,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"GPT-2: {config.n_layer} blocks, hidden {config.n_embd}, vocab {config.vocab_size}; "
               f"{world_size} pipeline stages, {args.micro_batches} micro-batches of "
               f"{args.micro_batch_size} sequences x {args.seq_len} tokens; layers 0 and {config.n_layer + 3} "
-              "are one tied token embedding (input embedding and LM head)")
+              "are one tied token embedding (input embedding and LM head)", flush=True)
+    ok = check_param_counts(logged_param_counts(pipeline_log.lines), reference, rank)
 
     # First and last stage each read the batches; the same seed gives both the same ones.
     batches = random_windows(tokens, args.micro_batch_size, args.seq_len, seed=args.seed)
     data = ((ids, ids) for ids in batches)  # (inputs, labels); lm_loss shifts the labels
 
-    ok = True
     with dropout_disabled(module, reference):
         first_loss = engine.train_batch(data_iter=data).item()
         ok &= check_first_batch(first_loss, grads_before_first_step, reference, tokens, args, rank)
@@ -246,6 +299,25 @@ def main(argv: list[str] | None = None) -> int:
     dist.barrier()
     dist.destroy_process_group()
     return 0 if ok else 1
+
+
+def check_param_counts(counts: dict[str, int], reference: GPT2LMHeadModel, rank: int) -> bool:
+    """DeepSpeed's own count of the model (its ``RANK=`` log line) against ``GPT2LMHeadModel``'s, on rank 0.
+
+    ``UNIQUE_PARAMS`` must be the tied model's count (``parameters()`` yields the tied matrix once), and
+    ``TOTAL_PARAMS`` that plus one more vocab x hidden: the LM head's copy of the embedding on the last stage.
+    """
+    if rank != 0:
+        return True
+    config = reference.config
+    unique = sum(p.numel() for p in reference.parameters())
+    ok = (counts.get("UNIQUE_PARAMS") == unique
+          and counts.get("TOTAL_PARAMS") == unique + config.vocab_size * config.n_embd)
+    print(f"check: DeepSpeed's UNIQUE_PARAMS is GPT2LMHeadModel's {unique:,} parameters and its TOTAL_PARAMS "
+          f"counts the tied embedding twice (+ vocab x hidden = {config.vocab_size * config.n_embd:,}): {ok}")
+    if not ok:
+        print(f"DeepSpeed logged {counts or 'no RANK= line'}", file=sys.stderr)
+    return ok
 
 
 def check_first_batch(loss: float, grads: dict[str, torch.Tensor], reference: GPT2LMHeadModel,
@@ -287,4 +359,6 @@ def _quiet(fn, *args):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lessons_pkg.errors import run_cli
+
+    sys.exit(run_cli(main))

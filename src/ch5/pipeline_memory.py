@@ -137,4 +137,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lessons_pkg.errors import run_cli
+
+    sys.exit(run_cli(main))

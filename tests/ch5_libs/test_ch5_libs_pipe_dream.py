@@ -1,4 +1,6 @@
 """DeepSpeed PipelineModule demo (src/ch5/pipe_dream.py) under the real `deepspeed` launcher, on CPU ranks."""
+import io
+import logging
 import sys
 from pathlib import Path
 
@@ -11,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src" / "ch5"))
 from deepspeed_launch import DeepSpeedLaunchError, deepspeed_launch  # noqa: E402
 from gpt2_sequential import tiny_config  # noqa: E402
-from pipe_dream import hf_name, pipeline_layers  # noqa: E402
+from pipe_dream import hf_name, logged_param_counts, pipeline_layers, show_pipeline_log_only  # noqa: E402
 
 
 def test_every_layer_parameter_maps_to_a_distinct_gpt2_parameter():
@@ -34,9 +36,33 @@ def test_pipe_dream_under_the_deepspeed_launcher_matches_single_process_and_lear
     # 2 CPU ranks = 2 pipeline stages; one launch because DeepSpeed's start-up is slow (tens of seconds)
     out = deepspeed_launch("src/ch5/pipe_dream.py", "--steps", "20", num_gpus=2, timeout=420, echo=False)
     checks = [line for line in out.splitlines() if line.startswith("check:")]
-    assert len(checks) == 5 and all(line.endswith(": True") for line in checks), out
+    assert len(checks) == 6 and all(line.endswith(": True") for line in checks), out
     assert "stage 0: gradients" in out and "stage 1: gradients" in out
     assert "stage=0 layers=4" in out and "stage=1 layers=4" in out  # DeepSpeed's partition: 2 blocks each
+    # DeepSpeed's own pipeline lines come through: 4 micro-batches per step, each stage's parameters
+    assert "CONFIG: micro_batches=4 micro_batch_size=2" in out, out
+    assert "RANK=0 STAGE=0 LAYERS=4 [0, 4) STAGE_PARAMS=" in out and "RANK=1 STAGE=1 LAYERS=4 [4, 8) STAGE_PARAMS=" in out, out
+    assert "DeepSpeed info: version" not in out and "DeepSpeedEngine configuration" not in out  # the rest stays out
+
+
+def test_deepspeed_log_shows_its_pipeline_lines_and_warnings_only():
+    logger = logging.getLogger("test-pipe-dream-log")
+    logger.propagate = False
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setLevel(logging.WARNING)  # as DeepSpeed 0.19 sets its handler
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    log = show_pipeline_log_only(logger)
+    logger.info("CONFIG: micro_batches=4 micro_batch_size=2")
+    logger.info("RANK=1 STAGE=1 LAYERS=4 [4, 8) STAGE_PARAMS=132864 (0.133M) TOTAL_PARAMS=273792 (0.274M) "
+                "UNIQUE_PARAMS=241024 (0.241M)")
+    logger.info("DeepSpeed Final Optimizer = Adam")
+    logger.warning("a warning")
+    printed = stream.getvalue().splitlines()
+    assert printed == ["CONFIG: micro_batches=4 micro_batch_size=2", log.lines[1], "a warning"], printed
+    assert logged_param_counts(log.lines) == {"STAGE_PARAMS": 132864, "TOTAL_PARAMS": 273792, "UNIQUE_PARAMS": 241024}
+    assert logged_param_counts(["CONFIG: micro_batches=4"]) == {}
 
 
 def test_deepspeed_launch_reports_a_failing_script(tmp_path):

@@ -64,6 +64,12 @@ WRONG = {
              "    @staticmethod\n    def backward(ctx, grad): return grad, None\n",
     # the naive bubble bound: (p-1)/(m+p-1) <= 10% counted as "under"
     "ch5.1": "FEWEST_MICROBATCHES_1F1B = 27\nFEWEST_MICROBATCHES_INTERLEAVED = 16\n",
+    # a warm-up of p - r forwards, one too many: trains like one process, but holds one micro-batch too many
+    "ch5.2": "def one_f_one_b_order(p, m, rank):\n    w = min(p - rank, m)\n"
+             "    return [f'F{i}' for i in range(w)] + [a for i in range(m - w) for a in (f'F{w + i}', f'B{i}')]"
+             " + [f'B{i}' for i in range(m - w, m)]\n",
+    # 1F1B's count in chunks: forgets that interleaving's warm-up runs through v - 1 extra chunks
+    "ch5.3": "def peak_in_flight(p, m, v, rank):\n    return min(m, p - rank) * v\n",
     # one-pass variance
     "ch6b.3": "import torch\n"
               "def layer_norm(x, w, b, eps=1e-5):\n"
@@ -101,6 +107,20 @@ def test_a_typical_wrong_answer_fails(exercise_id, tmp_path):
     path.write_text(WRONG[exercise_id])
     result = run_check(EXERCISES[exercise_id], path)
     assert not result.passed and "not written yet" not in result.report(), result.report()
+
+
+def test_ch5_2_runs_the_orders_on_two_ranks_and_says_in_one_line_why_one_fails(tmp_path):
+    solved = run_check(EXERCISES["ch5.2"], ROOT / "labs" / "solutions" / "ch5" / "one_f_one_b.py")
+    assert "on 2 processes the course's executor ran your orders" in solved.report(), solved.report()
+    deadlock = ("def one_f_one_b_order(p, m, rank):\n"  # rank 0 waits for B0 while rank 1 waits for F1
+                "    if rank == 0:\n        return [a for i in range(m) for a in (f'F{i}', f'B{i}')]\n"
+                "    return [f'F{i}' for i in range(m)] + [f'B{i}' for i in range(m)]\n")
+    for source, reason in ((WRONG["ch5.2"], "p=2, m=3: rank 0 held 3.0 micro-batches' activations at its peak"),
+                           (deadlock, "p=2, m=2: the ranks' orders cannot run together")):
+        path = tmp_path / "answer.py"
+        path.write_text(source)
+        result = run_check(EXERCISES["ch5.2"], path)
+        assert not result.passed and len(result.lines) == 2 and result.lines[1].startswith(reason), result.report()
 
 
 def test_ch6_4_accepts_the_error_as_python_prints_it(tmp_path):
