@@ -2,7 +2,10 @@
 # # Chapter 6, part 5: after training — checkpoints that travel, generating text, serving, evaluating
 #
 # Parts 1 to 4 trained a GPT with tensor, pipeline and data parallelism. This part is what comes
-# after, as the original lesson does it with Megatron-LM's tools:
+# after, as chapter 6's **source notes** do it with Megatron-LM's tools. (The source notes: the lecture
+# notes on Megatron-LM that this course rebuilds as code that runs, here Chinese notes on merging and
+# splitting its checkpoints, its text-generation server and its LAMBADA evaluation. You do not need
+# them: what this part takes from them, commands, logs and numbers, is quoted where it is used.)
 #
 # 1. **Checkpoints that travel**: Megatron's checkpoint format inside the files, merged and split
 #    across TP/PP layouts (`checkpoint_util.py`), to and from `transformers`, and training resumed at a

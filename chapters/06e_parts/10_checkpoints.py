@@ -3,7 +3,7 @@
 #
 # A checkpoint is saved in the layout it was trained with: here 2 tensor ranks x 2 pipeline stages,
 # so 4 files, each holding a quarter of the model. To serve it on one GPU, evaluate it on 4, or keep
-# training on 8, the files must be merged and split. The lesson does this with Megatron-LM's
+# training on 8, the files must be merged and split. The source notes do this with Megatron-LM's
 # `tools/checkpoint_util.py` on GPT-2 345M; ours is `src/ch6/checkpoint_util.py` with the same
 # arguments, and more (the optimizer travels too, and `transformers` folders go both ways).
 #
@@ -72,7 +72,7 @@ print(f"checkpoint_version {last['checkpoint_version']} | TP {args.tensor_model_
 # in `args.true_vocab_size`, so the padding is recomputed for the target. The converter streams:
 # it maps the source files and builds one target shard at a time, layer by layer.
 #
-# The lesson's conversions, on our checkpoint: merge TP=2 x PP=2 into one file, split into PP=4.
+# The source notes' conversions, on our checkpoint: merge TP=2 x PP=2 into one file, split into PP=4.
 
 # %%
 TP1, PP4 = f"{OUT}/ckpt-tp1", f"{OUT}/ckpt-pp4"
@@ -102,14 +102,14 @@ with torch.no_grad():
 print("same logits from every layout:", all(torch.equal(logits["TP2xPP2"], v) for v in logits.values()))
 
 # %% [markdown]
-# ### 1.3 The lesson's numbers, from the model's shapes
+# ### 1.3 The source notes' numbers, from the model's shapes
 #
 # Megatron prints `number of parameters on (tensor, pipeline) model parallel rank (t, p): N` when it
 # builds a model. For GPT-2 345M (24 layers, hidden 1024, 16 heads, 1024 positions, 50257 tokens) the
-# lesson's logs show 354,871,296 at TP=1, 89,714,688 per rank at TP=4, and 102,483,968 / 101,437,440
+# notes' logs show 354,871,296 at TP=1, 89,714,688 per rank at TP=4, and 102,483,968 / 101,437,440
 # for the first / last stage at TP=2 x PP=2. We build each rank's `ParallelGPT` on PyTorch's **meta
 # device** (shapes, no memory) and count. A weights-only float32 file is 4 bytes a parameter: the
-# lesson's `tree -h` sizes (1.3G; 680M x 2; 489M, 288M, 288M, 485M) follow.
+# notes' `tree -h` sizes (1.3G; 680M x 2; 489M, 288M, 288M, 485M) follow.
 
 # %%
 import matplotlib.pyplot as plt
@@ -126,10 +126,10 @@ def per_rank(tp, pp):
             for p in range(pp)]
 
 
-lesson = {(1, 1): [354_871_296], (4, 1): [89_714_688], (2, 2): [102_483_968, 101_437_440]}
-for (tp, pp), expected in lesson.items():
+notes = {(1, 1): [354_871_296], (4, 1): [89_714_688], (2, 2): [102_483_968, 101_437_440]}
+for (tp, pp), expected in notes.items():
     counts = per_rank(tp, pp)
-    print(f"TP={tp} x PP={pp}: {counts} per pipeline stage | the lesson's numbers: {counts == expected}")
+    print(f"TP={tp} x PP={pp}: {counts} per pipeline stage | the notes' numbers: {counts == expected}")
 
 layouts = {"TP1": (1, 1), "TP2": (2, 1), "PP4": (1, 4)}
 sizes = {name: [4 * n / 2**20 for n in per_rank(*lay)] for name, lay in layouts.items()}
@@ -151,7 +151,7 @@ plt.show()
 #
 # `--saver hf` writes a folder that `GPT2LMHeadModel.from_pretrained` loads (config, safetensors,
 # tokenizer files); `--loader hf` reads one (GPT-2 from the hub, with network; any local folder) into
-# a Megatron checkpoint at any layout, as a `release` checkpoint: the lesson's "345m-init" starting
+# a Megatron checkpoint at any layout, as a `release` checkpoint: the notes' "345m-init" starting
 # point, which `pretrain_gpt.py --load ... --finetune` trains from. The two layouts differ (GPT-2's
 # `Conv1D` stores matrices transposed, and its QKV rows are all q, then all k, then all v), so equal
 # logits are the test that the conversion is right.
@@ -214,7 +214,7 @@ print(f"largest loss difference < 2e-5: {gap < 2e-5}")  # the value itself varie
 # Megatron-LM's own files record only `padded_vocab_size`; give `--vocab-file` (or `--true-vocab-size`)
 # and the extra rows are dropped, provided Megatron's padding rule (`make_vocab_size_divisible_by` x
 # TP) maps the tokenizer's size onto them. Megatron-LM's newer `torch_dist` format (`*.distcp` files)
-# is not read: save with `--ckpt-format torch`, as the lesson does.
+# is not read: save with `--ckpt-format torch`, as the notes do.
 
 # %%
 from lessons_pkg.checkpoint import transformers_converter

@@ -1,7 +1,7 @@
 # %% [markdown]
 # ## Generating text
 #
-# The lesson serves its trained GPT through Megatron-LM's text generation. Ours is
+# The source notes serve their trained GPT through Megatron-LM's text generation. Ours is
 # `lessons_pkg.inference` (one idea per file: `kv_cache.py`, `communication.py`,
 # `sampling.py`, `log_probs.py`, `tokenization.py`, `engine.py`, `beam_search.py`) and the
 # one-shot command `src/ch6/generate.py`.

@@ -1,7 +1,7 @@
 # %% [markdown]
 # ## Serving
 #
-# The lesson serves the trained model with Megatron-LM's REST server (`PUT /api`, Flask) and
+# The source notes serve the trained model with Megatron-LM's REST server (`PUT /api`, Flask) and
 # queries it with `curl` and with `tools/text_generation_cli.py`. Ours is
 # `src/ch6/text_generation_server.py`, built on the engine above and on `lessons_pkg/serving/`
 # (one idea per file: `schema.py` what a request may ask, `control.py` + `follower.py` how rank 0
@@ -28,7 +28,7 @@
 #               answer each client
 # ```
 #
-# Below: the TP=2 x PP=2 server on the checkpoint trained above (4 processes), the lesson's `curl`
+# Below: the TP=2 x PP=2 server on the checkpoint trained above (4 processes), the notes' `curl`
 # command, an OpenAI-style request, a streamed answer, and a clean stop.
 
 # %%
@@ -81,7 +81,7 @@ print("ranks (pids) of the job:", len(health["rank_pids"]), "| TP x PP =",
       health["tensor_model_parallel_size"], "x", health["pipeline_model_parallel_size"])
 
 # %% [markdown]
-# The lesson's command (its answer in the lesson: `{"logprobs":null,"segments":[["Hello"," world",","]],"text":["Hello world,"]}`):
+# The notes' command (its answer in the notes: `{"logprobs":null,"segments":[["Hello"," world",","]],"text":["Hello world,"]}`):
 # the prompt's tokens and one generated token, as text and as per-token segments.
 
 # %%

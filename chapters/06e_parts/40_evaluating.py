@@ -1,7 +1,7 @@
 # %% [markdown]
 # ## Evaluating
 #
-# The lesson ends with Megatron-LM's zero-shot evaluation,
+# The source notes end with Megatron-LM's zero-shot evaluation,
 # `tasks/main.py --task LAMBADA --strict-lambada --valid-data lambada_test.jsonl`, which printed
 # `number correct: 0.0000E+00 | total examples: 5.1530E+03 | avg accuracy: 0.0000E+00`.
 # Ours is `src/ch6/evaluate_gpt.py` with Megatron's arguments, built on `lessons_pkg.evaluation`
@@ -155,11 +155,11 @@ print("windows run per overlap:", [-(-(len(heldout) - 1 - k) // k) + 1 for k in 
 # k, which is why Megatron offers the option and why published WikiText numbers state it.
 
 # %% [markdown]
-# ### Why the lesson's 0.0000 of 5153 is a broken setup, and how to tell
+# ### Why the notes' 0.0000 of 5153 is a broken setup, and how to tell
 #
 # A model can score 0 on LAMBADA honestly: the passages were chosen so that n-gram and LSTM
 # language models of 2016 scored about 0%, and our 50-step model scores (almost) nothing on
-# the stand-in. But the lesson evaluated a GPT-2 345M checkpoint, and GPT-2 models of that
+# the stand-in. But the notes evaluated a GPT-2 345M checkpoint, and GPT-2 models of that
 # size predict the whole last word of roughly 40% of the passages: exactly zero of 5153 says
 # the predictions have nothing to do with the text. Weights that are not the ones meant (a
 # checkpoint of another run, a conversion that scrambled the layout, a load that silently

@@ -96,8 +96,10 @@ plt.show()
 #
 # ### 1.5 Training: the same run
 #
-# `pretrain_gpt.py --sequence-parallel` (the flag the lesson's TP=4 and TP=2 commands end with) trains the
-# same model: the same losses as without it, up to the float32 rounding of sums taken in another order.
+# `pretrain_gpt.py --sequence-parallel` trains the same model: the same losses as without it, up to the
+# float32 rounding of sums taken in another order. (It is the flag that the TP=4 and TP=2 training
+# commands of chapter 6's source notes end with: the Korean tutorial on Megatron-LM that chapter 6
+# rebuilds as code that runs.)
 
 # %%
 def pretrain(log, *extra, nproc=2):

@@ -26,6 +26,7 @@ PLAIN = {
     "src/ch6/column_parallelism_dist.py": ([], "equals single-process X @ A: True"),
     "src/ch6/row_parallelism_dist.py": ([], ": True"),
     "src/ch6/parallel_mlp.py": ([], "match the single-process MLP"),
+    "src/ch6/mlp_orderings.py": ([], "every ordering matches one process, and gather + scatter cancels: True"),
     "src/ch6/parallel_attention.py": ([], ": True"),
     "src/ch6/vocab_parallel_embedding.py": ([], ": True"),
     "src/ch6/vocab_parallel_cross_entropy.py": ([], ": True"),
@@ -42,6 +43,8 @@ PLAIN = {
     "src/ch5/pipeline_memory.py": (["--hidden-size", "32", "--seq-length", "8", "--microbatches", "2", "4",
                                     "--out", "{tmp}/memory.png"], "1f1b"),
     "src/ch5/pipe_dream.py": (["--nproc", "3", "--steps", "2", "--log-interval", "1"], "check: loss fell"),
+    "src/ch5/gpipe_memory.py": (["--n-embd", "32", "--n-layer", "2", "--vocab-size", "101", "--seq-len", "16",
+                                 "--batch-size", "4", "--chunks", "2", "--balance", "2", "1", "1"], "to the byte: True"),
 }
 
 # one process, no launcher needed, already run the plain way (python FILE) by another test: not run twice
