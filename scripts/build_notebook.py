@@ -71,7 +71,7 @@ def build(chapter: str) -> None:
         for kind, source in cells_of(path):
             nb.cells.append(nbformat.v4.new_markdown_cell(source) if kind == "markdown"
                             else nbformat.v4.new_code_cell(source))
-    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
+    nb.metadata["kernelspec"] = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}  # as JupyterLab writes it
     nb.metadata["language_info"] = {"name": "python"}
     nbformat.write(nb, notebook)
     print(f"wrote {os.path.relpath(notebook, ROOT)}: {len(nb.cells)} cells from {len(parts(chapter))} parts")

@@ -112,6 +112,61 @@ def test_lab_opens_a_chapter_in_headless_chromium(lab):
         browser.quit()
 
 
+def _idle_kernel_of(base: str, token: str, notebook: str) -> bool:
+    status, body = _get(f"{base}/api/sessions", token)
+    sessions = json.loads(body or b"[]") if status == 200 else []
+    return any(s.get("path", "").endswith(notebook) and s["kernel"]["execution_state"] == "idle" for s in sessions)
+
+
+def test_opening_and_saving_a_chapter_in_jupyterlab_changes_nothing(lab):
+    """A learner opens a chapter and saves it without touching a cell: JupyterLab must not mark it modified
+    (it rewrites the kernelspec it starts the kernel from, and the language_info the kernel reports), and
+    the saved file must be the stored one byte for byte."""
+    chromium, driver = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    if not (os.path.exists(chromium) and os.path.exists(driver)):
+        pytest.skip("no chromium/chromedriver: run scripts/install_chromium.sh (Debian's chromium, chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    base, token = lab
+    notebook = "06b_fused_kernels.ipynb"
+    path = ROOT / "chapters" / notebook
+    stored, mtime = path.read_bytes(), path.stat().st_mtime_ns
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,900"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver), options=options)
+    try:
+        browser.get(f"{base}/lab/tree/{notebook}?token={token}")
+
+        def tab_classes(b) -> str | None:  # the notebook's tab, re-read each time (JupyterLab re-renders it)
+            try:
+                return next((e.get_attribute("class") for e in b.find_elements(By.CSS_SELECTOR, ".lm-TabBar-tab")
+                             if notebook in e.text), None)
+            except StaleElementReferenceException:
+                return None
+
+        WebDriverWait(browser, STARTUP_TIMEOUT).until(lambda b: tab_classes(b) is not None)
+        WebDriverWait(browser, STARTUP_TIMEOUT).until(lambda b: _idle_kernel_of(base, token, notebook))
+        time.sleep(3)  # the kernel's info reply reaches the notebook's metadata after it is idle
+        classes = WebDriverWait(browser, 10).until(tab_classes)
+        assert "jp-mod-dirty" not in classes, "JupyterLab marked the notebook modified"
+        browser.find_element(By.CSS_SELECTOR, ".jp-Notebook").click()
+        ActionChains(browser).key_down(Keys.CONTROL).send_keys("s").key_up(Keys.CONTROL).perform()
+        WebDriverWait(browser, 30).until(lambda b: path.stat().st_mtime_ns != mtime)
+        saved = path.read_bytes()
+    finally:
+        browser.quit()
+        if path.read_bytes() != stored:
+            path.write_bytes(stored)  # the test leaves the chapter as it found it
+    assert saved == stored, "JupyterLab's save of the unchanged notebook differs from the stored file"
+
+
 def test_lab_script_adds_allow_root_only_for_root_and_opens_no_browser_without_a_display():
     # the arguments scripts/lab.sh hands to jupyter (JUPYTER=/bin/echo prints them instead of starting it)
     def args(env):

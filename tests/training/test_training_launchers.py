@@ -24,8 +24,8 @@ def test_two_torchrun_nodes_with_c10d_rendezvous(tmp_path):
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     procs = []
-    for node in range(2):  # what each of 2 nodes runs: torchrun --nnodes 2 --node_rank i ...
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+    for node in range(2):  # what each of 2 nodes runs: torchrun --nnodes 2 --node_rank i --tee 3 ...
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--tee", "3", "--nnodes", "2", "--nproc_per_node", "1",
                "--node_rank", str(node), "--rdzv_id", "lessons-test", "--rdzv_backend", "c10d",
                "--rdzv_endpoint", f"127.0.0.1:{port}", SCRIPT, *TINY]
         log = open(tmp_path / f"node{node}.log", "w")
@@ -44,6 +44,9 @@ def test_two_torchrun_nodes_with_c10d_rendezvous(tmp_path):
     text = "".join(outputs)
     assert "using world size: 2, data-parallel size: 1, context-parallel size: 1, tensor-model-parallel size: 2" in text
     assert " iteration        2/       2 |" in text and "| lm loss: " in text
+    # --tee 3: each line of a rank, whole, after its local rank's label (the rank prints in one write per line)
+    printed = [line for line in outputs[0].splitlines() if " iteration " in line or "> building" in line]
+    assert printed and all(line.startswith("[default0]:") and line.count("[default") == 1 for line in printed)
 
 
 @pytest.fixture
@@ -109,4 +112,7 @@ def test_sbatch_job_trains(slurm_cluster, tmp_path):
     assert "JobState=COMPLETED" in state and "ExitCode=0:0" in state, f"{state}\n{log[-3000:]}"
     assert f"job {job_id}: 1 node(s) x 2 ranks" in log
     assert " iteration        2/       2 |" in log and "| lm loss: " in log
+    # every line a rank printed is whole and says where it came from: "<node>: [default<local rank>]:"
+    rank_lines = [line for line in log.splitlines() if "iteration " in line or "using world size" in line]
+    assert rank_lines and all(line.startswith("0: [default0]:") for line in rank_lines), rank_lines
     _stop_stops_only_its_own_daemons(tmp_path)
