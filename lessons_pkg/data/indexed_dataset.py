@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lessons_pkg.errors import UserError
+from lessons_pkg.errors import UserError, output_error
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -107,7 +107,10 @@ class IndexedDatasetBuilder:
         lengths = [array.size] if sequence_lengths is None else list(sequence_lengths)
         if sum(lengths) != array.size:
             raise ValueError(f"sequence_lengths sum to {sum(lengths)} but the document has {array.size} tokens")
-        self._data_file.write(array.astype(self.dtype, copy=False).tobytes(order="C"))
+        try:
+            self._data_file.write(array.astype(self.dtype, copy=False).tobytes(order="C"))
+        except OSError as e:  # a full disk: name the file (Python's error names none)
+            raise output_error(data_file_path(self.prefix), e) from None
         self._sizes.extend(lengths)
         self._document_indices.append(len(self._sizes))
 
@@ -115,8 +118,12 @@ class IndexedDatasetBuilder:
         """Close the ``.bin`` and write the ``.idx``."""
         if self._data_file.closed:
             return
-        self._data_file.close()
-        write_index(index_file_path(self.prefix) + self._tmp_suffix, self.dtype, self._sizes, self._document_indices)
+        try:
+            self._data_file.close()
+            write_index(index_file_path(self.prefix) + self._tmp_suffix, self.dtype, self._sizes,
+                        self._document_indices)
+        except OSError as e:
+            raise output_error(f"{self.prefix}.bin/.idx", e) from None
         os.replace(data_file_path(self.prefix) + self._tmp_suffix, data_file_path(self.prefix))
         os.replace(index_file_path(self.prefix) + self._tmp_suffix, index_file_path(self.prefix))
 

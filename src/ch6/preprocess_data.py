@@ -153,7 +153,7 @@ def get_args(argv=None):
                      f"--log-interval ({args.log_interval}) must be positive")
     for option, path in (("--input", args.input), ("--vocab-file", args.vocab_file), ("--merge-file", args.merge_file)):
         if not os.path.isfile(path):
-            parser.error(f"{option} {path}: no such file")
+            parser.error(f"{option} {path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'}")
     return args
 
 

@@ -78,6 +78,8 @@ def main(argv=None) -> None:
     parser.add_argument("--vocab-size", type=int, default=2048, help="for a trained tokenizer")
     parser.add_argument("--min-frequency", type=int, default=2, help="for a trained tokenizer")
     args = parser.parse_args(argv)
+    if args.tokenizer == "train" and not os.path.isfile(args.input):
+        parser.error(f"--input {args.input}: no such file")
 
     os.makedirs(args.output_dir, exist_ok=True)
     vocab_file, merge_file = (os.path.join(args.output_dir, name) for name in GPT2_FILES)

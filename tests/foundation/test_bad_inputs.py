@@ -326,11 +326,12 @@ CASES = [
          "merges.txt:2: a merge is two symbols separated by a space, got 'a b c'",
          setup=lambda f: write(in_case("prep-merges", "merges.txt")(f), "#version: 0.2\na b c\n")),
     Case("prep-vocab-is-dir", P, "`--vocab-file` naming a folder", lambda f: prep(f, vocab=f.root),
-         "--vocab-file …: no such file"),
+         "--vocab-file …: a folder, not a file"),
     Case("prep-out-under-file", P, "`--output-prefix` under a file (a file where a folder goes)",
          lambda f: prep(f, out=os.path.join(f.jsonl, "out")), "docs.jsonl is a file, where a folder is needed"),
     Case("prep-full-disk", P, "a full disk while the `.bin` is written, with an earlier pair under the prefix",
-         lambda f: prep(f, name="prep-full"), "File too large", fsize=4096, setup=seed_pair("prep-full"),
+         lambda f: prep(f, name="prep-full"), "cannot write …/cases/prep-full/out_text_document.bin: File too large",
+         fsize=4096, setup=seed_pair("prep-full"),
          then=unchanged_pair(in_case("prep-full", "out_text_document"))),
     # ---- train_tokenizer.py ----
     Case("tok-empty", T, "an empty corpus",
@@ -353,7 +354,7 @@ CASES = [
                     in_case("tok-nogpt2", "out")(f)], "--tokenizer gpt2: GPT-2's files are neither in --gpt2-dir"),
     Case("tok-no-input", T, "`--input` that does not exist",
          lambda f: ["--input", "/nonexistent.jsonl", "--output-dir", in_case("tok-noinput", "out")(f), "--tokenizer",
-                    "train"], "/nonexistent.jsonl"),
+                    "train"], "--input /nonexistent.jsonl: no such file"),
     Case("tok-out-is-file", T, "`--output-dir` that is a file",
          lambda f: ["--input", f.jsonl, "--output-dir", f.jsonl, "--tokenizer", "train"], "docs.jsonl"),
     # ---- megatron_datasets.py ----
@@ -667,7 +668,7 @@ def table(files):
     ]
     for i, case in enumerate(CASES, 1):
         tool, what, _, status, line, _ = files.rows[case.id]
-        cell = line.replace("|", "\\|")
+        cell, what = line.replace("|", "\\|"), what.replace("|", "\\|")
         lines.append(f"| {i} | `{os.path.basename(tool)}` | {what} | {status} | `{cell}` |")
     lines += [
         "",
