@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,6 +32,7 @@ import uuid
 from dataclasses import dataclass, field
 
 LAUNCH_ID_VAR = "LESSONS_LAUNCH_ID"  # set in the environment of every process of one job
+USER_ERROR_LINE = re.compile(r"^(?:[\w.-]+: )?error: ")  # lessons_pkg.errors' report, or argparse's
 
 
 class LaunchError(RuntimeError):
@@ -150,15 +152,19 @@ def torchrun(
 
 
 def user_error_of(result: LaunchResult) -> str | None:
-    """The ``error: ...`` report of the first rank that printed one (:mod:`lessons_pkg.errors`), or None.
+    """The report of a user error (:mod:`lessons_pkg.errors`) by the first rank that printed one, or None.
 
-    It must end that rank's stderr with no traceback after it: a crash is not a user error.
+    The report is a line ``error: ...`` (or argparse's ``prog: error: ...``) with the indented lines that
+    continue it; no traceback may follow it in that rank's stderr (a crash is not a user error).
     """
     for err in result.stderr:
         lines = err.rstrip("\n").splitlines()
-        starts = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+        starts = [i for i, line in enumerate(lines) if USER_ERROR_LINE.match(line)]
         if starts and not any(line.startswith("Traceback") for line in lines[starts[-1]:]):
-            return "\n".join(lines[starts[-1]:])
+            end = starts[-1] + 1
+            while end < len(lines) and lines[end].startswith("  "):
+                end += 1
+            return "\n".join(lines[starts[-1]:end])
     return None
 
 

@@ -23,7 +23,7 @@ from lessons_pkg.checkpoint.layout import TRACKER, checkpoint_dir, iteration_dir
 from lessons_pkg.checkpoint.reshard import (Layout, SourceCheckpoint, VocabHints, build_rank_state,
                                             read_full_checkpoint)
 from lessons_pkg.checkpoint.vocab import VocabSize
-from lessons_pkg.errors import CheckpointError, UserError, describe
+from lessons_pkg.errors import CheckpointError, OutputError, describe
 from lessons_pkg.tensor_parallel.config import GPTConfig
 
 
@@ -78,10 +78,13 @@ def _prepare_output(save_dir: str, overwrite: bool) -> str:
     return tmp
 
 
-def _write_failed(save_dir: str, error: Exception) -> UserError:
+def _write_failed(save_dir: str, error: Exception, tmp: str | None = None) -> OutputError:
+    """The error for a conversion whose writing failed; the temporary folder it wrote to is named as --save-dir."""
     reason = describe(error) or str(error)
+    if tmp:
+        reason = reason.replace(tmp, save_dir)
     kept = "the folder that was there is unchanged" if os.path.exists(save_dir) else "nothing was written"
-    return UserError(f"could not write the conversion to --save-dir {save_dir}: {reason}; {kept}")
+    return OutputError(f"could not write the conversion to --save-dir {save_dir}: {reason}; {kept}")
 
 
 def _publish(tmp: str, save_dir: str) -> None:
@@ -90,7 +93,12 @@ def _publish(tmp: str, save_dir: str) -> None:
     if os.path.exists(save_dir):
         old = save_dir.rstrip("/") + f".old-{os.getpid()}"
         os.replace(save_dir, old)
-    os.replace(tmp, save_dir)
+    try:
+        os.replace(tmp, save_dir)
+    except OSError:
+        if old:
+            os.replace(old, save_dir)  # the old folder back where it was
+        raise
     if old:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -152,9 +160,9 @@ def write_megatron(src, save_dir: str, target: Layout, with_optim: bool = True, 
 
         write_text_atomic(os.path.join(tmp, TRACKER), "release" if release else str(iteration))
         _publish(tmp, save_dir)
-    except (OSError, UserError) as e:  # a full disk, a read-only folder: name --save-dir, leave nothing
+    except (OSError, OutputError) as e:  # a full disk, a read-only folder: name --save-dir, leave nothing
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_failed(save_dir, e) from None
+        raise _write_failed(save_dir, e, tmp) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -190,9 +198,9 @@ def megatron_to_hf(load_dir: str, save_dir: str, overwrite: bool = False, vocab:
         vocab_file, merge_file = _tokenizer_files(load_dir, full.args, tokenizer)
         save_hf_folder(tmp, full.state_dict, full.config, vocab_file, merge_file)
         _publish(tmp, save_dir)
-    except (OSError, UserError, SafetensorError) as e:  # a full disk, a read-only folder
+    except (OSError, OutputError, SafetensorError) as e:  # a full disk, a read-only folder
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_failed(save_dir, e) from None
+        raise _write_failed(save_dir, e, tmp) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

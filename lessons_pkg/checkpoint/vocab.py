@@ -90,7 +90,7 @@ def vocab_file_size(path: str) -> int:
     try:
         with open(path, encoding="utf-8") as f:
             vocab = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"cannot read vocabulary file {path}: {e}") from None
     if not isinstance(vocab, dict) or not vocab:
         raise CheckpointError(f"{path}: expected a non-empty JSON object token -> id")

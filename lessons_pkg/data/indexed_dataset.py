@@ -115,22 +115,37 @@ class IndexedDatasetBuilder:
         self._document_indices.append(len(self._sizes))
 
     def finalize(self) -> None:
-        """Close the ``.bin`` and write the ``.idx``."""
+        """Close the ``.bin``, write the ``.idx``, and rename both into place."""
+        self.finish()
+        self.publish()
+
+    def finish(self) -> None:
+        """Close the ``.bin`` and write the ``.idx``, both still under their temporary names."""
         if self._data_file.closed:
             return
         try:
-            self._data_file.close()
+            self._data_file.close()  # the last buffered bytes: a full disk often shows only here
+        except OSError as e:
+            raise output_error(data_file_path(self.prefix), e) from None
+        try:
             write_index(index_file_path(self.prefix) + self._tmp_suffix, self.dtype, self._sizes,
                         self._document_indices)
         except OSError as e:
-            raise output_error(f"{self.prefix}.bin/.idx", e) from None
-        os.replace(data_file_path(self.prefix) + self._tmp_suffix, data_file_path(self.prefix))
-        os.replace(index_file_path(self.prefix) + self._tmp_suffix, index_file_path(self.prefix))
+            raise output_error(index_file_path(self.prefix), e) from None
+
+    def publish(self) -> None:
+        """Rename the finished pair into place (replacing an earlier pair under this prefix only now)."""
+        if os.path.exists(data_file_path(self.prefix) + self._tmp_suffix):
+            os.replace(data_file_path(self.prefix) + self._tmp_suffix, data_file_path(self.prefix))
+            os.replace(index_file_path(self.prefix) + self._tmp_suffix, index_file_path(self.prefix))
 
     def discard(self) -> None:
-        """Give up: remove the temporary file; an existing pair under this prefix stays as it was."""
+        """Give up: remove the temporary files; an existing pair under this prefix stays as it was."""
         if not self._data_file.closed:
-            self._data_file.close()
+            try:
+                self._data_file.close()
+            except OSError:  # the same full disk that made us give up
+                pass
         for path in (data_file_path(self.prefix), index_file_path(self.prefix)):
             if os.path.exists(path + self._tmp_suffix):
                 os.remove(path + self._tmp_suffix)

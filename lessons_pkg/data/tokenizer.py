@@ -27,7 +27,7 @@ import json
 import os
 from collections.abc import Iterable
 
-from lessons_pkg.errors import UserError
+from lessons_pkg.errors import OutputError, UserError
 
 EOD_TOKEN = "<|endoftext|>"
 
@@ -37,7 +37,7 @@ def load_vocab_and_merges(vocab_file: str, merge_file: str) -> tuple[dict[str, i
     with open(vocab_file, encoding="utf-8") as f:
         try:
             vocab = json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # cut short, or not text at all
             raise UserError(f"{vocab_file}: not GPT-2's vocab.json ({e})") from None
     if not isinstance(vocab, dict) or not vocab:
         raise UserError(f"{vocab_file}: expected a non-empty JSON object token -> id")
@@ -51,16 +51,19 @@ def load_vocab_and_merges(vocab_file: str, merge_file: str) -> tuple[dict[str, i
         twice = next(a for a, b in zip(ids, ids[1:]) if a == b)
         raise UserError(f"{vocab_file}: id {twice} is given to more than one token: "
                         f"{sorted(t for t, i in vocab.items() if i == twice)[:3]}")
+    try:
+        with open(merge_file, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{merge_file}: not GPT-2's merges.txt ({e})") from None
     merges = []
-    with open(merge_file, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            line = line.rstrip("\n")
-            if not line or (number == 1 and line.startswith("#version")):
-                continue
-            parts = line.split(" ")
-            if len(parts) != 2:
-                raise UserError(f"{merge_file}:{number}: a merge is two symbols separated by a space, got {line!r}")
-            merges.append((parts[0], parts[1]))
+    for number, line in enumerate(lines, start=1):
+        if not line or (number == 1 and line.startswith("#version")):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2:
+            raise UserError(f"{merge_file}:{number}: a merge is two symbols separated by a space, got {line!r}")
+        merges.append((parts[0], parts[1]))
     return vocab, merges
 
 
@@ -129,5 +132,8 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, output_dir: str,
                          f"{tokenizer.get_vocab_size()} tokens with min_frequency {min_frequency}, "
                          f"not the {vocab_size} asked for: give more text or a smaller vocab_size")
     os.makedirs(output_dir, exist_ok=True)
-    tokenizer.save_model(output_dir)  # writes vocab.json and merges.txt
+    try:
+        tokenizer.save_model(output_dir)  # writes vocab.json and merges.txt
+    except Exception as e:  # tokenizers reports a failed write (a full disk, no permission) as a bare Exception
+        raise OutputError(f"cannot write the tokenizer to {output_dir}: {e}") from None
     return os.path.join(output_dir, "vocab.json"), os.path.join(output_dir, "merges.txt")

@@ -87,10 +87,18 @@ def extra_lines(metrics: dict) -> list[str]:
 def write_json(path: str, metrics: dict) -> None:
     import os
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(metrics, f, indent=2, sort_keys=True)
-        f.write("\n")
+    from lessons_pkg.errors import output_error
+
+    try:  # whole or not at all: a full disk leaves no half-written results
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(metrics, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise output_error(path, e) from None
 
 
 def compare(a: dict, b: dict, rtol: float = 1e-5) -> list[str]:

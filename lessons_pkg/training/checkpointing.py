@@ -28,9 +28,12 @@ the same way by global rank 0 only after a barrier, i.e. after EVERY rank's
 files are durable. A crash mid-save leaves a partial ``iter_XXXXXXX`` folder
 that nothing points to; ``--load`` resumes from the previous complete one.
 A write that fails (a full disk, a read-only folder) is not a crash: every rank
-learns of it, rank 0 removes the half-written ``iter_XXXXXXX`` folder, the
-tracker keeps naming the last complete iteration, and every rank raises one
-:class:`~lessons_pkg.errors.UserError` that names the folder and the reason.
+learns of it (the barrier before the tracker moves is an all-gather of each
+rank's outcome), rank 0 removes this save's ``iter_XXXXXXX`` folder, the
+tracker keeps naming the last complete iteration, and the ranks raise
+:class:`~lessons_pkg.errors.OutputError` naming the folder and the reason
+(printed once). Any other failure while saving takes the same path, except
+that the rank that met it raises it as it is (a bug shows its traceback).
 
 Loading (:func:`load_checkpoint`) accepts a checkpoint of ANY layout: the same
 layout loads its own files; any other tensor/pipeline/virtual/data-parallel
@@ -53,7 +56,7 @@ import torch.distributed as dist
 from lessons_pkg.checkpoint import megatron_format as mf
 from lessons_pkg.checkpoint.layout import (TRACKER, checkpoint_dir, find_checkpoint, iteration_dirname, mp_rank_dirname,
                                           read_tracker)
-from lessons_pkg.errors import CheckpointError, UserError, output_error
+from lessons_pkg.errors import CheckpointError, OutputError, UserError, describe, output_error
 from lessons_pkg.tensor_parallel.random import get_model_parallel_rng_state, set_model_parallel_rng_state
 from lessons_pkg.utils import print_rank_0
 
@@ -130,20 +133,14 @@ def _remove(path: str) -> None:
         pass
 
 
-def save_atomic(obj, path: str) -> None:
-    """``torch.save`` to ``path.tmp``, fsync it, rename it to ``path``, fsync the folder (the rename is durable).
+def _write_atomic(path: str, write, mode: str) -> None:
+    """``write(f)`` into ``path.tmp``, fsync it, rename it to ``path``, fsync the folder (the rename is durable).
 
-    A failed write leaves no ``path.tmp`` and raises :class:`UserError` naming ``path`` and the reason.
+    A failed write leaves no ``path.tmp`` and raises :class:`OutputError` naming ``path`` and the reason.
     """
     try:
-        with open(path + ".tmp", "wb") as f:
-            writer = _RecordingWriter(f)
-            try:
-                torch.save(obj, writer)
-            except RuntimeError:
-                if writer.error is None:
-                    raise
-                raise writer.error from None
+        with open(path + ".tmp", mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
@@ -151,19 +148,27 @@ def save_atomic(obj, path: str) -> None:
     except OSError as e:
         _remove(path + ".tmp")
         raise output_error(path, e) from None
+    except BaseException:  # anything else (a pickling error, Ctrl-C): no half-written file either
+        _remove(path + ".tmp")
+        raise
+
+
+def save_atomic(obj, path: str) -> None:
+    """``torch.save(obj)`` to ``path``, atomically and durably (see :func:`_write_atomic`)."""
+    def write(f):
+        writer = _RecordingWriter(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is None:
+                raise
+            raise writer.error from None
+
+    _write_atomic(path, write, "wb")
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    try:
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-        _fsync_dir(os.path.dirname(os.path.abspath(path)))
-    except OSError as e:
-        _remove(path + ".tmp")
-        raise output_error(path, e) from None
+    _write_atomic(path, lambda f: f.write(text), "w")
 
 
 def copy_tokenizer_files(args, root: str) -> None:
@@ -202,7 +207,7 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
     if save_rng:
         dist.all_gather_object(rng_states, get_rng_state(), group=dp_group)
 
-    error = None  # this rank's failed write, if any
+    error, failure = None, None  # this rank's failed write, if any, and its exception
     try:
         if ranks["dp"] == 0:
             os.makedirs(folder, exist_ok=True)
@@ -224,8 +229,12 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
         if distributed_optim and save_optim:
             os.makedirs(folder, exist_ok=True)
             save_atomic(optimizer.state_dict(), os.path.join(folder, f"distrib_optim_dp_rank_{ranks['dp']:03d}.pt"))
-    except (OSError, UserError) as e:  # a full disk, a read-only folder, a file where a folder goes
-        error = str(e) if isinstance(e, UserError) else str(output_error(getattr(e, "filename", None) or folder, e))
+    except Exception as e:  # every rank must hear of it, or the others wait in the all-gather below
+        failure = e
+        if isinstance(e, OSError):  # a full disk, a read-only folder, a file where a folder goes
+            error = describe(e)
+        else:
+            error = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
     if os.environ.get(KILL_DURING_SAVE_ENV) == str(iteration) and dist.get_rank() == dist.get_world_size() - 1:
         os.kill(os.getpid(), signal.SIGKILL)  # the tests' kill -9 between the shard writes and the tracker move
 
@@ -239,25 +248,31 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
             copy_tokenizer_files(args, root)
             write_text_atomic(os.path.join(root, TRACKER), str(iteration))
         except (OSError, UserError) as e:
-            error = str(e)
+            error = describe(e)
     outcome = [error]
     dist.broadcast_object_list(outcome, src=0)
     if outcome[0] is not None:
-        _fail_save(root, iteration, outcome[0])
+        _fail_save(root, iteration, outcome[0], failure if failure is not None and describe(failure) is None else None)
     return folder
 
 
-def _fail_save(root: str, iteration: int, error: str) -> None:
-    """Remove the half-written iteration (rank 0, once every rank has stopped writing) and raise on every rank."""
+def _fail_save(root: str, iteration: int, error: str, bug: Exception | None) -> None:
+    """Remove the iteration's folder (rank 0, once every rank has stopped writing) unless the tracker names it,
+    then raise on every rank: the bug itself on the rank that met one, a UserError naming the folder elsewhere."""
     last = read_tracker(root)
-    partial = os.path.join(root, iteration_dirname(iteration))
+    folder = os.path.join(root, iteration_dirname(iteration))
     if dist.get_rank() == 0 and last != iteration:
-        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
     dist.barrier()
-    kept = f"{TRACKER} still names iteration {last}" if last is not None else f"there is no {TRACKER} yet"
-    left = "could not be removed" if os.path.exists(partial) and last != iteration else "is gone"
-    raise UserError(f"could not save iteration {iteration} to {root}: {error}; the partial {partial} {left} "
-                    f"and {kept}")
+    if bug is not None:
+        raise bug
+    if last == iteration:  # an earlier complete save of the same iteration, named by the tracker: kept
+        left = f"{folder}, which {TRACKER} names, is kept (some of its files may be this save's)"
+    else:
+        gone = "is gone" if not os.path.exists(folder) else "could not be removed"
+        kept = f"{TRACKER} still names iteration {last}" if last is not None else f"there is no {TRACKER} yet"
+        left = f"this save's {folder} {gone} and {kept}"
+    raise OutputError(f"could not save iteration {iteration} to {root}: {error}; {left}")
 
 
 # --- load --------------------------------------------------------------------------------------

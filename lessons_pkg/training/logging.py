@@ -20,6 +20,8 @@ import json
 import math
 import os
 
+from lessons_pkg.errors import output_error
+
 
 def model_flops_per_iteration(args, padded_vocab_size: int) -> float:
     """Model FLOPs of one training iteration (forward + backward, no recomputation counted).
@@ -57,8 +59,11 @@ class TrainingLogger:
 
     def _record(self, **fields) -> None:
         if self.json is not None:
-            self.json.write(json.dumps(fields) + "\n")
-            self.json.flush()
+            try:
+                self.json.write(json.dumps(fields) + "\n")
+                self.json.flush()
+            except OSError as e:  # a full disk: name the file (Python's error names none)
+                raise output_error(self.args.log_json, e) from None
 
     def iteration(self, iteration: int, consumed: int, seconds: float, lr: float, loss: float,
                   grad_norm: float | None, loss_scale: float | None = None,

@@ -18,7 +18,6 @@ prints each prompt and its continuation.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -178,9 +177,9 @@ def report(args, out: dict) -> None:
                 pairs = zip(out["segments"][i][1:], out["logprobs"][i])
                 print("    " + " ".join(f"{seg!r}:{lp:.3f}" for seg, lp in pairs))
     if args.output_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-        with open(args.output_json, "w") as f:
-            json.dump(out, f, indent=1)
+        from lessons_pkg.evaluation.metrics import write_json
+
+        write_json(args.output_json, out)  # atomic; a failed write names the file
         print(f"> written to {args.output_json}")
     sys.stdout.flush()
 

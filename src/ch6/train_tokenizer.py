@@ -25,6 +25,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from lessons_pkg.data.tokenizer import EOD_TOKEN, build_tokenizer, load_vocab_and_merges, train_byte_level_bpe  # noqa: E402
+from lessons_pkg.errors import OutputError  # noqa: E402
 from lessons_pkg.hub import hub_reachable  # noqa: E402
 
 GPT2_FILES = ("vocab.json", "merges.txt")
@@ -101,7 +102,9 @@ def main(argv=None) -> None:
         try:
             train_byte_level_bpe(jsonl_texts(args.input, args.json_keys), args.vocab_size, args.output_dir,
                                  args.min_frequency)
-        except (ValueError, OSError) as error:
+        except ValueError as error:
+            if isinstance(error, OutputError):  # about the output: it names its folder
+                raise
             sys.exit(f"error: {error}" if str(error).startswith(args.input) else f"error: {args.input}: {error}")
         print(f"wrote {vocab_file}, {merge_file}")
 

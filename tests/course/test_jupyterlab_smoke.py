@@ -84,11 +84,23 @@ def test_lab_lists_every_chapter_notebook_through_the_api_with_the_token_only(la
     assert _get(f"{base}/api/contents", None)[0] in (401, 403), "the API answered without the token"
 
 
-def test_lab_opens_a_chapter_in_headless_chromium(lab):
+@pytest.fixture
+def browser():
+    """Headless Chromium driven by selenium (skipped, saying so, without Debian's chromium and chromium-driver)."""
     chromium, driver = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
     if not (os.path.exists(chromium) and os.path.exists(driver)):
         pytest.skip("no chromium/chromedriver: run scripts/install_chromium.sh (Debian's chromium, chromium-driver)")
     webdriver = pytest.importorskip("selenium.webdriver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,900"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver), options=options)
+    yield browser
+    browser.quit()
+
+
+def test_lab_opens_a_chapter_in_headless_chromium(lab, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -97,19 +109,11 @@ def test_lab_opens_a_chapter_in_headless_chromium(lab):
     cells = json.loads((ROOT / "chapters" / notebook).read_text())["cells"]
     heading = next(line for c in cells if c["cell_type"] == "markdown" for line in c["source"]
                    if line.startswith("# ")).strip("# \n")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,900"):
-        options.add_argument(flag)
-    browser = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver), options=options)
-    try:
-        browser.get(f"{base}/lab/tree/{notebook}?token={token}")
-        WebDriverWait(browser, STARTUP_TIMEOUT).until(
-            lambda b: any(heading in e.text for e in b.find_elements(By.CSS_SELECTOR, ".jp-Notebook .jp-RenderedMarkdown")))
-        tabs = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".lm-TabBar-tabLabel")]
-        assert notebook in tabs, tabs
-    finally:
-        browser.quit()
+    browser.get(f"{base}/lab/tree/{notebook}?token={token}")
+    WebDriverWait(browser, STARTUP_TIMEOUT).until(
+        lambda b: any(heading in e.text for e in b.find_elements(By.CSS_SELECTOR, ".jp-Notebook .jp-RenderedMarkdown")))
+    tabs = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".lm-TabBar-tabLabel")]
+    assert notebook in tabs, tabs
 
 
 def _idle_kernel_of(base: str, token: str, notebook: str) -> bool:
@@ -118,17 +122,13 @@ def _idle_kernel_of(base: str, token: str, notebook: str) -> bool:
     return any(s.get("path", "").endswith(notebook) and s["kernel"]["execution_state"] == "idle" for s in sessions)
 
 
-def test_opening_and_saving_a_chapter_in_jupyterlab_changes_nothing(lab):
+def test_opening_and_saving_a_chapter_in_jupyterlab_changes_nothing(lab, browser):
     """A learner opens a chapter and saves it without touching a cell: JupyterLab must not mark it modified
     (it rewrites the kernelspec it starts the kernel from, and the language_info the kernel reports), and
     the saved file must be the stored one byte for byte."""
-    chromium, driver = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
-    if not (os.path.exists(chromium) and os.path.exists(driver)):
-        pytest.skip("no chromium/chromedriver: run scripts/install_chromium.sh (Debian's chromium, chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
-    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -136,11 +136,6 @@ def test_opening_and_saving_a_chapter_in_jupyterlab_changes_nothing(lab):
     notebook = "06b_fused_kernels.ipynb"
     path = ROOT / "chapters" / notebook
     stored, mtime = path.read_bytes(), path.stat().st_mtime_ns
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,900"):
-        options.add_argument(flag)
-    browser = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver), options=options)
     try:
         browser.get(f"{base}/lab/tree/{notebook}?token={token}")
 
@@ -161,7 +156,6 @@ def test_opening_and_saving_a_chapter_in_jupyterlab_changes_nothing(lab):
         WebDriverWait(browser, 30).until(lambda b: path.stat().st_mtime_ns != mtime)
         saved = path.read_bytes()
     finally:
-        browser.quit()
         if path.read_bytes() != stored:
             path.write_bytes(stored)  # the test leaves the chapter as it found it
     assert saved == stored, "JupyterLab's save of the unchanged notebook differs from the stored file"

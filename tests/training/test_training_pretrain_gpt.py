@@ -252,7 +252,7 @@ def test_killed_run_resumes_exactly_and_failed_saves_lose_nothing(data, tp2pp2):
     reports = [line for err in full.stderr for line in err.splitlines() if line.startswith("error: ")]
     assert len(reports) == 1 and not any("Traceback" in err for err in full.stderr), full.stderr
     assert reports[0].startswith(f"error: could not save iteration {ITERS} to {save}: cannot write {partial}/"), reports
-    assert reports[0].endswith(f"File too large; the partial {partial} is gone and "
+    assert reports[0].endswith(f"File too large; this save's {partial} is gone and "
                                "latest_checkpointed_iteration.txt still names iteration 3"), reports
     assert read_tracker(str(save)) == 3 and not partial.exists() and not list(save.rglob("*.tmp"))
 
