@@ -43,6 +43,8 @@ course-ch6-tensor-parallel: setup
 	@echo "== Chapter 6: Megatron tensor parallelism (every demo checks itself against one process) =="
 	$(PY) src/ch6/parallel_mlp.py --nproc 2
 	$(PY) src/ch6/parallel_mlp.py --nproc 4
+	$(PY) src/ch6/mlp_orderings.py --nproc 2
+	$(PY) src/ch6/mlp_orderings.py --nproc 4
 	$(PY) src/ch6/parallel_attention.py --nproc 2
 	$(PY) src/ch6/parallel_attention.py --nproc 4
 	$(PY) src/ch6/vocab_parallel_embedding.py --nproc 2
@@ -126,6 +128,7 @@ course-ch6-after: setup
 course-ch5: setup
 	@echo "== Chapter 5: GPipe (torchgpipe) and PipeDream-Flush (DeepSpeed) on a tiny GPT-2 =="
 	$(PY) src/ch5/gpipe.py --steps 300
+	$(PY) src/ch5/gpipe_memory.py
 	$(PY) src/ch5/deepspeed_launch.py --num_gpus 4 --timeout 900 src/ch5/pipe_dream.py --steps 200
 
 course-ch5-schedules: setup

@@ -39,7 +39,7 @@ def test_gelu_commutes_with_column_split_only(repo_root):
     ("column_parallelism_dist.py", "column-parallel Y equals single-process X @ A: True"),
     ("row_parallelism_dist.py", "row-parallel Y equals single-process X @ A: True"),
 ])
-@pytest.mark.parametrize("nproc", [1, 2, 4])
+@pytest.mark.parametrize("nproc", [1, 4])  # 2 ranks: tests/course/test_src_plain_python.py (python FILE)
 def test_distributed_demos_match_single_process(repo_root, script, check, nproc):
     result = torchrun(str(repo_root / "src/ch6" / script), nproc_per_node=nproc, timeout=120, echo=False)
     for rank in range(nproc):
@@ -47,12 +47,8 @@ def test_distributed_demos_match_single_process(repo_root, script, check, nproc)
 
 
 def test_distributed_demo_refuses_a_world_that_does_not_divide(repo_root):
-    from lessons_pkg.launch import LaunchError
-
     script = str(repo_root / "src/ch6/column_parallelism_dist.py")
-    with pytest.raises(LaunchError) as failed:
-        torchrun(script, nproc_per_node=3, timeout=120, echo=False)
-    assert str(failed.value) == failed.value.user_error == "error: A has 4 columns, which do not split over 3 ranks"
+    # (through lessons_pkg.launch the same line comes back alone: tests/foundation/test_bad_inputs.py)
     # plain torchrun, all ranks on one terminal: every rank meets it, the line is printed once, no rank shows a
     # traceback, and torchrun's failure summary names it as the root cause (not "To enable traceback see ...")
     env = dict(os.environ, OMP_NUM_THREADS="1")
