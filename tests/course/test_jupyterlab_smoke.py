@@ -137,7 +137,8 @@ def test_opening_and_saving_a_chapter_in_jupyterlab_changes_nothing(lab, browser
     path = ROOT / "chapters" / notebook
     stored, mtime = path.read_bytes(), path.stat().st_mtime_ns
     try:
-        browser.get(f"{base}/lab/tree/{notebook}?token={token}")
+        # ?reset: JupyterLab's saved workspace would also reopen the chapter an earlier test opened
+        browser.get(f"{base}/lab/tree/{notebook}?reset&token={token}")
 
         def tab_classes(b) -> str | None:  # the notebook's tab, re-read each time (JupyterLab re-renders it)
             try:
@@ -151,7 +152,9 @@ def test_opening_and_saving_a_chapter_in_jupyterlab_changes_nothing(lab, browser
         time.sleep(3)  # the kernel's info reply reaches the notebook's metadata after it is idle
         classes = WebDriverWait(browser, 10).until(tab_classes)
         assert "jp-mod-dirty" not in classes, "JupyterLab marked the notebook modified"
-        browser.find_element(By.CSS_SELECTOR, ".jp-Notebook").click()
+        shown = [e for e in browser.find_elements(By.CSS_SELECTOR, ".jp-NotebookPanel .jp-Notebook") if e.is_displayed()]
+        assert len(shown) == 1, f"{len(shown)} notebooks on screen"
+        shown[0].click()  # the keyboard's focus in the notebook, for its Ctrl+S
         ActionChains(browser).key_down(Keys.CONTROL).send_keys("s").key_up(Keys.CONTROL).perform()
         WebDriverWait(browser, 30).until(lambda b: path.stat().st_mtime_ns != mtime)
         saved = path.read_bytes()
