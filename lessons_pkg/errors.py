@@ -17,7 +17,7 @@ scripts; ``python -m lessons_pkg.launch``) run their ``main`` through
 * anything else is a bug of ours: its traceback is shown, as Python shows it.
 
 Several ranks: the line is printed once per job. When every rank meets the
-same error, rank 0 prints it (the others wait a second before they claim the
+same error, rank 0 prints it (the others wait half a second before they claim the
 report); when only one rank meets it, that rank prints it. The claim goes
 through torchrun's own store (its agent hosts it, so it is there before any
 process group exists and after rank 0 has gone) or, for ranks started
@@ -38,7 +38,7 @@ import sys
 import time
 
 EXIT_USER_ERROR = 2  # argparse's status for a bad command line: the same kind of mistake
-RANK_0_HEAD_START = 1.0  # seconds the other ranks wait before claiming the report
+RANK_0_HEAD_START = 0.5  # seconds the other ranks wait before claiming the report
 
 
 class UserError(ValueError):

@@ -1,14 +1,15 @@
 """Every script in src/ runs the way a learner first tries it: ``python FILE`` (no torchrun, no launcher).
 
-Multi-process demos start their own ranks (``lessons_pkg.launch.start_ranks``) at the
-lesson's rank count. Each run must exit 0 and print its verification; the arguments only
-shrink the work (fewer steps, smaller tensors), never the number of ranks.
+Multi-process demos start their own ranks (``lessons_pkg.launch.start_ranks``). Each run must
+exit 0 and print its verification; the arguments only shrink the work (fewer steps, smaller
+tensors; the two chapter-5 demos on 2 ranks instead of 4).
 
 One-process scripts that another test already runs as ``python FILE`` are listed in
-PLAIN_ELSEWHERE with that test (not run twice); scripts that cannot run without arguments
-naming inputs (launchers, servers, command-line clients, conversion tools) in
-NEEDS_ARGUMENTS with the test that runs them. A file in src/ that is in none of the lists
-fails ``test_every_src_script_is_covered``.
+PLAIN_ELSEWHERE with that test (not run twice); multi-process demos that a chapter runs and
+checks under nbval, through the launcher ``python FILE`` uses, in RUN_BY_A_CHAPTER; scripts
+that cannot run without arguments naming inputs (launchers, servers, command-line clients,
+conversion tools) in NEEDS_ARGUMENTS with the test that runs them. A file in src/ that is in
+none of the lists fails ``test_every_src_script_is_covered``.
 """
 from __future__ import annotations
 
@@ -21,31 +22,34 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# script -> (arguments that only make the run small, text its verification prints). The warm-up demos run
-# here on their default 2 ranks; tests/warmup runs them on 1 and 4.
+# script -> (arguments that only make the run small, text its verification prints). column_parallelism_dist
+# runs here on its default 2 ranks (tests/warmup: 1 rank; chapter 06: 2 and 4).
 PLAIN = {
     "src/ch6/column_parallelism_dist.py": ([], "equals single-process X @ A: True"),
-    "src/ch6/row_parallelism_dist.py": ([], "row-parallel Y equals single-process X @ A: True"),
-    "src/ch6/parallel_mlp.py": ([], "match the single-process MLP"),
-    "src/ch6/mlp_orderings.py": ([], "every ordering matches one process, and gather + scatter cancels: True"),
-    "src/ch6/parallel_attention.py": ([], ": True"),
-    "src/ch6/vocab_parallel_embedding.py": ([], ": True"),
-    "src/ch6/vocab_parallel_cross_entropy.py": ([], ": True"),
-    "src/ch6/parallel_gpt.py": ([], ": True"),
-    "src/ch6/context_parallel.py": ([], "CP=2 equals one process (rtol 0.0001, atol 1e-05): True"),
-    "src/ch6/sequence_parallel.py": ([], "with sequence parallelism equals one process (rtol 0.0001, atol 1e-05): True"),
     "src/ch6/parallel_gpt_fused.py": (["--nproc", "1"], "matches the plain model (atol = rtol = 1e-05): True"),
-    "src/ch6/parallelformers_inference.py": (["--model", "local", "--max-new-tokens", "4"],
-                                             "greedy generation identical: True"),
-    "src/ch5/schedules_verify.py": (["--nproc", "2", "--train-iters", "2", "--num-microbatches", "4"],
-                                    "interleaved: losses and every gradient match"),
     "src/ch5/pipeline_timeline.py": (["--nproc", "2", "--num-microbatches", "4", "--cost-ms", "1", "--repeats", "1",
                                       "--out", "{tmp}/timeline.png"], "every schedule's gradients match"),
-    "src/ch5/pipeline_memory.py": (["--hidden-size", "32", "--seq-length", "8", "--microbatches", "2", "4",
-                                    "--out", "{tmp}/memory.png"], "1f1b"),
     "src/ch5/pipe_dream.py": (["--nproc", "2", "--steps", "2", "--log-interval", "1"], "check: loss fell"),
     "src/ch5/gpipe_memory.py": (["--n-embd", "32", "--n-layer", "2", "--vocab-size", "101", "--seq-len", "16",
                                  "--batch-size", "4", "--chunks", "2", "--balance", "2", "1", "1"], "to the byte: True"),
+}
+
+# multi-process demos that a chapter runs under nbval through lessons_pkg.launch.torchrun, the launcher a plain
+# `python FILE` hands itself to (launch_self), and whose printed verifications nbval compares: not run twice.
+# The plain-python path itself (start_ranks, --nproc) is checked on the scripts above and by the --nproc test.
+RUN_BY_A_CHAPTER = {
+    "src/ch6/row_parallelism_dist.py": "chapters/06_tensor_parallelism.ipynb (2 and 4 ranks)",
+    "src/ch6/parallel_mlp.py": "chapters/06_tensor_parallelism.ipynb",
+    "src/ch6/mlp_orderings.py": "chapters/06_tensor_parallelism.ipynb; tests/tensor_parallel/test_mlp_orderings.py",
+    "src/ch6/parallel_attention.py": "chapters/06_tensor_parallelism.ipynb",
+    "src/ch6/vocab_parallel_embedding.py": "chapters/06_tensor_parallelism.ipynb",
+    "src/ch6/vocab_parallel_cross_entropy.py": "chapters/06_tensor_parallelism.ipynb",
+    "src/ch6/parallel_gpt.py": "chapters/06_tensor_parallelism.ipynb",
+    "src/ch6/parallelformers_inference.py": "chapters/06_tensor_parallelism.ipynb (--model local)",
+    "src/ch6/sequence_parallel.py": "chapters/06f_sequence_and_context_parallelism.ipynb",
+    "src/ch6/context_parallel.py": "chapters/06f_sequence_and_context_parallelism.ipynb",
+    "src/ch5/schedules_verify.py": "chapters/05_pipeline_parallelism.ipynb",
+    "src/ch5/pipeline_memory.py": "chapters/05_pipeline_parallelism.ipynb",
 }
 
 # one process, no launcher needed, already run the plain way (python FILE) by another test: not run twice
@@ -89,10 +93,13 @@ def run_plain(script: str, args: list[str], cwd: Path) -> subprocess.CompletedPr
 
 def test_every_src_script_is_covered():
     scripts = {str(p.relative_to(ROOT)) for p in ROOT.glob("src/**/*.py")}
-    uncovered = scripts - set(PLAIN) - set(PLAIN_ELSEWHERE) - set(NEEDS_ARGUMENTS)
+    uncovered = scripts - set(PLAIN) - set(PLAIN_ELSEWHERE) - set(NEEDS_ARGUMENTS) - set(RUN_BY_A_CHAPTER)
     assert not uncovered, f"scripts in src/ that no test runs the plain way: {sorted(uncovered)}"
     missing = set(PLAIN) - scripts
     assert not missing, f"listed but not in src/: {sorted(missing)}"
+    for script, where in RUN_BY_A_CHAPTER.items():  # the chapter named really runs it, and checks what it prints
+        chapter = ROOT / where.split(" ")[0].rstrip(";")
+        assert f'torchrun(\\"{script}' in chapter.read_text(), f"{chapter.name} does not run {script}"
 
 
 @pytest.mark.parametrize("script", sorted(PLAIN))
