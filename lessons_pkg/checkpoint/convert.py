@@ -74,7 +74,7 @@ def _prepare_output(save_dir: str, overwrite: bool) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     except OSError as e:  # read-only, a file where a folder goes
-        raise _write_failed(save_dir, e) from None
+        raise _write_failed(save_dir, e, tmp) from None
     return tmp
 
 

@@ -1,6 +1,9 @@
-"""DeepSpeed PipelineModule demo (src/ch5/pipe_dream.py) under the real `deepspeed` launcher, on CPU ranks."""
+"""DeepSpeed PipelineModule demo (src/ch5/pipe_dream.py) on CPU ranks, and the `deepspeed` launcher's wrapper."""
 import io
 import logging
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,9 +35,13 @@ def test_every_layer_parameter_maps_to_a_distinct_gpt2_parameter():
     assert len(names) == len(reference) + 1
 
 
-def test_pipe_dream_under_the_deepspeed_launcher_matches_single_process_and_learns():
-    # 2 CPU ranks = 2 pipeline stages; one launch because DeepSpeed's start-up is slow (tens of seconds)
-    out = deepspeed_launch("src/ch5/pipe_dream.py", "--steps", "20", num_gpus=2, timeout=420, echo=False)
+def test_pipe_dream_on_2_ranks_matches_single_process_and_learns():
+    # 2 CPU ranks = 2 pipeline stages, started the way a learner first tries it (python FILE --nproc 2: our
+    # launcher); the `deepspeed` launcher runs it on 4 ranks in chapters/05 (nbval checks the same lines)
+    done = subprocess.run([sys.executable, "src/ch5/pipe_dream.py", "--nproc", "2", "--steps", "12"], cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=420)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    out = re.sub(r"(?m)^\[rank \d+\] ", "", done.stdout)  # the other ranks' lines, without their label
     checks = [line for line in out.splitlines() if line.startswith("check:")]
     assert len(checks) == 6 and all(line.endswith(": True") for line in checks), out
     assert "stage 0: gradients" in out and "stage 1: gradients" in out

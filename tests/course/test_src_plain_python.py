@@ -2,7 +2,7 @@
 
 Multi-process demos start their own ranks (``lessons_pkg.launch.start_ranks``). Each run must
 exit 0 and print its verification; the arguments only shrink the work (fewer steps, smaller
-tensors; the two chapter-5 demos on 2 ranks instead of 4).
+tensors; pipeline_timeline on 2 ranks instead of 4).
 
 One-process scripts that another test already runs as ``python FILE`` are listed in
 PLAIN_ELSEWHERE with that test (not run twice); multi-process demos that a chapter runs and
@@ -29,7 +29,6 @@ PLAIN = {
     "src/ch6/parallel_gpt_fused.py": (["--nproc", "1"], "matches the plain model (atol = rtol = 1e-05): True"),
     "src/ch5/pipeline_timeline.py": (["--nproc", "2", "--num-microbatches", "4", "--cost-ms", "1", "--repeats", "1",
                                       "--out", "{tmp}/timeline.png"], "every schedule's gradients match"),
-    "src/ch5/pipe_dream.py": (["--nproc", "2", "--steps", "2", "--log-interval", "1"], "check: loss fell"),
     "src/ch5/gpipe_memory.py": (["--n-embd", "32", "--n-layer", "2", "--vocab-size", "101", "--seq-len", "16",
                                  "--batch-size", "4", "--chunks", "2", "--balance", "2", "1", "1"], "to the byte: True"),
 }
@@ -52,7 +51,7 @@ RUN_BY_A_CHAPTER = {
     "src/ch5/pipeline_memory.py": "chapters/05_pipeline_parallelism.ipynb",
 }
 
-# one process, no launcher needed, already run the plain way (python FILE) by another test: not run twice
+# already run the plain way (python FILE) by another test: not run twice
 PLAIN_ELSEWHERE = {
     "src/ch6/non_parallelism.py": "tests/warmup/test_warmup_demos.py::test_single_process_demos_print_the_same_product",
     "src/ch6/column_parallelism.py": "tests/warmup/test_warmup_demos.py::test_single_process_demos_print_the_same_product",
@@ -64,6 +63,8 @@ PLAIN_ELSEWHERE = {
     "src/ch6/pretrain_gpt.py": "tests/training/test_training_pretrain_gpt.py (one process, plain python; "
                                "multi-process layouts under torchrun)",
     "src/ch5/gpipe.py": "tests/ch5_libs/test_ch5_libs_gpipe.py::test_gpipe_script_trains_and_verifies",
+    "src/ch5/pipe_dream.py": "tests/ch5_libs/test_ch5_libs_pipe_dream.py::test_pipe_dream_on_2_ranks_matches_single_"
+                             "process_and_learns (python FILE --nproc 2)",
     "src/ch5/gpt2_sequential.py": "a library module of gpipe.py and pipe_dream.py (nothing to run): "
                                   "tests/ch5_libs/test_ch5_libs_gpt2_sequential.py",
     "src/ch5/text_data.py": "a library module of gpipe.py and pipe_dream.py (nothing to run): "

@@ -730,7 +730,8 @@ def table(files):
     for i, case in enumerate(CASES, 1):
         tool, what, _, status, line, _ = files.rows[case.id]
         cell, what = line.replace("|", "\\|"), what.replace("|", "\\|")
-        lines.append(f"| {i} | `{os.path.basename(tool)}` | {what} | {status} | `{cell}` |")
+        name = "torchrun" if case.torchrun else os.path.basename(tool)
+        lines.append(f"| {i} | `{name}` | {what} | {status} | `{cell}` |")
     lines += [
         "",
         "Write faults that are not in the table because they need a run to be interrupted:",

@@ -3,9 +3,8 @@
 The tiny GPT-2 (300 tokens: the converter pads them to 512 rows at TP=2) goes
 through the converter (lessons_pkg.checkpoint.transformers_converter) into
 TP2 x PP1 and TP2 x PP2 ``release`` checkpoints; the tokenizer is given on the
-command line, as the converter ships none. Served at the converter's layouts
-(TP2 as plain python, TP2 x PP2 under torchrun) and on one process that
-reshards TP2 x PP2 on load. Greedy answers are compared exactly.
+command line, as the converter ships none. Served at TP2 (plain python) and on
+one process that reshards TP2 x PP2 on load. Greedy answers are compared exactly.
 """
 from __future__ import annotations
 
@@ -22,9 +21,10 @@ def converted(transformers_converter, tiny_gpt2_folder, tmp_path_factory):
             for tp, pp in ((2, 1), (2, 2))}
 
 
-@pytest.mark.parametrize("source, tp, pp, launcher", [((2, 1), 2, 1, "python"), ((2, 2), 2, 2, "torchrun"),
-                                                      ((2, 2), 1, 1, "python")],
-                         ids=["tp2", "tp2pp2", "one-rank-resharding"])
+# (TP2 x PP2 serving under torchrun: tests/serving/test_server_parallel.py; the converter's TP2 x PP2 files are
+# read here by one rank, resharded on load)
+@pytest.mark.parametrize("source, tp, pp, launcher", [((2, 1), 2, 1, "python"), ((2, 2), 1, 1, "python")],
+                         ids=["tp2", "one-rank-resharding"])
 def test_greedy_answers_equal_transformers(converted, server_factory, tiny_tokenizer_files, hf_greedy,
                                            tiny_tokenizer, source, tp, pp, launcher):
     vocab, merges = tiny_tokenizer_files
