@@ -142,13 +142,21 @@ course-ch5-schedules: setup
 # Two workers (pytest-xdist), one per core: most tests wait on process start-up and collectives, and
 # --dist loadfile keeps each module (and each notebook's cells, in order) on one worker. One session for
 # tests/ and chapters/ lets a worker that finishes its share of one take work from the other (two sessions
-# left a core idle at the end of each); the notebooks, the longest units, go first so that the many short
-# test files fill the end. --nbval applies to the notebooks only.
+# left a core idle at the end of each); the longest units go first (the notebooks, then the test files
+# that take 25 s or more, named in HEAVY_TESTS; pytest collects each file once) so that the many short test
+# files fill the end: in the order of the directories, test_training_pretrain_gpt.py (150 s) came last and
+# one worker waited ~100 s for it. --nbval applies to the notebooks only.
 # --durations=15 prints the slowest tests of every run: the ones to make cheaper before CI nears 15 minutes.
 TEST_WORKERS ?= 2
+# (not tests/serving: its modules import helpers `from conftest`, which only resolves when that folder is
+# collected before tests/evaluation, whose conftest would otherwise take the name)
+HEAVY_TESTS := tests/training/test_training_pretrain_gpt.py tests/course/test_src_plain_python.py \
+	tests/checkpoint/test_other_tools.py tests/foundation/test_bad_inputs.py tests/ch5_libs/test_ch5_libs_pipe_dream.py \
+	tests/foundation/test_launch.py
 test: setup
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15 --nbval --nbval-current-env \
-		--nbval-sanitize-with chapters/nbval_sanitize.cfg --nbval-cell-timeout 900 -p no:cacheprovider chapters tests
+		--nbval-sanitize-with chapters/nbval_sanitize.cfg --nbval-cell-timeout 900 -p no:cacheprovider \
+		chapters $(HEAVY_TESTS) tests
 
 # JupyterLab on chapters/, as a user or as root (adds --allow-root); LAB_IP, LAB_PORT, LAB_OPEN: see scripts/lab.sh
 lab: setup
