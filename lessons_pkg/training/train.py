@@ -24,7 +24,6 @@ is the mean over all.
 from __future__ import annotations
 
 import os
-import signal
 import time
 
 import torch
@@ -43,9 +42,6 @@ from lessons_pkg.training.lr_scheduler import OptimizerParamScheduler
 from lessons_pkg.training.optimizer import Groups, get_optimizer
 from lessons_pkg.training.profiling import IterationProfiler
 from lessons_pkg.utils import print_rank_0, set_seed
-
-# Fault injection for the tests: SIGKILL every rank right after the checkpoint of this iteration is complete.
-KILL_ENV = "LESSONS_KILL_AFTER_SAVE_AT_ITER"
 
 
 # --- which layers live where -------------------------------------------------------------------
@@ -316,5 +312,3 @@ def _save(args, iteration, chunks, optimizer, scheduler, consumed, rt: Runtime) 
     print_rank_0(f"saving checkpoint at iteration {iteration:7d} to {args.save}")
     save_checkpoint(args.save, iteration, chunks, optimizer, scheduler, args, consumed, rt.ranks, rt.grad_group)
     print_rank_0(f"  successfully saved checkpoint at iteration {iteration:7d} to {args.save}")
-    if os.environ.get(KILL_ENV) == str(iteration):
-        os.kill(os.getpid(), signal.SIGKILL)  # as if the job were killed right after a complete save
