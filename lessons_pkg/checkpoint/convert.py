@@ -59,7 +59,8 @@ def megatron_args_for(config: GPTConfig, **extra) -> argparse.Namespace:
         max_position_embeddings=config.max_position_embeddings, seq_length=config.max_position_embeddings,
         make_vocab_size_divisible_by=config.make_vocab_size_divisible_by, init_method_std=config.init_method_std,
         hidden_dropout=config.hidden_dropout, attention_dropout=config.attention_dropout,
-        layernorm_epsilon=config.layernorm_epsilon, true_vocab_size=config.vocab_size, **extra))
+        layernorm_epsilon=config.layernorm_epsilon, true_vocab_size=config.vocab_size,
+        bias_gelu_fusion=config.gelu_approximate == "tanh", **extra))
 
 
 def _prepare_output(save_dir: str, overwrite: bool) -> str:

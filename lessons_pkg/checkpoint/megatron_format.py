@@ -222,6 +222,24 @@ def megatron_args(args, **updates) -> argparse.Namespace:
     return argparse.Namespace(**values)
 
 
+def gelu_approximate(args) -> str:
+    """F.gelu's ``approximate=`` for the GeLU a Megatron model's saved arguments describe.
+
+    Megatron-LM's MLP (legacy ``ParallelMLP`` and megatron-core's ``MLP``) applies
+    the tanh form when ``openai_gelu`` is set or the bias-GeLU fusion is on (its
+    fused ``bias_gelu`` is the tanh formula, and fusion is the default); with
+    ``--no-bias-gelu-fusion`` or ``onnx_safe`` it calls the exact erf GeLU.
+    """
+    if getattr(args, "openai_gelu", False):
+        return "tanh"
+    if getattr(args, "onnx_safe", False):
+        return "none"
+    fusion = getattr(args, "bias_gelu_fusion", None)
+    if fusion is None:
+        fusion = getattr(args, "bias_activation_fusion", True)
+    return "tanh" if fusion in (None, True) else "none"
+
+
 def check_supported(args: argparse.Namespace, where: str) -> None:
     """Refuse, by name, Megatron models that are not the GPT-2 architecture ParallelGPT implements."""
     def get(name, default=None):
@@ -234,6 +252,11 @@ def check_supported(args: argparse.Namespace, where: str) -> None:
         problems.append(f"normalization {get('normalization')!r} (only LayerNorm)")
     if get("swiglu"):
         problems.append("swiglu (only GeLU)")
+    for other in ("squared_relu", "quick_geglu"):
+        if get(other):
+            problems.append(f"{other} (only GeLU)")
+    if get("apply_residual_connection_post_layernorm"):
+        problems.append("apply_residual_connection_post_layernorm (the residual must skip the LayerNorm, as in GPT-2)")
     if get("untie_embeddings_and_output_weights"):
         problems.append("untie_embeddings_and_output_weights (the head must be tied)")
     if get("add_bias_linear", True) is False:

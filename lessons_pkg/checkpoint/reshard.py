@@ -136,7 +136,7 @@ def config_from_args(args, vocab_size: int, where: str = "the checkpoint") -> GP
         num_attention_heads=get("num_attention_heads"), max_position_embeddings=get("max_position_embeddings"),
         hidden_dropout=get("hidden_dropout", 0.1), attention_dropout=get("attention_dropout", 0.1),
         init_method_std=get("init_method_std", 0.02), layernorm_epsilon=get("layernorm_epsilon", 1e-5),
-        make_vocab_size_divisible_by=get("make_vocab_size_divisible_by", 128))
+        make_vocab_size_divisible_by=get("make_vocab_size_divisible_by", 128), gelu_approximate=mf.gelu_approximate(args))
 
 
 @dataclass(frozen=True)

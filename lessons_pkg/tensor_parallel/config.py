@@ -25,6 +25,8 @@ class GPTConfig:
     sequence_parallel: bool = False          # split LayerNorm/dropout/residual along the sequence (TP > 1)
     attention_softmax_in_fp32: bool = False  # the step-by-step attention's softmax in float32 (16-bit runs)
     attention_backend: str = "auto"          # auto: F.scaled_dot_product_attention; unfused/local: step by step
+    gelu_approximate: str = "tanh"           # F.gelu's approximate=: "tanh" (GPT-2, Megatron's fused bias-GeLU)
+                                             #   or "none" (exact erf: Megatron run with --no-bias-gelu-fusion)
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads != 0:
@@ -32,6 +34,11 @@ class GPTConfig:
                              f"num_attention_heads ({self.num_attention_heads})")
         if self.attention_backend not in ("auto", "unfused", "local"):
             raise ValueError(f"attention_backend {self.attention_backend!r}: 'auto', 'unfused' or 'local'")
+        if self.gelu_approximate not in ("tanh", "none"):
+            raise ValueError(f"gelu_approximate {self.gelu_approximate!r}: 'tanh' or 'none' (F.gelu's values)")
+        if self.use_fused_kernels and self.gelu_approximate != "tanh":
+            raise ValueError("use_fused_kernels with gelu_approximate 'none': the fused bias-GeLU kernel computes "
+                             "the tanh GeLU only")
 
     @property
     def ffn_hidden_size(self) -> int:

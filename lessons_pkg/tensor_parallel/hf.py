@@ -25,7 +25,7 @@ def config_to_hf(config: GPTConfig, **overrides):
     kwargs = dict(
         vocab_size=config.vocab_size, n_positions=config.max_position_embeddings, n_embd=config.hidden_size,
         n_layer=config.num_layers, n_head=config.num_attention_heads, n_inner=config.ffn_hidden_size,
-        activation_function="gelu_new", resid_pdrop=config.hidden_dropout, embd_pdrop=config.hidden_dropout,
+        activation_function="gelu_new" if config.gelu_approximate == "tanh" else "gelu", resid_pdrop=config.hidden_dropout, embd_pdrop=config.hidden_dropout,
         attn_pdrop=config.attention_dropout, layer_norm_epsilon=config.layernorm_epsilon,
         initializer_range=config.init_method_std, tie_word_embeddings=True,
         bos_token_id=config.vocab_size - 1, eos_token_id=config.vocab_size - 1,  # GPT-2's 50256 is the last id
@@ -35,14 +35,17 @@ def config_to_hf(config: GPTConfig, **overrides):
 
 
 def config_from_hf(hf_config, **overrides) -> GPTConfig:
-    """Our :class:`GPTConfig` for a ``transformers.GPT2Config`` (only GeLU-tanh GPT-2s are supported).
+    """Our :class:`GPTConfig` for a ``transformers.GPT2Config`` (GPT-2s with the tanh or the exact GeLU).
 
     ``gelu_new``, ``gelu_fast`` (what transformers' Megatron converter writes for
     Megatron's fused bias-GeLU) and ``gelu_pytorch_tanh`` are one function,
-    ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``, written three ways.
+    ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``, written three ways;
+    ``gelu`` is the exact ``x Phi(x)`` (``gelu_approximate="none"``).
     """
-    if hf_config.activation_function not in ("gelu_new", "gelu_fast", "gelu_pytorch_tanh"):
-        raise ValueError(f"activation_function {hf_config.activation_function!r} is not the tanh GeLU of GPT-2")
+    tanh_forms = ("gelu_new", "gelu_fast", "gelu_pytorch_tanh")
+    if hf_config.activation_function not in (*tanh_forms, "gelu"):
+        raise ValueError(f"activation_function {hf_config.activation_function!r}: ParallelGPT has the GeLU only "
+                         f"({', '.join(tanh_forms)} or the exact gelu)")
     if hf_config.n_inner not in (None, 4 * hf_config.n_embd):
         raise ValueError(f"n_inner ({hf_config.n_inner}) must be 4 x n_embd ({4 * hf_config.n_embd})")
     kwargs = dict(
@@ -50,6 +53,7 @@ def config_from_hf(hf_config, **overrides) -> GPTConfig:
         num_attention_heads=hf_config.n_head, max_position_embeddings=hf_config.n_positions,
         hidden_dropout=hf_config.resid_pdrop, attention_dropout=hf_config.attn_pdrop,
         layernorm_epsilon=hf_config.layer_norm_epsilon, init_method_std=hf_config.initializer_range,
+        gelu_approximate="tanh" if hf_config.activation_function in tanh_forms else "none",
     )
     kwargs.update(overrides)
     return GPTConfig(**kwargs)

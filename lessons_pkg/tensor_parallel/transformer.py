@@ -59,8 +59,12 @@ def _kernel_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def bias_gelu(x: torch.Tensor, bias: torch.Tensor, fused: bool = False) -> torch.Tensor:
-    """GeLU(x + bias) with the tanh approximation (GPT-2's ``gelu_new``, Megatron's ``bias_gelu``).
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor, fused: bool = False, approximate: str = "tanh") -> torch.Tensor:
+    """GeLU(x + bias): the tanh approximation (GPT-2's ``gelu_new``, Megatron's fused ``bias_gelu``) by default.
+
+    ``approximate="none"`` is the exact erf GeLU, what Megatron-LM computes when
+    run with ``--no-bias-gelu-fusion`` (its unfused path calls ``F.gelu``); the
+    fused kernel computes the tanh form only, so the config refuses the pair.
 
     Under autocast ``x`` (a matmul's output) is bf16/fp16 while ``bias`` (a
     parameter) stays float32. The plain path adds it in ``x``'s dtype (as a
@@ -73,9 +77,11 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, fused: bool = False) -> torch
     if fused:
         from lessons_pkg import kernels
 
+        if approximate != "tanh":
+            raise ValueError(f"bias_gelu(fused=True, approximate={approximate!r}): the kernel computes the tanh GeLU")
         dtype = _kernel_dtype(x)
         return kernels.bias_gelu(x.to(dtype), bias.to(dtype)).to(x.dtype)
-    return F.gelu(x + bias.to(x.dtype), approximate="tanh")
+    return F.gelu(x + bias.to(x.dtype), approximate=approximate)
 
 
 def scaled_causal_softmax(scores: torch.Tensor, scale: float, fused: bool = False, in_fp32: bool = False
@@ -181,6 +187,7 @@ class ParallelMLP(nn.Module):
     def __init__(self, config: GPTConfig, tp_group: dist.ProcessGroup | None = None):
         super().__init__()
         self.fused = config.use_fused_kernels
+        self.gelu = config.gelu_approximate  # F.gelu's approximate=: "tanh" (GPT-2) or "none" (exact)
         sp = config.sequence_parallel
         self.dense_h_to_4h = ColumnParallelLinear(
             config.hidden_size, config.ffn_hidden_size, gather_output=False, skip_bias_add=True,
@@ -191,10 +198,10 @@ class ParallelMLP(nn.Module):
             sequence_parallel=sp)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        intermediate, bias = self.dense_h_to_4h(x)                 # [b, s, h] -> [b, s, 4h/tp] (SP: from s/tp)
-        intermediate = bias_gelu(intermediate, bias, self.fused)  # local: whole columns on this rank
-        return self.dense_4h_to_h(intermediate)                   # [b, s, 4h/tp] -> [b, s, h] (all-reduce)
-                                                                  #   (SP: reduce-scatter to [b, s/tp, h])
+        intermediate, bias = self.dense_h_to_4h(x)                           # [b, s, h] -> [b, s, 4h/tp] (SP: from s/tp)
+        intermediate = bias_gelu(intermediate, bias, self.fused, self.gelu)  # local: whole columns on this rank
+        return self.dense_4h_to_h(intermediate)                              # [b, s, 4h/tp] -> [b, s, h] (all-reduce)
+                                                                             #   (SP: reduce-scatter to [b, s/tp, h])
 
 
 class ParallelAttention(nn.Module):

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "unfused (scores, softmax and weighted sum step by step); also Megatron's local")
     g.add_argument("--use-fused-kernels", action="store_true",
                    help="use the compiled fused kernels (bias+GeLU, scaled masked softmax, LayerNorm)")
+    g.add_argument("--no-bias-gelu-fusion", dest="bias_gelu_fusion", action="store_false",
+                   help="the exact erf GeLU, as Megatron-LM computes it without its fused (tanh) bias-GeLU; "
+                        "default: the tanh GeLU of GPT-2")
     g.add_argument("--attention-softmax-in-fp32", action="store_true",
                    help="attention's softmax in float32 in 16-bit runs (SDPA's kernels always do; the "
                         "step-by-step paths cast)")
@@ -261,6 +264,9 @@ def validate_args(args: argparse.Namespace, world_size: int, device: torch.devic
                       "(F.scaled_dot_product_attention, which picks flash attention on GPUs that have it) and "
                       "unfused (step by step; 'local' means the same); Transformer Engine's flash and fused "
                       "backends are not part of it")
+    if args.use_fused_kernels and not args.bias_gelu_fusion:
+        errors.append("--use-fused-kernels with --no-bias-gelu-fusion: the fused bias-GeLU kernel computes the "
+                      "tanh GeLU, --no-bias-gelu-fusion asks for the exact one")
     if args.fp16 and args.bf16:
         errors.append("--fp16 and --bf16 cannot both be set")
     if (args.fp16 or args.bf16) and torch.device(device).type != "cuda":

@@ -311,6 +311,10 @@ def _check_model_args(saved, config, where: str) -> None:
                 true_vocab_size=config.vocab_size, orig_vocab_size=config.vocab_size)
     diffs = [f"{k} {getattr(saved, k)} (this run: {v})" for k, v in mine.items()
              if getattr(saved, k, None) is not None and getattr(saved, k) != v]
+    gelu = mf.gelu_approximate(saved)
+    if gelu != config.gelu_approximate:
+        flag = "without --no-bias-gelu-fusion" if gelu == "tanh" else "with --no-bias-gelu-fusion"
+        diffs.append(f"GeLU approximate={gelu!r} (this run: {config.gelu_approximate!r}; run {flag})")
     if diffs:
         raise CheckpointError(f"{where} holds another model than this run builds: " + ", ".join(diffs))
 

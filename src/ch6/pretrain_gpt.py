@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         init_method_std=args.init_method_std, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         use_fused_kernels=args.use_fused_kernels, recompute_activations=args.recompute_activations,
         sequence_parallel=args.sequence_parallel, attention_softmax_in_fp32=args.attention_softmax_in_fp32,
-        attention_backend=args.attention_backend)
+        attention_backend=args.attention_backend, gelu_approximate="tanh" if args.bias_gelu_fusion else "none")
     print_rank_0(f"> building GPT model: {args.num_layers} layers, hidden {args.hidden_size}, "
                  f"{args.num_attention_heads} heads, master weights from seed {args.seed}")
     master = master_state_dict(config, args.seed)  # full-size weights, identical on every rank and layout

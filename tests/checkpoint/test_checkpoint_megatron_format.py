@@ -96,6 +96,22 @@ def test_unsupported_megatron_models_are_named(tmp_path):
                               normalization="RMSNorm", untie_embeddings_and_output_weights=True)
     with pytest.raises(ValueError, match="position_embedding_type 'rope'.*RMSNorm.*swiglu.*untie"):
         mf.check_supported(args, "ckpt")
+    args = argparse.Namespace(hidden_size=32, num_attention_heads=4, squared_relu=True,
+                              apply_residual_connection_post_layernorm=True)
+    with pytest.raises(ValueError, match="squared_relu .*apply_residual_connection_post_layernorm"):
+        mf.check_supported(args, "ckpt")
+
+
+@pytest.mark.parametrize("saved, gelu", [
+    ({}, "tanh"),                                                   # Megatron-LM's default: fused bias-GeLU
+    ({"bias_gelu_fusion": True}, "tanh"),
+    ({"bias_gelu_fusion": False}, "none"),                          # --no-bias-gelu-fusion: F.gelu
+    ({"bias_gelu_fusion": False, "openai_gelu": True}, "tanh"),     # --openai-gelu: the tanh formula
+    ({"bias_gelu_fusion": True, "onnx_safe": True}, "none"),        # --onnx-safe: erf_gelu
+    ({"bias_activation_fusion": False}, "none"),                    # megatron-core's name
+])
+def test_the_gelu_of_megatron_args(saved, gelu):
+    assert mf.gelu_approximate(argparse.Namespace(**saved)) == gelu
 
 
 # GPT-2 345M, as the lesson converts it: 24 layers, hidden 1024, 16 heads, 1024 positions, 50257 tokens

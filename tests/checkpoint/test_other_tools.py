@@ -191,7 +191,7 @@ def _megatron_lm_qkv(w: torch.Tensor, heads: int, version: float) -> torch.Tenso
     return x.reshape(w.shape).contiguous()
 
 
-def write_megatron_lm_release(root, model, version: float) -> None:
+def write_megatron_lm_release(root, model, version: float, **saved_args) -> None:
     """GPT-2 weights as in NVIDIA's released GPT-2 345M file: ``release/mp_rank_00/model_optim_rng.pt``,
     "language_model" / "transformer" / "attention" names, the QKV order of ``checkpoint_version``, and
     ``args`` (an argparse.Namespace) that record only ``padded_vocab_size`` and a ``vocab_file`` on the
@@ -210,7 +210,8 @@ def write_megatron_lm_release(root, model, version: float) -> None:
         max_position_embeddings=config.max_position_embeddings, seq_length=config.max_position_embeddings,
         tensor_model_parallel_size=1, pipeline_model_parallel_size=1, padded_vocab_size=PADDED,
         make_vocab_size_divisible_by=128, tokenizer_type="GPT2BPETokenizer",
-        vocab_file="/gpfs/fs1/projects/gpt2/gpt2-vocab.json", merge_file="/gpfs/fs1/projects/gpt2/gpt2-merges.txt")
+        vocab_file="/gpfs/fs1/projects/gpt2/gpt2-vocab.json", merge_file="/gpfs/fs1/projects/gpt2/gpt2-merges.txt",
+        **saved_args)
     state = {"iteration": 0, "checkpoint_version": version, "args": args,
              "model": {"language_model": {"embedding": {"word_embeddings": {"weight": word},
                                                         "position_embeddings": {"weight": full[mf.POSITION]}},
@@ -250,6 +251,70 @@ def test_megatron_lm_release_needs_a_tokenizer_for_its_vocabulary(gpt2_2000, tmp
                           "--target-tensor-parallel-size", "2", "--verify")
     assert code == 0 and "bit for bit: True" in out, err
     assert load_pretrained(str(tmp_path / "tp2")).config.vocab_size == VOCAB
+
+
+def test_a_megatron_lm_model_without_bias_gelu_fusion_runs_the_exact_gelu(gpt2_2000, tmp_path, capsys):
+    """Megatron-LM run with --no-bias-gelu-fusion computes F.gelu (erf), not its fused tanh bias-GeLU; its
+    args say ``bias_gelu_fusion=False``. Our model of that file must equal transformers' GPT-2 with
+    ``activation_function="gelu"`` on the same weights (and not the tanh GPT-2), its HF export must be that
+    model, and the trainer must refuse to fine-tune it as a tanh model.
+
+    Tolerance 1e-6 on the logits (|logits| < 1 here): two float32 implementations of one network (ours and
+    transformers', the same ops in the same order: 0.0 measured); the tanh GeLU's logits differ by more than
+    20 times that (1.3e-4 measured), so the check can tell the two GeLUs apart."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lessons_pkg.checkpoint.pretrained import build_stage
+    from lessons_pkg.launch import LaunchError, torchrun
+
+    folder, model = gpt2_2000
+    # at GPT-2's initial scale (std 0.02) the GeLU's inputs are tiny and both GeLUs are ~x/2: scale the MLP's
+    # weights by 20 so its inputs spread over [-10, 10], where the two GeLUs differ by up to 4.7e-4, and its
+    # output by 20 again so that difference reaches the logits
+    weights = {k: v * 20 if k.endswith(("mlp.c_fc.weight", "mlp.c_proj.weight")) else v
+               for k, v in model.state_dict().items()}
+    tanh_model, exact_model = (
+        GPT2LMHeadModel(GPT2Config(**{**model.config.to_dict(), "activation_function": act})).eval()
+        for act in ("gelu_new", "gelu"))
+    for m in (tanh_model, exact_model):
+        m.load_state_dict(weights)
+    src = tmp_path / "exact-gelu"
+    write_megatron_lm_release(str(src), tanh_model, 3.0, bias_gelu_fusion=False, openai_gelu=False)
+    vocab_file, merge_file = tokenizer_files(folder)
+
+    pre = load_pretrained(str(src), vocab_file, merge_file)
+    assert pre.config.gelu_approximate == "none"
+    x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = build_stage(pre)(x)[..., :VOCAB]
+        exact, tanh = exact_model(x).logits, tanh_model(x).logits
+    assert (ours - exact).abs().max().item() <= 1e-6
+    assert (ours - tanh).abs().max().item() > 2e-5      # the GeLU the file asks for makes a difference here
+
+    code, out, err = util(capsys, "--saver", "hf", "--load-dir", src, "--save-dir", tmp_path / "hf",
+                          "--vocab-file", vocab_file, "--merge-file", merge_file)
+    assert code == 0, err
+    exported = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    assert exported.config.activation_function == "gelu"
+    with torch.no_grad():
+        assert torch.equal(exported(x).logits, exact)     # same weights, same transformers code: same bits
+
+    # the fused kernel computes the tanh GeLU only: asking for it on this model is an error, not a substitute
+    with pytest.raises(ValueError, match="tanh GeLU only"):
+        build_stage(pre, use_fused_kernels=True)
+
+    common = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+              "--max-position-embeddings", "64", "--micro-batch-size", "1", "--global-batch-size", "1",
+              "--train-iters", "1", "--lr", "0", "--mock-data", "--vocab-size", str(VOCAB), "--eval-iters", "0",
+              "--load", str(src), "--finetune"]
+    with pytest.raises(LaunchError) as refused:
+        torchrun("src/ch6/pretrain_gpt.py", *common, nproc_per_node=1, timeout=120, echo=False, cwd=ROOT)
+    assert "GeLU approximate='none' (this run: 'tanh'; run with --no-bias-gelu-fusion)" in str(refused.value)
+    torchrun("src/ch6/pretrain_gpt.py", *common, "--no-bias-gelu-fusion", "--save", str(tmp_path / "ft"),
+             nproc_per_node=1, timeout=120, echo=False, cwd=ROOT)
+    from lessons_pkg.checkpoint.reshard import read_full_checkpoint
+    saved = read_full_checkpoint(str(tmp_path / "ft"))
+    assert saved.config.gelu_approximate == "none"      # what it saves says so too
 
 
 def test_a_tokenizer_that_cannot_be_the_models_is_refused(gpt2_2000, tmp_path, capsys):
