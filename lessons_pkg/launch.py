@@ -295,8 +295,20 @@ def launch_self(nproc: int, timeout: float = 600, argv: list[str] | None = None)
     raise SystemExit(0)
 
 
+def accept_local_rank(parser: argparse.ArgumentParser) -> None:
+    """Accept ``--local-rank N`` (``--local_rank N``), which ``python -m torch.distributed.launch`` appends to each
+    rank's command line unless given ``--use-env``; the rank reads ``LOCAL_RANK`` from its environment instead,
+    as torchrun sets it (Megatron-LM accepts the flag the same way)."""
+    if any("--local-rank" in action.option_strings for action in parser._actions):
+        return
+    parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
+
+
 def add_nproc_argument(parser: argparse.ArgumentParser, default: int) -> None:
-    """Give a demo's parser ``--nproc N``: the ranks a plain ``python FILE`` starts (``default``: the lesson's)."""
+    """Give a demo's parser ``--nproc N``: the ranks a plain ``python FILE`` starts (``default``: the lesson's),
+    and accept the ``--local-rank`` that ``torch.distributed.launch`` passes (see :func:`accept_local_rank`)."""
+    accept_local_rank(parser)
     parser.add_argument("--nproc", type=int, default=None, metavar="N",
                         help=f"ranks to start when run with plain python (default {default}); under "
                              "torchrun/srun the launcher decides, and --nproc, if given, must match it")

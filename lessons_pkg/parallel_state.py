@@ -93,7 +93,14 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
     if timeout_s is None:
         timeout_s = float(os.environ.get("LESSONS_DIST_TIMEOUT", _DEFAULT_TIMEOUT_S))
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if local_rank >= gpus:
+            from lessons_pkg.errors import UserError
+
+            raise UserError(f"the nccl backend needs one CUDA GPU per rank: LOCAL_RANK {local_rank}, "
+                            f"{gpus} GPU(s) on this node; use gloo (the default without GPUs)")
+        torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
 
 

@@ -119,9 +119,10 @@ def stage_layers(num_layers: int, pp_rank: int, pp_size: int) -> tuple[int, int]
     return pp_rank * per, per
 
 
-def build_stage(pre: Pretrained, tp_group=None, pp_rank: int = 0, pp_size: int = 1, **config_overrides):
+def build_stage(pre: Pretrained, tp_group=None, pp_rank: int = 0, pp_size: int = 1, dtype=None, **config_overrides):
     """This rank's :class:`ParallelGPT` stage (its TP shard of stage ``pp_rank``), weights loaded, eval mode.
 
+    ``dtype`` (e.g. ``torch.float16`` for ``--fp16``): the parameters' dtype, float32 when None.
     ``config_overrides`` change the configuration (e.g. ``use_fused_kernels=True``);
     dropout is irrelevant in eval mode.
     """
@@ -134,4 +135,6 @@ def build_stage(pre: Pretrained, tp_group=None, pp_rank: int = 0, pp_size: int =
     model = ParallelGPT(config, tp_group, pre_process=pp_rank == 0, post_process=pp_rank == pp_size - 1,
                         layer_offset=offset, num_layers=n)
     model.load_master_state_dict(pre.state_dict)
+    if dtype is not None:
+        model.to(dtype)
     return model.eval()

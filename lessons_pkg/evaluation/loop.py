@@ -128,14 +128,20 @@ class _LineWriter:
         self.stream.flush()
 
 
-def progress_bar(total: int, unit: str, enabled: bool = True):
-    """A tqdm bar on stdout (redrawn in place on a terminal, one line every 10 s otherwise), or None."""
+def progress_bar(total: int, unit: str, enabled: bool = True, every: int | None = None):
+    """A tqdm bar on stdout (redrawn in place on a terminal, one line every 10 s otherwise), or None.
+
+    ``every`` (``--log-interval`` x micro-batch size): a line each time that many more samples are done instead.
+    """
     if not enabled:
         return None
     import sys
 
     from tqdm import tqdm
 
+    if every is not None:
+        return tqdm(total=total, unit=f" {unit}", file=_LineWriter(sys.stdout), miniters=every, mininterval=0,
+                    ascii=True)
     if sys.stdout.isatty():
         return tqdm(total=total, unit=f" {unit}", file=sys.stdout)
     return tqdm(total=total, unit=f" {unit}", file=_LineWriter(sys.stdout), mininterval=10, ascii=True)

@@ -48,14 +48,16 @@ def metrics_of(prepared: PreparedTask, totals: Totals) -> dict:
             **prepared.info}
 
 
-def run_task(pre, prepared: PreparedTask, micro_batch_size: int, progress=None) -> tuple[dict, Totals]:
-    """Evaluate on the job's TP x PP x DP grid (``parallel_state`` initialised); every rank gets the metrics."""
+def run_task(pre, prepared: PreparedTask, micro_batch_size: int, progress=None, dtype=None) -> tuple[dict, Totals]:
+    """Evaluate on the job's TP x PP x DP grid (``parallel_state`` initialised); every rank gets the metrics.
+
+    ``dtype``: the parameters' (``--fp16``/``--bf16``); the scores are computed in float32/float64 either way."""
     from lessons_pkg import parallel_state as ps
     from lessons_pkg.checkpoint.pretrained import build_stage
 
     model = build_stage(pre, ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_rank(),
-                        ps.get_pipeline_model_parallel_world_size())
+                        ps.get_pipeline_model_parallel_world_size(), dtype=dtype)
     model.to(ps.get_device())
     pad_id = pre.tokenizer.eod if pre.tokenizer is not None else pre.config.vocab_size - 1
     totals = evaluate_samples(model, prepared.samples, micro_batch_size, pad_id, pre.config.vocab_size, progress)
-    return metrics_of(prepared, totals), totals
+    return dict(metrics_of(prepared, totals), params_dtype=str(next(model.parameters()).dtype)), totals

@@ -106,8 +106,12 @@ class InferenceEngine:
     every rank), and answers a bad one without starting any collective.
     """
 
-    def __init__(self, model, tokenizer=None, tp_group=None, pp_group=None, eod: int | None = None):
+    def __init__(self, model, tokenizer=None, tp_group=None, pp_group=None, eod: int | None = None,
+                 seed: int | None = None):
+        """``seed``: requests without a ``random_seed`` draw their seeds from a generator seeded with it (the
+        same requests in the same order then repeat, as under Megatron's ``--seed``); None: fresh each time."""
         self.model = model.eval()
+        self._seeds = None if seed is None else torch.Generator().manual_seed(seed)
         self.config = model.config
         self.tp_group = tp_group if tp_group is not None else model.tp_group
         self.pp_group = pp_group
@@ -338,6 +342,8 @@ class InferenceEngine:
             generator = torch.Generator(device=self.device)
             if params.random_seed >= 0:
                 generator.manual_seed(params.random_seed)
+            elif self._seeds is not None:
+                generator.manual_seed(int(torch.randint(2 ** 62, (), generator=self._seeds)))  # the engine's seed
             else:
                 generator.seed()                                               # fresh, unrepeatable
         text = self.text

@@ -40,6 +40,7 @@ class ServingState:
     info: dict = field(default_factory=dict)      # shown by /health
     request_timeout_s: float = 600.0
     params_cls: type | None = None                # the engine's SamplingParams: its own validate() runs here too
+    api_defaults: dict = field(default_factory=dict)  # PUT /api fields a request may omit (the server's flags)
 
     def submit(self, req, stream: bool = False) -> Job:
         """Check ``req`` with the engine's own rules too (400, never a collective), then queue it."""
@@ -116,7 +117,7 @@ def create_app(state: ServingState) -> Flask:
 
     @app.put("/api")
     def api():
-        req = parse_api_request(parse_json(request.get_data()), tok, state.max_positions)
+        req = parse_api_request(parse_json(request.get_data()), tok, state.max_positions, state.api_defaults)
         if not req.no_log:
             print(f"request IP: {request.remote_addr} prompts: {len(req.prompts)} "
                   f"tokens_to_generate: {req.sampling['tokens_to_generate']} start time: {datetime.datetime.now()}",

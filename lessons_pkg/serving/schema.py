@@ -208,8 +208,18 @@ def fitting_lengths(prompt_ids: list[list[int]], tokens_to_generate: int, max_po
     return [len(ids) for ids in prompt_ids]
 
 
-def parse_api_request(req: object, tokenizer, max_positions: int) -> GenerateRequest:
-    """Megatron's ``PUT /api`` body -> :class:`GenerateRequest`, or :class:`BadRequest`."""
+def parse_api_request(req: object, tokenizer, max_positions: int, defaults: dict | None = None) -> GenerateRequest:
+    """Megatron's ``PUT /api`` body -> :class:`GenerateRequest`, or :class:`BadRequest`.
+
+    ``defaults`` replace Megatron's for the fields a request omits (the server's ``--temperature``,
+    ``--top_k``, ``--top_p``, ``--out-seq-length``); a request's own values always win.
+    """
+    unknown = sorted(set(defaults or {}) - set(API_SAMPLING))
+    if unknown:
+        raise ValueError(f"defaults for unknown /api field(s) {unknown}")
+    api_defaults = dict(API_SAMPLING, **(defaults or {}))
+    if "top_k" in req or "top_p" in req:  # a request that picks its sampling method takes none of the server's
+        api_defaults.update(top_k=API_SAMPLING["top_k"], top_p=API_SAMPLING["top_p"])
     if not isinstance(req, dict):
         raise BadRequest(f"request body must be a JSON object, got {_show(req)}")
     if "max_len" in req:
@@ -224,7 +234,7 @@ def parse_api_request(req: object, tokenizer, max_positions: int) -> GenerateReq
     prompts = _prompts(req["prompts"], "prompts")
 
     s = dict(SAMPLING_DEFAULTS)
-    for name, default in API_SAMPLING.items():
+    for name, default in api_defaults.items():
         if isinstance(default, bool):
             s[name] = _bool(req, name, default)
         elif isinstance(default, int):

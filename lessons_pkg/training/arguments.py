@@ -19,6 +19,7 @@ import os
 import torch
 
 from lessons_pkg.errors import UserError, output_folder_problems
+from lessons_pkg.launch import accept_local_rank
 from lessons_pkg.training.batch_size import rampup_problems
 
 # a few options are ours (not Megatron-LM's); they are marked "(course)" in --help
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "step-by-step paths cast)")
 
     g = p.add_argument_group("parallelism")
+    accept_local_rank(g)  # python -m torch.distributed.launch passes --local-rank; LOCAL_RANK says the same
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
@@ -267,6 +269,13 @@ def validate_args(args: argparse.Namespace, world_size: int, device: torch.devic
     if args.use_fused_kernels and not args.bias_gelu_fusion:
         errors.append("--use-fused-kernels with --no-bias-gelu-fusion: the fused bias-GeLU kernel computes the "
                       "tanh GeLU, --no-bias-gelu-fusion asks for the exact one")
+    if args.distributed_backend == "nccl":
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus < local_world:
+            errors.append(f"--distributed-backend nccl needs one CUDA GPU per rank: this node runs {local_world} "
+                          f"rank(s) and has {gpus} GPU(s); drop the flag (gloo is the default without GPUs)")
+            device = "cpu"
     if args.fp16 and args.bf16:
         errors.append("--fp16 and --bf16 cannot both be set")
     if (args.fp16 or args.bf16) and torch.device(device).type != "cuda":

@@ -90,7 +90,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3, 3e-5 for a pretrained model)")
     p.add_argument("--log-interval", type=int, default=10)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by older launchers
     add_nproc_argument(p, default=4)
     return p.parse_args(argv)
 

@@ -59,12 +59,24 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=None, help="ranks to start under plain python (default TP x PP)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds before a self-started job is killed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--log-interval", type=int, default=None, metavar="N",
+                   help="a progress line every N micro-batches (Megatron's flag; default: a bar, or a line every 10 s)")
+    p.add_argument("--no-load-optim", action="store_true", help="(Megatron's flag) evaluation never loads the optimizer")
+    p.add_argument("--no-load-rng", action="store_true", help="(Megatron's flag) evaluation never loads the RNG states")
+    from lessons_pkg.checkpoint.model_flags import add_model_arguments
+    from lessons_pkg.launch import accept_local_rank
+
+    add_model_arguments(p, seq_length=False, micro_batch_size=False)  # --num-layers ... --fp16, as Megatron's script
+
+    accept_local_rank(p)  # python -m torch.distributed.launch passes --local-rank
     args = p.parse_args(argv)
     for flag in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.true_vocab_size is not None and args.true_vocab_size < 1:
         p.error(f"--true-vocab-size must be >= 1, got {args.true_vocab_size}")
+    if args.log_interval is not None and args.log_interval < 1:
+        p.error(f"--log-interval must be >= 1, got {args.log_interval}")
     if args.overlapping_eval is not None and args.task != "WIKITEXT103":
         p.error("--overlapping-eval applies to --task WIKITEXT103 only")
     if args.strict_lambada and args.task != "LAMBADA":
@@ -144,6 +156,7 @@ def main(argv=None) -> None:
     import torch.distributed as dist
 
     from lessons_pkg import parallel_state as ps
+    from lessons_pkg.checkpoint.model_flags import check_model_arguments, params_dtype
     from lessons_pkg.checkpoint.pretrained import load_pretrained
     from lessons_pkg.evaluation import metrics as M
     from lessons_pkg.evaluation.loop import progress_bar
@@ -160,6 +173,7 @@ def main(argv=None) -> None:
     if pre.tokenizer.vocab_size != pre.config.vocab_size:
         raise SystemExit(f"error: the tokenizer has {pre.tokenizer.vocab_size} tokens but the model's vocabulary has "
                          f"{pre.config.vocab_size}: not the tokenizer this model was trained with")
+    check_model_arguments(args, pre.config, args.load, seq_length=False, micro_batch_size=False)  # its own flags
     seq_length = args.seq_length or pre.config.max_position_embeddings
     if not 1 <= seq_length <= pre.config.max_position_embeddings:
         raise SystemExit(f"error: --seq-length ({seq_length}) must be between 1 and the model's "
@@ -167,7 +181,7 @@ def main(argv=None) -> None:
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     print_rank_0(f"> evaluating {pre.source} model {args.load} (iteration {pre.iteration}) on {args.task}: "
                  f"TP={tp} x PP={pp} x DP={ps.get_data_parallel_world_size()}, seq-length {seq_length}, "
-                 f"micro-batch-size {args.micro_batch_size}")
+                 f"micro-batch-size {args.micro_batch_size}, parameters in {params_dtype(args) or 'float32'}")
 
     path, error = None, None
     if rank == 0:
@@ -191,8 +205,9 @@ def main(argv=None) -> None:
                   f"{prepared.info['num_original_tokens']}, number of detokenized tokens: "
                   f"{prepared.info['num_tokenized_tokens']}"))
 
-    bar = progress_bar(len(prepared.samples), what, enabled=rank == 0 and not args.no_progress)
-    result, _ = run_task(pre, prepared, args.micro_batch_size, bar)
+    every = None if args.log_interval is None else args.log_interval * args.micro_batch_size
+    bar = progress_bar(len(prepared.samples), what, enabled=rank == 0 and not args.no_progress, every=every)
+    result, _ = run_task(pre, prepared, args.micro_batch_size, bar, dtype=params_dtype(args))
     if bar is not None:
         bar.close()
     result.update(load=args.load, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,

@@ -56,6 +56,11 @@ def get_args(argv=None) -> argparse.Namespace:
                    help="greedy only: rank 0 also runs transformers' generate on the same weights; exit 1 if they differ")
     p.add_argument("--nproc", type=int, default=None, help="ranks to start under plain python (default TP x PP)")
     p.add_argument("--timeout", type=float, default=600, help="seconds before a self-started job is killed")
+    from lessons_pkg.checkpoint.model_flags import add_model_arguments
+    from lessons_pkg.launch import accept_local_rank
+
+    add_model_arguments(p)  # --num-layers ... --fp16, as Megatron's scripts pass them
+    accept_local_rank(p)  # python -m torch.distributed.launch passes --local-rank
     args = p.parse_args(argv)
     for flag in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
         if getattr(args, flag) < 1:
@@ -66,6 +71,9 @@ def get_args(argv=None) -> argparse.Namespace:
         p.error(f"--greedy cannot be combined with --top_k {args.top_k} / --top_p {args.top_p}")
     if args.compare_hf and (not args.greedy or args.beam_width is not None):
         p.error("--compare-hf checks greedy decoding: add --greedy (and no --beam-width)")
+    if args.compare_hf and (args.fp16 or args.bf16):
+        p.error(f"--compare-hf expects the same tokens as transformers' float32 model: drop "
+                f"--{'fp16' if args.fp16 else 'bf16'} (16-bit logits may break near-ties the other way)")
     if args.beam_width is not None:
         if len(args.prompt) != 1:
             p.error(f"beam search takes one prompt, got {len(args.prompt)}")
@@ -103,6 +111,7 @@ def main(argv=None) -> None:
     import torch.distributed as dist
 
     from lessons_pkg import parallel_state as ps
+    from lessons_pkg.checkpoint.model_flags import check_model_arguments, params_dtype
     from lessons_pkg.checkpoint.pretrained import build_stage, load_pretrained
     from lessons_pkg.inference import InferenceEngine
     from lessons_pkg.utils import print_rank_0
@@ -116,11 +125,13 @@ def main(argv=None) -> None:
     if pre.tokenizer.vocab_size != pre.config.vocab_size:
         raise SystemExit(f"error: the tokenizer has {pre.tokenizer.vocab_size} tokens but the model's vocabulary has "
                          f"{pre.config.vocab_size}: not the tokenizer this model was trained with")
+    check_model_arguments(args, pre.config, args.load)
     c = pre.config
     print_rank_0(f"> {pre.source} model {args.load} (iteration {pre.iteration}): {c.num_layers} layers, hidden "
                  f"{c.hidden_size}, {c.num_attention_heads} heads, vocabulary {c.vocab_size}, "
                  f"{c.max_position_embeddings} positions; TP={tp} x PP={pp} x DP={ps.get_data_parallel_world_size()}")
-    model = build_stage(pre, ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_rank(), pp)
+    model = build_stage(pre, ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_rank(), pp,
+                        dtype=params_dtype(args))
     engine = InferenceEngine(model, pre.tokenizer, ps.get_tensor_model_parallel_group(),
                              ps.get_pipeline_model_parallel_group())
     try:
@@ -134,6 +145,7 @@ def main(argv=None) -> None:
 
     same = True
     if dist.get_rank() == 0:
+        out["params_dtype"] = str(next(model.parameters()).dtype)
         report(args, out)
         if args.compare_hf:
             same = compare_with_transformers(pre, args.prompt, out["tokens"], args)

@@ -42,7 +42,27 @@ def parse_args(argv=None):
     p.add_argument("--heartbeat", type=float, default=5.0, help="seconds between idle pings from rank 0")
     p.add_argument("--model-name", default=None, help="name in /v1/models (default: the --load folder's name)")
     p.add_argument("--inject-fault-prompt", default=None, help=argparse.SUPPRESS)   # tests: fail on this prompt
+    g = p.add_argument_group("defaults of PUT /api requests (Megatron's flags; a request's own fields win)")
+    g.add_argument("--temperature", type=float, default=None, help="default 1.0")
+    g.add_argument("--top_k", type=int, default=None, help="default 0 (no top-k); used when a request sets "
+                   "neither top_k nor top_p, like --top_p")
+    g.add_argument("--top_p", type=float, default=None, help="default 0.0 (no nucleus sampling)")
+    g.add_argument("--out-seq-length", type=int, default=None, metavar="N", help="tokens_to_generate, default 64")
+    g.add_argument("--seed", type=int, default=None,
+                   help="requests without random_seed take seeds drawn from this one, so a restarted server "
+                        "answers the same requests the same way (default: fresh seeds)")
+    from lessons_pkg.checkpoint.model_flags import add_model_arguments
+    from lessons_pkg.launch import accept_local_rank
+
+    add_model_arguments(p)  # --num-layers ... --fp16, as Megatron's server scripts pass them
+    accept_local_rank(p)  # python -m torch.distributed.launch passes --local-rank
     args = p.parse_args(argv)
+    from lessons_pkg.serving.schema import SAMPLING_DEFAULTS, BadRequest, check_sampling
+
+    try:
+        check_sampling(dict(SAMPLING_DEFAULTS, **api_defaults(args)))
+    except BadRequest as e:
+        p.error(f"the /api defaults: {e}")
     if args.heartbeat >= args.control_timeout:
         p.error(f"--heartbeat ({args.heartbeat}) must be shorter than --control-timeout ({args.control_timeout})")
     if args.true_vocab_size is not None and args.true_vocab_size < 1:
@@ -52,6 +72,13 @@ def parse_args(argv=None):
     if not 1 <= args.port <= 65535:
         p.error(f"--port must be between 1 and 65535, got {args.port}")
     return args
+
+
+def api_defaults(args) -> dict:
+    """The PUT /api fields the command line sets (Megatron's names)."""
+    given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                 tokens_to_generate=args.out_seq_length)
+    return {k: v for k, v in given.items() if v is not None}
 
 
 class FaultInjectingEngine:
@@ -109,6 +136,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from lessons_pkg import parallel_state as ps
+    from lessons_pkg.checkpoint.model_flags import check_model_arguments, params_dtype
     from lessons_pkg.checkpoint.pretrained import build_stage, load_pretrained
     from lessons_pkg.inference import InferenceEngine, SamplingParams
     from lessons_pkg.serving import ControlChannel, ServingLoop, follow
@@ -130,12 +158,13 @@ def main(argv=None) -> int:
     pre = load_pretrained(args.load, args.vocab_file, args.merge_file, args.tokenizer_type, args.true_vocab_size)
     if pre.tokenizer is None:
         raise SystemExit(f"error: {args.load} names no tokenizer; pass --vocab-file and --merge-file")
+    check_model_arguments(args, pre.config, args.load)
     if rank == 0:
         padded = pre.config.padded_vocab_size(tp)
         print(f"> building {args.tokenizer_type or 'GPT2BPETokenizer'} tokenizer ...\n"
               f" > padded vocab (size: {pre.config.vocab_size}) with {padded - pre.config.vocab_size} dummy tokens "
               f"(new size: {padded})\nbuilding GPT model ...", flush=True)
-    model = build_stage(pre, ps.get_tensor_model_parallel_group(), p_rank, pp)
+    model = build_stage(pre, ps.get_tensor_model_parallel_group(), p_rank, pp, dtype=params_dtype(args))
     model.to(ps.get_device())
     n_params = sum(p.nelement() for p in model.parameters())
     print(f" > number of parameters on (tensor, pipeline) model parallel rank ({t_rank}, {p_rank}): {n_params}",
@@ -146,7 +175,7 @@ def main(argv=None) -> int:
               f"  successfully loaded checkpoint from {args.load} {where}", flush=True)
 
     engine = InferenceEngine(model, pre.tokenizer, ps.get_tensor_model_parallel_group(),
-                             ps.get_pipeline_model_parallel_group())
+                             ps.get_pipeline_model_parallel_group(), seed=args.seed)
     if args.inject_fault_prompt is not None:
         engine = FaultInjectingEngine(engine, args.inject_fault_prompt, failing=p_rank == pp - 1)
     channel = ControlChannel(timeout_s=args.control_timeout)
@@ -158,7 +187,8 @@ def main(argv=None) -> int:
             loop = ServingLoop(engine, pre.tokenizer, channel, SamplingParams, engine.max_positions, name,
                                args.host, args.port, args.max_batch_size, args.heartbeat,
                                info={"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
-                                     "rank_pids": pids})
+                                     "rank_pids": pids, "params_dtype": str(next(model.parameters()).dtype)},
+                               api_defaults=api_defaults(args))
             loop.install_signal_handlers()
             status = loop.run()
         else:

@@ -86,3 +86,31 @@ def test_nproc_is_not_passed_on_to_the_ranks():
 
     assert _without_nproc(["--nproc", "4", "--task", "LAMBADA", "--nproc=2", "--load", "x"]) == \
         ["--task", "LAMBADA", "--load", "x"]
+
+
+def test_the_lessons_lambada_script_runs_as_written(world, hf_folder, tmp_path):
+    """The lesson's eval_gpt2_lambada.sh (Megatron-LM's evaluate_zeroshot_gpt.sh) with only the sizes scaled:
+    ``python -m torch.distributed.launch`` (which adds --local-rank), the model's sizes (checked against the
+    checkpoint), --fp16 (parameters in float16), --log-interval, --no-load-optim, --no-load-rng. The float16
+    model gets the float32 reference's count right: the trained model's answers are not near ties."""
+    from lessons_pkg.evaluation.reference import lambada_reference
+    from lessons_pkg.evaluation.tasks import prepare_task
+    from lessons_pkg.launch import free_port
+    from lessons_pkg.tensor_parallel.hf import to_hf_model
+
+    c, out = world.config, tmp_path / "lambada.json"
+    cmd = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node", "1", "--master_port", str(free_port()),
+           SCRIPT, "--task", "LAMBADA", "--valid-data", world.lambada, "--tokenizer-type", "GPT2BPETokenizer",
+           "--strict-lambada", "--vocab-file", world.vocab, "--merge-file", world.merges, "--load", hf_folder,
+           "--tensor-model-parallel-size", "1", "--num-layers", str(c.num_layers), "--hidden-size",
+           str(c.hidden_size), "--num-attention-heads", str(c.num_attention_heads), "--micro-batch-size", "8",
+           "--seq-length", "16", "--max-position-embeddings", str(c.max_position_embeddings), "--log-interval", "10",
+           "--fp16", "--no-load-optim", "--no-load-rng", "--results-json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["params_dtype"] == "torch.float16"          # the model that was run, not the flag
+    cut = prepare_task("LAMBADA", world.lambada, world.tokenizer, 16, strict=True).lambada
+    ref = lambada_reference(to_hf_model(world.trained.state_dict, world.config), cut.contexts, cut.targets, 16)
+    assert result["number_correct"] == sum(ref["correct"])

@@ -417,6 +417,8 @@ for flag, value, message in (
         ("--attention-backend", "flash", "--attention-backend flash: this course has auto"),
         ("--sequence-parallel", None, "needs --tensor-model-parallel-size > 1, got 1"),
         ("--bf16", None, "--bf16 needs CUDA GPUs"),
+        ("--distributed-backend", "nccl", "--distributed-backend nccl needs one CUDA GPU per rank: this node runs 1 "
+                                          "rank(s) and has 0 GPU(s)"),
         ("--tensor-model-parallel-size", "2", "world size (1) is not divisible by tensor-model-parallel-size (2)"),
         ("--split", "", "--split '' must be numbers separated by ',' or '/', like 949,50,1"),
         ("--save-interval", "5", "save-interval (5) is set but --save (the folder) is not"),

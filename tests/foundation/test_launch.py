@@ -152,3 +152,51 @@ def test_command_line_names_a_bad_request(argv, message, capsys):
 
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LOCAL_RANK_SPELLINGS = ["--local-rank=1", "--local_rank=1", "--local-rank 1"]
+
+
+def _parse(script: str, function: str, argv: list[str]):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(os.path.basename(script)[:-3], os.path.join(ROOT, script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, function)(argv)
+
+
+@pytest.mark.parametrize("spelling", LOCAL_RANK_SPELLINGS)
+@pytest.mark.parametrize("script, function, argv", [
+    ("src/ch6/evaluate_gpt.py", "get_args", ["--task", "LAMBADA", "--valid-data", "x.jsonl", "--load", "ckpt"]),
+    ("src/ch6/generate.py", "get_args", ["--load", "ckpt", "--prompt", "Hi"]),
+    ("src/ch6/text_generation_server.py", "parse_args", ["--load", "ckpt"]),
+    ("src/ch5/pipe_dream.py", "parse_args", []),
+])
+def test_rank_programs_accept_the_local_rank_of_torch_distributed_launch(script, function, argv, spelling):
+    """``python -m torch.distributed.launch`` appends ``--local-rank=I`` (older torch: ``--local_rank``) to each
+    rank's arguments, as the lesson's scripts launch them; every rank program takes it (LOCAL_RANK says the same).
+    pretrain_gpt.py under that launcher: tests/training/test_training_launchers.py."""
+    if script.endswith("pipe_dream.py"):
+        pytest.importorskip("deepspeed")
+    assert _parse(script, function, argv + spelling.split()).local_rank == 1
+
+
+@pytest.mark.parametrize("spelling", LOCAL_RANK_SPELLINGS)
+def test_demo_and_trainer_parsers_accept_the_local_rank(spelling):
+    """Every demo's parser gets ``--local-rank`` from ``add_nproc_argument``; the trainer's has it too."""
+    import argparse
+
+    from lessons_pkg.launch import add_nproc_argument
+    from lessons_pkg.training.arguments import build_parser
+
+    p = argparse.ArgumentParser()
+    add_nproc_argument(p, default=2)
+    assert p.parse_args(spelling.split()).local_rank == 1
+    assert p.parse_args([]).local_rank is None
+    pretrain = build_parser().parse_args(["--num-layers", "1", "--hidden-size", "8", "--num-attention-heads", "2",
+                                          "--seq-length", "8", "--micro-batch-size", "1", "--train-iters", "1",
+                                          "--lr", "1e-3", *spelling.split()])
+    assert pretrain.local_rank == 1

@@ -127,3 +127,49 @@ def test_cli_without_a_server():
         r = subprocess.run([sys.executable, os.path.join(ROOT, "src", "ch6", "text_generation_cli.py"),
                             f"127.0.0.1:{port}"], input="Hello\n1\n", capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "error: cannot reach the server" in r.stdout and "Traceback" not in r.stderr
+
+
+def test_megatron_server_script_flags(server_factory, tiny_megatron_checkpoint, tiny_tokenizer_files, hf_model,
+                                      tiny_tokenizer):
+    """Megatron-LM's examples/run_text_generation_server_345M.sh, the lesson's server command, with only the sizes
+    scaled down: its model flags are checked against the checkpoint, --fp16 puts the parameters in float16, and
+    --out-seq-length / --top_k / --temperature become the defaults of requests that omit them.
+
+    Tolerance 5e-3 on log-probs of a float16 model against transformers' float32 one: float16 keeps 11 bits
+    (relative rounding 5e-4 per operation); measured 2.5e-4 through the 4 layers, and a wrong weight is off by
+    far more. /health names the parameters' dtype, so a server that ignored --fp16 fails too."""
+    import torch
+
+    vocab, merges = tiny_tokenizer_files
+    megatron_345m = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
+                     "--max-position-embeddings", "64", "--tokenizer-type", "GPT2BPETokenizer", "--fp16",
+                     "--micro-batch-size", "1", "--seq-length", "64", "--out-seq-length", "5", "--temperature", "1.0",
+                     "--vocab-file", vocab, "--merge-file", merges, "--top_p", "0.9", "--seed", "42"]
+    server = server_factory(tiny_megatron_checkpoint, extra=tuple(megatron_345m))
+    assert requests.get(server.url + "/health", timeout=30).json()["params_dtype"] == "torch.float16"
+    body = server.put_api({"prompts": ["Hello world"]}).json()           # the script's defaults: 5 tokens, top_p 0.9
+    assert len(body["segments"][0]) == 2 + 5
+    prompts = PROMPTS[:2]                                                # of more than one token: scored
+    scored = server.put_api({"prompts": prompts, "tokens_to_generate": 0, "logprobs": True}).json()
+    for i, prompt in enumerate(prompts):
+        ids = torch.tensor([tiny_tokenizer.tokenize(prompt)])
+        with torch.no_grad():
+            want = torch.log_softmax(hf_model(ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0]
+        got = torch.tensor(scored["logprobs"][i])
+        assert got.shape == want.shape and (got - want).abs().max().item() <= 5e-3, (prompt, got, want)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-layers", "24", "--hidden-size", "1024"],
+     "holds another model than the command line describes: num_layers 4 (--num-layers 24), hidden_size 32 "
+     "(--hidden-size 1024)"),
+    (["--seq-length", "1024"], "max_position_embeddings 64 (--seq-length 1024 must be between 1 and it)"),
+])
+def test_megatron_model_flags_that_are_not_the_checkpoint_are_one_line(tiny_megatron_checkpoint, flags, message):
+    proc = subprocess.run([sys.executable, "src/ch6/text_generation_server.py", "--load", tiny_megatron_checkpoint,
+                           *flags], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -49,6 +49,24 @@ def test_two_torchrun_nodes_with_c10d_rendezvous(tmp_path):
     assert printed and all(line.startswith("[default0]:") and line.count("[default") == 1 for line in printed)
 
 
+def test_torch_distributed_launch_as_the_lesson_runs_it(tmp_path):
+    """The lesson's train.sh (seed 001): ``python -m torch.distributed.launch --nproc_per_node N pretrain_gpt.py ...``.
+    That launcher (deprecated, still in torch) appends ``--local-rank=I`` to every rank's arguments."""
+    cmd = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), SCRIPT, *TINY]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    assert proc.returncode == 0, out[-3000:]
+    assert f"local_rank {'.' * 38} 0" in out   # the flag the launcher passed, accepted (rank 0's table)
+    assert " iteration        2/       2 |" in out and "| lm loss: " in out
+
+
 @pytest.fixture
 def slurm_cluster(tmp_path):
     """A one-node cluster of our own (scripts/start_slurm.sh: private config, state, ports), stopped after the test.
