@@ -4,7 +4,8 @@ Megatron-LM pretrains from a JSONL file; ``preprocess_data.py`` turns it into
 the ``.bin``/``.idx`` pair. The lesson takes the first 10000 paragraphs of
 WikiText-103 longer than 512 characters:
 
-    python src/ch6/megatron_datasets.py                      # data/megatron_datasets.jsonl
+    python src/ch6/megatron_datasets.py                      # ./megatron_datasets.jsonl, as in the lesson
+    python src/ch6/megatron_datasets.py --output data/megatron_datasets.jsonl   # what make course and 06c use
 
 ``--source auto`` (default) uses WikiText-103 from the Hugging Face hub when it
 can be reached (``--source wikitext`` insists on it: no hub is an error), and otherwise English text that ships with every Python
@@ -135,7 +136,9 @@ def write_jsonl(corpus, path: str) -> int:
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output", default="data/megatron_datasets.jsonl")
+    parser.add_argument("--output", default="megatron_datasets.jsonl",
+                        help="the JSONL file (default: in the current folder, where the lesson's next command, "
+                             "preprocess_data.py --input megatron_datasets.jsonl, reads it)")
     parser.add_argument("--num-samples", type=int, default=10000, help="documents to write (at most)")
     parser.add_argument("--min-length", type=int, default=512, help="minimum characters per document")
     parser.add_argument("--source", choices=["auto", "wikitext", "offline"], default="auto")

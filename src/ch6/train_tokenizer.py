@@ -71,7 +71,8 @@ def describe_files(vocab_file: str, merge_file: str) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--input", default="data/megatron_datasets.jsonl", help="JSONL corpus to train on")
+    parser.add_argument("--input", default="megatron_datasets.jsonl",
+                        help="JSONL corpus to train on (default: what megatron_datasets.py writes by default)")
     parser.add_argument("--json-keys", default="text")
     parser.add_argument("--output-dir", default="data", help="where vocab.json and merges.txt are written")
     parser.add_argument("--tokenizer", choices=["auto", "gpt2", "train"], default="auto")

@@ -54,3 +54,20 @@ def test_only_auto_falls_back_to_offline_text_and_says_so(tmp_path, source):
         assert result.returncode == 0, result.stderr
         assert "Hugging Face hub not used: HF_HUB_OFFLINE is set; using the documentation" in result.stdout
         assert "wrote 5 documents" in result.stdout
+
+
+def test_the_lessons_two_commands_meet_in_the_current_folder(tmp_path):
+    """The lesson runs ``python ../megatron_datasets.py`` and then ``preprocess_data.py --input
+    megatron_datasets.jsonl`` in one folder: by default the corpus is written there, and train_tokenizer.py
+    reads it from there."""
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "src/ch6/megatron_datasets.py"), "--num-samples", "40",
+                             "--min-length", "200", "--show", "0"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "megatron_datasets.jsonl").is_file()
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "src/ch6/train_tokenizer.py"), "--output-dir", ".",
+                             "--tokenizer", "train", "--vocab-size", "300"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "vocab.json").is_file() and (tmp_path / "merges.txt").is_file()
