@@ -2,6 +2,7 @@
 
     python scripts/bench_generation.py                       # both models, batch 1 and 8, 2 threads
     python scripts/bench_generation.py --quick               # fewer tokens and contexts (a smoke run)
+    python scripts/bench_generation.py --plot docs/generation_cache.png   # the run docs/benchmarks.md records
     python scripts/bench_generation.py --device cuda         # on a GPU (float32; what scripts/gpu_check.sh runs)
 
 For each model (the course's: 4 layers, hidden 64, vocabulary 2048, 64
@@ -182,7 +183,9 @@ def main(argv=None) -> int:
                         "other jobs, the elapsed time the run would take alone)")
     p.add_argument("--quick", action="store_true", help="8 tokens, contexts 16 and 64, 1 repeat")
     p.add_argument("--json", default="outputs/bench_generation.json")
-    p.add_argument("--plot", default="docs/generation_cache.png")
+    p.add_argument("--plot", default="outputs/generation_cache.png",
+                   help="the figure (docs/generation_cache.png is the one docs/benchmarks.md shows: name it to "
+                        "update that)")
     args = p.parse_args(argv)
     global CLOCK, DEVICE
     try:
