@@ -72,7 +72,7 @@ plot = os.path.join(ROOT, "docs", "generation_cache.png")
 if os.path.exists(plot):
     display(Image(filename=plot, width=560))
 else:
-    print("run `python scripts/bench_generation.py` to draw docs/generation_cache.png")
+    print("run `python scripts/bench_generation.py --plot docs/generation_cache.png` to draw it")
 
 # %% [markdown]
 # ### What each rank holds

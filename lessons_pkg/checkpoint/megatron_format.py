@@ -225,19 +225,29 @@ def megatron_args(args, **updates) -> argparse.Namespace:
 def gelu_approximate(args) -> str:
     """F.gelu's ``approximate=`` for the GeLU a Megatron model's saved arguments describe.
 
-    Megatron-LM's MLP (legacy ``ParallelMLP`` and megatron-core's ``MLP``) applies
-    the tanh form when ``openai_gelu`` is set or the bias-GeLU fusion is on (its
-    fused ``bias_gelu`` is the tanh formula, and fusion is the default); with
-    ``--no-bias-gelu-fusion`` or ``onnx_safe`` it calls the exact erf GeLU.
+    Megatron-LM's fused ``bias_gelu`` is the tanh formula, and fusion is the default
+    (``--no-bias-gelu-fusion`` turns it off). megatron-core models
+    (``use_mcore_models``, or ``use_legacy_models`` False) read nothing else: fused
+    means tanh, unfused calls the exact ``F.gelu``. The legacy ``ParallelMLP``
+    also has ``--openai-gelu`` (the tanh formula) and ``--onnx-safe`` (the exact
+    erf); whether ``onnx_safe`` overrode the fusion changed between versions (in
+    2023 it did, before it did not), so that pair is refused rather than guessed.
     """
-    if getattr(args, "openai_gelu", False):
+    def get(name, default=None):
+        value = getattr(args, name, None)
+        return default if value is None else value
+
+    fused = get("bias_gelu_fusion", True) is not False
+    if get("use_mcore_models", False) or get("use_legacy_models", True) is False:
+        return "tanh" if fused else "none"
+    if get("openai_gelu", False):
         return "tanh"
-    if getattr(args, "onnx_safe", False):
+    if get("onnx_safe", False):
+        if fused:
+            raise CheckpointError("the saved args set both onnx_safe and bias_gelu_fusion: Megatron-LM versions "
+                                  "disagree on which GeLU that ran (exact erf from 2023 on, the fused tanh before)")
         return "none"
-    fusion = getattr(args, "bias_gelu_fusion", None)
-    if fusion is None:
-        fusion = getattr(args, "bias_activation_fusion", True)
-    return "tanh" if fusion in (None, True) else "none"
+    return "tanh" if fused else "none"
 
 
 def check_supported(args: argparse.Namespace, where: str) -> None:

@@ -141,7 +141,7 @@ def progress_bar(total: int, unit: str, enabled: bool = True, every: int | None 
 
     if every is not None:
         return tqdm(total=total, unit=f" {unit}", file=_LineWriter(sys.stdout), miniters=every, mininterval=0,
-                    ascii=True)
+                    maxinterval=float("inf"), ascii=True)  # else tqdm's monitor resets miniters after 10 s
     if sys.stdout.isatty():
         return tqdm(total=total, unit=f" {unit}", file=sys.stdout)
     return tqdm(total=total, unit=f" {unit}", file=_LineWriter(sys.stdout), mininterval=10, ascii=True)

@@ -41,9 +41,14 @@ class ServingState:
     request_timeout_s: float = 600.0
     params_cls: type | None = None                # the engine's SamplingParams: its own validate() runs here too
     api_defaults: dict = field(default_factory=dict)  # PUT /api fields a request may omit (the server's flags)
+    max_new_tokens: int | None = None             # --out-seq-length: the most tokens one request may generate
 
     def submit(self, req, stream: bool = False) -> Job:
         """Check ``req`` with the engine's own rules too (400, never a collective), then queue it."""
+        wants = req.sampling["tokens_to_generate"]
+        if self.max_new_tokens is not None and wants > self.max_new_tokens:
+            raise BadRequest(f"tokens_to_generate ({wants}) is more than this server's --out-seq-length "
+                             f"({self.max_new_tokens})", "tokens_to_generate")
         if self.params_cls is not None and req.beam_width is None and hasattr(self.params_cls, "validate"):
             try:
                 self.params_cls(**req.sampling).validate(self.max_positions, req.prompt_lengths)

@@ -212,16 +212,17 @@ def parse_api_request(req: object, tokenizer, max_positions: int, defaults: dict
     """Megatron's ``PUT /api`` body -> :class:`GenerateRequest`, or :class:`BadRequest`.
 
     ``defaults`` replace Megatron's for the fields a request omits (the server's ``--temperature``,
-    ``--top_k``, ``--top_p``, ``--out-seq-length``); a request's own values always win.
+    ``--top_k``, ``--top_p``; ``tokens_to_generate`` when ``--out-seq-length`` is below 64); a request's own
+    values always win.
     """
     unknown = sorted(set(defaults or {}) - set(API_SAMPLING))
     if unknown:
         raise ValueError(f"defaults for unknown /api field(s) {unknown}")
+    if not isinstance(req, dict):
+        raise BadRequest(f"request body must be a JSON object, got {_show(req)}")
     api_defaults = dict(API_SAMPLING, **(defaults or {}))
     if "top_k" in req or "top_p" in req:  # a request that picks its sampling method takes none of the server's
         api_defaults.update(top_k=API_SAMPLING["top_k"], top_p=API_SAMPLING["top_p"])
-    if not isinstance(req, dict):
-        raise BadRequest(f"request body must be a JSON object, got {_show(req)}")
     if "max_len" in req:
         raise BadRequest("max_len is no longer used; replace it with tokens_to_generate", "max_len")
     if "sentences" in req:

@@ -33,12 +33,12 @@ class ServingLoop:
     def __init__(self, engine, tokenizer, channel: ControlChannel, params_cls, max_positions: int,
                  model_name: str, host: str = "127.0.0.1", port: int = 5000, max_batch_size: int = 32,
                  heartbeat_s: float = 5.0, info: dict | None = None, request_timeout_s: float = 600.0,
-                 api_defaults: dict | None = None):
+                 api_defaults: dict | None = None, max_new_tokens: int | None = None):
         self.engine, self.tokenizer, self.channel, self.params_cls = engine, tokenizer, channel, params_cls
         self.queue = RequestQueue(max_batch_size)
         self.state = ServingState(self.queue, tokenizer, max_positions, model_name,
                                   dict(info or {}, started=time.time(), max_batch_size=max_batch_size),
-                                  request_timeout_s, params_cls, dict(api_defaults or {}))
+                                  request_timeout_s, params_cls, dict(api_defaults or {}), max_new_tokens)
         self.app = create_app(self.state)
         self.host, self.port, self.heartbeat_s = host, port, heartbeat_s
         self.stopping = threading.Event()

@@ -22,10 +22,11 @@ def config_to_hf(config: GPTConfig, **overrides):
     """A ``transformers.GPT2Config`` describing the same network as ``config`` (GeLU tanh, pre-LN, tied head)."""
     from transformers import GPT2Config
 
+    activation = "gelu_new" if config.gelu_approximate == "tanh" else "gelu"   # tanh form, or the exact erf
     kwargs = dict(
         vocab_size=config.vocab_size, n_positions=config.max_position_embeddings, n_embd=config.hidden_size,
         n_layer=config.num_layers, n_head=config.num_attention_heads, n_inner=config.ffn_hidden_size,
-        activation_function="gelu_new" if config.gelu_approximate == "tanh" else "gelu", resid_pdrop=config.hidden_dropout, embd_pdrop=config.hidden_dropout,
+        activation_function=activation, resid_pdrop=config.hidden_dropout, embd_pdrop=config.hidden_dropout,
         attn_pdrop=config.attention_dropout, layer_norm_epsilon=config.layernorm_epsilon,
         initializer_range=config.init_method_std, tie_word_embeddings=True,
         bos_token_id=config.vocab_size - 1, eos_token_id=config.vocab_size - 1,  # GPT-2's 50256 is the last id

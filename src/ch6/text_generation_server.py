@@ -47,10 +47,12 @@ def parse_args(argv=None):
     g.add_argument("--top_k", type=int, default=None, help="default 0 (no top-k); used when a request sets "
                    "neither top_k nor top_p, like --top_p")
     g.add_argument("--top_p", type=float, default=None, help="default 0.0 (no nucleus sampling)")
-    g.add_argument("--out-seq-length", type=int, default=None, metavar="N", help="tokens_to_generate, default 64")
+    g.add_argument("--out-seq-length", type=int, default=None, metavar="N",
+                   help="the most tokens a request may generate (more: 400); below 64 also the default "
+                        "tokens_to_generate (Megatron's 64 otherwise)")
     g.add_argument("--seed", type=int, default=None,
-                   help="requests without random_seed take seeds drawn from this one, so a restarted server "
-                        "answers the same requests the same way (default: fresh seeds)")
+                   help="requests without random_seed take seeds drawn from this one, so a restarted server given "
+                        "the same requests in the same order and batches answers the same (default: fresh seeds)")
     from lessons_pkg.checkpoint.model_flags import add_model_arguments
     from lessons_pkg.launch import accept_local_rank
 
@@ -76,8 +78,9 @@ def parse_args(argv=None):
 
 def api_defaults(args) -> dict:
     """The PUT /api fields the command line sets (Megatron's names)."""
-    given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                 tokens_to_generate=args.out_seq_length)
+    given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if args.out_seq_length is not None and args.out_seq_length < 64:   # Megatron's default would be refused
+        given["tokens_to_generate"] = args.out_seq_length
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -159,6 +162,8 @@ def main(argv=None) -> int:
     if pre.tokenizer is None:
         raise SystemExit(f"error: {args.load} names no tokenizer; pass --vocab-file and --merge-file")
     check_model_arguments(args, pre.config, args.load)
+    if args.top_k is not None and args.top_k >= pre.config.vocab_size:
+        raise SystemExit(f"error: --top_k ({args.top_k}) must be below the vocabulary size ({pre.config.vocab_size})")
     if rank == 0:
         padded = pre.config.padded_vocab_size(tp)
         print(f"> building {args.tokenizer_type or 'GPT2BPETokenizer'} tokenizer ...\n"
@@ -188,7 +193,7 @@ def main(argv=None) -> int:
                                args.host, args.port, args.max_batch_size, args.heartbeat,
                                info={"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
                                      "rank_pids": pids, "params_dtype": str(next(model.parameters()).dtype)},
-                               api_defaults=api_defaults(args))
+                               api_defaults=api_defaults(args), max_new_tokens=args.out_seq_length)
             loop.install_signal_handlers()
             status = loop.run()
         else:

@@ -74,7 +74,9 @@ def main(argv=None) -> None:
     parser.add_argument("--input", default="megatron_datasets.jsonl",
                         help="JSONL corpus to train on (default: what megatron_datasets.py writes by default)")
     parser.add_argument("--json-keys", default="text")
-    parser.add_argument("--output-dir", default="data", help="where vocab.json and merges.txt are written")
+    parser.add_argument("--output-dir", default=".",
+                        help="where vocab.json and merges.txt are written (default: the current folder, beside "
+                             "megatron_datasets.py's default corpus)")
     parser.add_argument("--tokenizer", choices=["auto", "gpt2", "train"], default="auto")
     parser.add_argument("--gpt2-dir", default="data/gpt2", help="a folder holding GPT-2's vocab.json + merges.txt")
     parser.add_argument("--vocab-size", type=int, default=2048, help="for a trained tokenizer")

@@ -106,12 +106,18 @@ def test_unsupported_megatron_models_are_named(tmp_path):
     ({}, "tanh"),                                                   # Megatron-LM's default: fused bias-GeLU
     ({"bias_gelu_fusion": True}, "tanh"),
     ({"bias_gelu_fusion": False}, "none"),                          # --no-bias-gelu-fusion: F.gelu
-    ({"bias_gelu_fusion": False, "openai_gelu": True}, "tanh"),     # --openai-gelu: the tanh formula
-    ({"bias_gelu_fusion": True, "onnx_safe": True}, "none"),        # --onnx-safe: erf_gelu
-    ({"bias_activation_fusion": False}, "none"),                    # megatron-core's name
+    ({"bias_gelu_fusion": False, "openai_gelu": True}, "tanh"),     # legacy --openai-gelu: the tanh formula
+    ({"bias_gelu_fusion": False, "onnx_safe": True}, "none"),       # legacy --onnx-safe: erf_gelu
+    ({"bias_gelu_fusion": False, "openai_gelu": True, "use_mcore_models": True}, "none"),   # mcore: F.gelu
+    ({"bias_gelu_fusion": True, "onnx_safe": True, "use_legacy_models": False}, "tanh"),   # mcore: fused
 ])
 def test_the_gelu_of_megatron_args(saved, gelu):
     assert mf.gelu_approximate(argparse.Namespace(**saved)) == gelu
+
+
+def test_a_gelu_megatron_versions_disagree_on_is_refused():
+    with pytest.raises(ValueError, match="onnx_safe and bias_gelu_fusion"):
+        mf.gelu_approximate(argparse.Namespace(onnx_safe=True, bias_gelu_fusion=True))
 
 
 # GPT-2 345M, as the lesson converts it: 24 layers, hidden 1024, 16 heads, 1024 positions, 50257 tokens

@@ -66,7 +66,7 @@ def test_the_lessons_two_commands_meet_in_the_current_folder(tmp_path):
                             timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "megatron_datasets.jsonl").is_file()
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "src/ch6/train_tokenizer.py"), "--output-dir", ".",
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "src/ch6/train_tokenizer.py"),
                              "--tokenizer", "train", "--vocab-size", "300"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr

@@ -92,7 +92,8 @@ def test_the_lessons_lambada_script_runs_as_written(world, hf_folder, tmp_path):
     """The lesson's eval_gpt2_lambada.sh (Megatron-LM's evaluate_zeroshot_gpt.sh) with only the sizes scaled:
     ``python -m torch.distributed.launch`` (which adds --local-rank), the model's sizes (checked against the
     checkpoint), --fp16 (parameters in float16), --log-interval, --no-load-optim, --no-load-rng. The float16
-    model gets the float32 reference's count right: the trained model's answers are not near ties."""
+    model's count of right answers is the float32 reference's within 1: float16 rounding (relative 5e-4)
+    could flip an answer whose two best tokens are that close, and no more than one is allowed for it."""
     from lessons_pkg.evaluation.reference import lambada_reference
     from lessons_pkg.evaluation.tasks import prepare_task
     from lessons_pkg.launch import free_port
@@ -113,4 +114,4 @@ def test_the_lessons_lambada_script_runs_as_written(world, hf_folder, tmp_path):
     assert result["params_dtype"] == "torch.float16"          # the model that was run, not the flag
     cut = prepare_task("LAMBADA", world.lambada, world.tokenizer, 16, strict=True).lambada
     ref = lambada_reference(to_hf_model(world.trained.state_dict, world.config), cut.contexts, cut.targets, 16)
-    assert result["number_correct"] == sum(ref["correct"])
+    assert abs(result["number_correct"] - sum(ref["correct"])) <= 1 and result["total_examples"] == len(ref["correct"])

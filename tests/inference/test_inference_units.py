@@ -277,3 +277,20 @@ def test_beam_search_with_stop_tokens_matches_the_plain_reference(model, length_
         finished_any |= any(len(h) < len(prompt) + 8 for h in got)
     if length_penalty < 1.0:   # short finished hypotheses are favoured: some must be among the best
         assert finished_any, "no hypothesis ended on its stop token: the test did not exercise that branch"
+
+
+def test_an_engine_seed_repeats_unseeded_requests_in_order(model):
+    """``InferenceEngine(seed=)`` (the server's --seed): requests without random_seed draw their seeds from it,
+    so a second engine with the same seed answers the same sequence of requests the same way; another seed,
+    or none, does not (sampling over the whole vocabulary: 16 tokens of 8 prompts cannot all agree by chance)."""
+    params = SamplingParams(tokens_to_generate=16, top_k=0, temperature=1.0)
+    prompts = ["abc", "hello", "x", "some text", "q", "zz", "the end", "k"]
+
+    def answers(seed):
+        engine = InferenceEngine(model, CharTokenizer(), seed=seed)
+        return [engine.generate(prompts, params)["tokens"], engine.generate(prompts, params)["tokens"]]
+
+    first = answers(7)
+    assert answers(7) == first
+    assert first[0] != first[1]             # the stream moves on: the second request is not the first again
+    assert answers(8) != first and answers(None) != first

@@ -29,8 +29,9 @@ def test_bad_values_are_one_line(argv, message, capsys):
 
 
 def test_megatron_flags_become_the_defaults_of_api_requests():
-    """--out-seq-length, --temperature, --top_k/--top_p fill the fields a PUT /api request omits; a request's own
-    fields win, and one that picks top_k or top_p takes neither default."""
+    """--out-seq-length (below Megatron's 64), --temperature, --top_k/--top_p fill the fields a PUT /api request
+    omits; a request's own fields win, and one that picks top_k or top_p takes neither default. Megatron's
+    script passes --out-seq-length 1024: that only caps requests, their default stays 64."""
     from lessons_pkg.serving.schema import parse_api_request
 
     class Tokenizer:
@@ -48,3 +49,5 @@ def test_megatron_flags_become_the_defaults_of_api_requests():
     got = parse_api_request({"prompts": ["a"], "tokens_to_generate": 2, "top_k": 1}, Tokenizer(), 64, defaults).sampling
     assert (got["tokens_to_generate"], got["temperature"], got["top_p"], got["top_k"]) == (2, 0.7, 0.0, 1)
     assert parse_api_request({"prompts": ["a"]}, Tokenizer(), 128).sampling["tokens_to_generate"] == 64  # Megatron's
+    lesson = text_generation_server.parse_args(["--load", "x", "--out-seq-length", "1024", "--top_p", "0.9"])
+    assert text_generation_server.api_defaults(lesson) == {"top_p": 0.9}

@@ -47,6 +47,8 @@ def test_scoring_and_logprobs(one_rank_server):
 
 BAD = [
     (b"{", "JSON"),
+    (b"null", "request body must be a JSON object, got null"),
+    (b"5", "request body must be a JSON object, got 5"),
     (b'{"prompts": "Hello"}', "prompts must be a list"),
     (b'{"prompts": []}', "prompts is empty"),
     (json.dumps({"prompts": ["a"] * 129}).encode(), "129"),
@@ -132,8 +134,9 @@ def test_cli_without_a_server():
 def test_megatron_server_script_flags(server_factory, tiny_megatron_checkpoint, tiny_tokenizer_files, hf_model,
                                       tiny_tokenizer):
     """Megatron-LM's examples/run_text_generation_server_345M.sh, the lesson's server command, with only the sizes
-    scaled down: its model flags are checked against the checkpoint, --fp16 puts the parameters in float16, and
-    --out-seq-length / --top_k / --temperature become the defaults of requests that omit them.
+    scaled down: its model flags are checked against the checkpoint, --fp16 puts the parameters in float16,
+    --out-seq-length caps what a request may generate (and, below Megatron's 64, is the default), and
+    --temperature / --top_p become the defaults of requests that omit them.
 
     Tolerance 5e-3 on log-probs of a float16 model against transformers' float32 one: float16 keeps 11 bits
     (relative rounding 5e-4 per operation); measured 2.5e-4 through the 4 layers, and a wrong weight is off by
@@ -149,6 +152,9 @@ def test_megatron_server_script_flags(server_factory, tiny_megatron_checkpoint, 
     assert requests.get(server.url + "/health", timeout=30).json()["params_dtype"] == "torch.float16"
     body = server.put_api({"prompts": ["Hello world"]}).json()           # the script's defaults: 5 tokens, top_p 0.9
     assert len(body["segments"][0]) == 2 + 5
+    too_many = server.put_api({"prompts": ["Hello world"], "tokens_to_generate": 6})
+    assert too_many.status_code == 400
+    assert too_many.json()["message"] == "tokens_to_generate (6) is more than this server's --out-seq-length (5)"
     prompts = PROMPTS[:2]                                                # of more than one token: scored
     scored = server.put_api({"prompts": prompts, "tokens_to_generate": 0, "logprobs": True}).json()
     for i, prompt in enumerate(prompts):
